@@ -1,0 +1,372 @@
+//! Request and response bodies of the HTTP API. Their schemas feed the OpenAPI
+//! document, so the document is generated from the same types the handlers use.
+
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+
+use crate::lab::rfc3339;
+use crate::model::{
+    AuditEntry, PlateKind, PlateRecord, PlateState, StoredLineage, StoredWell, TubeRecord,
+};
+
+/// The body of every error response.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct ErrorDetail {
+    /// The HTTP status, repeated for clients that only see the body.
+    pub status: u16,
+    /// A stable machine-readable code: `invalid`, `not_found`, `conflict`,
+    /// `unauthorized`, `forbidden`, `malformed_json`, `payload_too_large`,
+    /// `unsupported_media_type`, `method_not_allowed`, `store_failure`.
+    pub code: String,
+    /// What went wrong, for people.
+    pub message: String,
+    /// Each individual problem (one per bad tube, well...), when there are several.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub problems: Vec<String>,
+}
+
+/// One tube to receive.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TubeIn {
+    /// 4..=32 letters, digits and '-'.
+    #[schema(example = "SWAB-000123")]
+    pub barcode: String,
+    /// Swabs pooled in the tube, 1..=20 (default 1).
+    pub pool_size: Option<u32>,
+    /// `routine` (default) or `urgent`.
+    pub priority: Option<String>,
+    /// When the result is due, as RFC 3339 (`2026-11-27T15:00:00Z`).
+    pub due_at: Option<String>,
+    /// When the result is due, as a duration from receipt (`4h`, `6h`, `90min`).
+    pub due_in: Option<String>,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ReceiveRequest {
+    /// Up to 100,000 tubes; all are received or none.
+    pub tubes: Vec<TubeIn>,
+    /// Why, for the audit trail.
+    pub reason: Option<String>,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct ReceiveResponse {
+    /// Barcodes recorded by this request.
+    pub received: Vec<String>,
+    /// Barcodes that were already recorded identically (a retry): unchanged.
+    pub already_received: Vec<String>,
+}
+
+/// A tube as pcrd knows it: barcode, pool size, priority and due time; no personal data.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct TubeView {
+    pub barcode: String,
+    pub pool_size: u8,
+    pub priority: String,
+    pub due_at: Option<String>,
+    pub received_at: String,
+    pub received_by: String,
+    /// `waiting` (for a plate) or `plated`.
+    pub state: String,
+    pub plate: Option<String>,
+    pub well: Option<String>,
+}
+
+impl From<&TubeRecord> for TubeView {
+    fn from(t: &TubeRecord) -> TubeView {
+        TubeView {
+            barcode: t.barcode.to_string(),
+            pool_size: t.pool_size.get(),
+            priority: t.priority.to_string(),
+            due_at: t.due_at.map(rfc3339),
+            received_at: rfc3339(t.received_at),
+            received_by: t.received_by.clone(),
+            state: if t.placement.is_some() {
+                "plated"
+            } else {
+                "waiting"
+            }
+            .into(),
+            plate: t.placement.as_ref().map(|p| p.plate.to_string()),
+            well: t.placement.as_ref().map(|p| p.well.to_string()),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+pub struct WaitingQuery {
+    /// At most this many tubes (default 1000).
+    pub limit: Option<usize>,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct WaitingList {
+    /// Tubes waiting for a plate, in plating order (urgent first, then due time).
+    pub tubes: Vec<TubeView>,
+    /// All tubes waiting, beyond `limit` too.
+    pub total_waiting: usize,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreatePlateRequest {
+    /// Kit id (newest version) or `id@version`.
+    #[schema(example = "sarscov2-orf1ab-n-ic")]
+    pub kit: String,
+    /// 96 (default) or 384.
+    pub format: Option<u16>,
+    /// The plate's barcode; pcrd generates `PL-000001`-style ids when absent.
+    pub id: Option<String>,
+    pub reason: Option<String>,
+}
+
+/// An explicit placement: this tube in this well.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PlacementIn {
+    pub well: String,
+    pub barcode: String,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AssignRequest {
+    /// Tubes for the next free wells in column-major order, urgent and due-soonest first.
+    #[serde(default)]
+    pub tubes: Vec<String>,
+    /// Tubes for named wells.
+    #[serde(default)]
+    pub placements: Vec<PlacementIn>,
+    pub reason: Option<String>,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct FillRequest {
+    /// Place at most this many waiting tubes (default: as many as fit).
+    pub max: Option<usize>,
+    pub reason: Option<String>,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UnassignRequest {
+    pub wells: Vec<String>,
+    pub reason: Option<String>,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ReasonRequest {
+    pub reason: Option<String>,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TransferRequest {
+    /// The new PCR plate's barcode; generated when absent.
+    pub id: Option<String>,
+    pub reason: Option<String>,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CombineRequest {
+    /// Four sealed 96-well extraction plates: quadrants 1 (A1), 2 (A2), 3 (B1), 4 (B2).
+    pub sources: Vec<String>,
+    /// The new 384-well PCR plate's barcode; generated when absent.
+    pub id: Option<String>,
+    pub reason: Option<String>,
+}
+
+/// Wells placed or removed by a request.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct WellsChanged {
+    pub plate: String,
+    pub wells: Vec<PlacementIn>,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct WellView {
+    pub well: String,
+    /// `sample` or `control`.
+    pub kind: String,
+    pub barcode: Option<String>,
+    /// `positive_control`, `no_template_control` or `extraction_negative_control`.
+    pub control: Option<String>,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct LineageView {
+    /// `transfer` (1:1) or `quadrants` (four 96 -> one 384).
+    pub kind: String,
+    /// Source plates; for quadrants in order Q1..Q4.
+    pub sources: Vec<String>,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct PlateView {
+    pub id: String,
+    /// `extraction` or `pcr`.
+    pub kind: String,
+    pub kit: String,
+    pub kit_version: String,
+    pub format: u16,
+    /// `open` or `sealed`.
+    pub state: String,
+    pub samples: usize,
+    pub controls: usize,
+    pub free: usize,
+    /// Occupied wells in column-major order.
+    pub wells: Vec<WellView>,
+    pub lineage: Option<LineageView>,
+    pub children: Vec<String>,
+    pub created_at: String,
+    pub created_by: String,
+    pub sealed_at: Option<String>,
+    pub sealed_by: Option<String>,
+}
+
+impl From<&PlateRecord> for PlateView {
+    fn from(p: &PlateRecord) -> PlateView {
+        let wells: Vec<WellView> = p
+            .wells
+            .iter()
+            .map(|w| match w {
+                StoredWell::Sample(well, barcode) => WellView {
+                    well: well.to_string(),
+                    kind: "sample".into(),
+                    barcode: Some(barcode.to_string()),
+                    control: None,
+                },
+                StoredWell::Control(well, control) => WellView {
+                    well: well.to_string(),
+                    kind: "control".into(),
+                    barcode: None,
+                    control: Some(control.to_string()),
+                },
+            })
+            .collect();
+        let samples = wells.iter().filter(|w| w.kind == "sample").count();
+        let controls = wells.len() - samples;
+        PlateView {
+            id: p.id.to_string(),
+            kind: match p.kind {
+                PlateKind::Extraction => "extraction",
+                PlateKind::Pcr => "pcr",
+            }
+            .into(),
+            kit: p.kit_id.to_string(),
+            kit_version: p.kit_version.clone(),
+            format: p.format.into(),
+            state: match p.state {
+                PlateState::Open => "open",
+                PlateState::Sealed => "sealed",
+            }
+            .into(),
+            samples,
+            controls,
+            free: p.format.well_count() - wells.len(),
+            wells,
+            lineage: p.lineage.as_ref().map(|l| match l {
+                StoredLineage::Transfer(source) => LineageView {
+                    kind: "transfer".into(),
+                    sources: vec![source.clone()],
+                },
+                StoredLineage::Quadrants(sources) => LineageView {
+                    kind: "quadrants".into(),
+                    sources: sources.to_vec(),
+                },
+            }),
+            children: p.children.iter().map(ToString::to_string).collect(),
+            created_at: rfc3339(p.created_at),
+            created_by: p.created_by.clone(),
+            sealed_at: p.sealed_at.map(rfc3339),
+            sealed_by: p.sealed_by.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct PlateSummary {
+    pub id: String,
+    pub kind: String,
+    pub kit: String,
+    pub format: u16,
+    pub state: String,
+    pub samples: usize,
+    pub created_at: String,
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+pub struct AuditParams {
+    /// Only entries about this plate.
+    pub plate: Option<String>,
+    /// Only entries about this tube.
+    pub tube: Option<String>,
+    /// Only entries with a sequence number below this (page back through history).
+    pub before: Option<u64>,
+    /// The newest `limit` matching entries (default 1000, at most 10000), oldest first.
+    pub limit: Option<usize>,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct AuditEntryView {
+    pub seq: u64,
+    pub at: String,
+    pub user: String,
+    pub action: String,
+    pub plate: Option<String>,
+    pub tubes: Vec<String>,
+    pub detail: String,
+    pub reason: Option<String>,
+    /// SHA-256 over this entry and the previous entry's hash (hex).
+    pub hash: String,
+}
+
+impl From<&AuditEntry> for AuditEntryView {
+    fn from(e: &AuditEntry) -> AuditEntryView {
+        AuditEntryView {
+            seq: e.seq,
+            at: rfc3339(e.at),
+            user: e.user.clone(),
+            action: e.action.clone(),
+            plate: e.plate.as_ref().map(ToString::to_string),
+            tubes: e.tubes.iter().map(ToString::to_string).collect(),
+            detail: e.detail.clone(),
+            reason: e.reason.clone(),
+            hash: hex::encode(e.hash),
+        }
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct AuditVerifyView {
+    pub entries: u64,
+    /// True when every entry's hash matches its content and its predecessor.
+    pub intact: bool,
+    pub first_broken: Option<u64>,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct KitView {
+    pub id: String,
+    pub version: String,
+    pub name: String,
+    pub formats: Vec<u16>,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct Health {
+    /// `ok`.
+    pub status: String,
+    pub lab: String,
+    pub version: String,
+}

@@ -1,0 +1,741 @@
+//! The HTTP API under /api/v1, with its OpenAPI document generated from the handlers.
+//!
+//! Every error is a JSON [`dto::ErrorBody`], including those axum produces itself
+//! (malformed JSON, oversized bodies, unknown routes). Every 2xx to a change is sent
+//! only after the store's durability barrier (see `Lab::change`).
+
+pub mod dto;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, Path, Query, Request, State};
+use axum::http::request::Parts;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::{Json, Router};
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::{Modify, OpenApi};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use crate::config::{Role, User};
+use crate::lab::{Actor, AuditQuery, Due, Lab, LabError, TubeIntake};
+use dto::*;
+
+/// Shared state of the API.
+#[derive(Clone, Debug)]
+pub struct AppState {
+    pub lab: Arc<Lab>,
+    users: Arc<Vec<User>>,
+    metrics: Arc<HttpMetrics>,
+}
+
+#[derive(Debug, Default)]
+struct HttpMetrics {
+    by_class: [AtomicU64; 6],
+}
+
+/// An error as the API reports it.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+    problems: Vec<String>,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+            problems: Vec::new(),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = ErrorBody {
+            error: ErrorDetail {
+                status: self.status.as_u16(),
+                code: self.code.into(),
+                message: self.message,
+                problems: self.problems,
+            },
+        };
+        (self.status, Json(body)).into_response()
+    }
+}
+
+impl From<LabError> for ApiError {
+    fn from(e: LabError) -> ApiError {
+        match e {
+            LabError::Invalid { message, problems } => ApiError {
+                status: StatusCode::UNPROCESSABLE_ENTITY,
+                code: "invalid",
+                message,
+                problems,
+            },
+            LabError::NotFound { message } => {
+                ApiError::new(StatusCode::NOT_FOUND, "not_found", message)
+            }
+            LabError::Conflict { message, problems } => ApiError {
+                status: StatusCode::CONFLICT,
+                code: "conflict",
+                message,
+                problems,
+            },
+            LabError::Store(e) => {
+                tracing::error!(error = %e, "Store failure; the request was not acknowledged.");
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "store_failure",
+                    format!("the store failed and nothing was acknowledged: {e}"),
+                )
+            }
+        }
+    }
+}
+
+/// `axum::Json` with JSON error bodies for its rejections.
+#[derive(Debug)]
+pub struct ApiJson<T>(pub T);
+
+impl<S, T> FromRequest<S> for ApiJson<T>
+where
+    S: Send + Sync,
+    Json<T>: FromRequest<S, Rejection = JsonRejection>,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        match Json::<T>::from_request(req, state).await {
+            Ok(Json(value)) => Ok(ApiJson(value)),
+            Err(rejection) => {
+                let status = rejection.status();
+                let code = match status {
+                    StatusCode::PAYLOAD_TOO_LARGE => "payload_too_large",
+                    StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_media_type",
+                    StatusCode::UNPROCESSABLE_ENTITY => "invalid",
+                    _ => "malformed_json",
+                };
+                Err(ApiError::new(status, code, rejection.body_text()))
+            }
+        }
+    }
+}
+
+/// A JSON body that may be absent (an empty body means `T::default()`), for actions
+/// whose only body fields are optional.
+#[derive(Debug)]
+pub struct OptionalJson<T>(pub T);
+
+impl<S, T> FromRequest<S> for OptionalJson<T>
+where
+    S: Send + Sync,
+    T: serde::de::DeserializeOwned + Default,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let bytes = axum::body::Bytes::from_request(req, state)
+            .await
+            .map_err(|r| ApiError::new(r.status(), "payload_too_large", r.body_text()))?;
+        if bytes.iter().all(u8::is_ascii_whitespace) {
+            return Ok(OptionalJson(T::default()));
+        }
+        serde_json::from_slice(&bytes)
+            .map(OptionalJson)
+            .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "malformed_json", e.to_string()))
+    }
+}
+
+/// The authenticated caller, from `Authorization: Bearer <token>`.
+#[derive(Clone, Debug)]
+pub struct Caller {
+    pub user: String,
+    pub role: Role,
+}
+
+impl Caller {
+    fn require(&self, allowed: &[Role], action: &str) -> Result<(), ApiError> {
+        if self.role == Role::Admin || allowed.contains(&self.role) {
+            Ok(())
+        } else {
+            Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                format!(
+                    "user {} has role {}; {action} needs {}",
+                    self.user,
+                    self.role,
+                    allowed
+                        .iter()
+                        .map(ToString::to_string)
+                        .collect::<Vec<_>>()
+                        .join(" or ")
+                ),
+            ))
+        }
+    }
+
+    fn lab_work(&self, action: &str) -> Result<(), ApiError> {
+        self.require(&[Role::Technician], action)
+    }
+
+    fn actor(&self, reason: Option<String>) -> Actor {
+        Actor {
+            user: self.user.clone(),
+            reason: reason.filter(|r| !r.trim().is_empty()),
+        }
+    }
+}
+
+impl FromRequestParts<AppState> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &AppState,
+    ) -> Result<Self, Self::Rejection> {
+        let unauthorized = |message: &str| {
+            ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                message.to_string(),
+            )
+        };
+        let header = parts
+            .headers
+            .get(header::AUTHORIZATION)
+            .ok_or_else(|| unauthorized("missing Authorization: Bearer <token> header"))?;
+        let token = header
+            .to_str()
+            .ok()
+            .and_then(|h| h.strip_prefix("Bearer "))
+            .map(str::trim)
+            .ok_or_else(|| unauthorized("the Authorization header must be `Bearer <token>`"))?;
+        state
+            .users
+            .iter()
+            .find(|u| constant_time_eq(u.token.as_bytes(), token.as_bytes()))
+            .map(|u| Caller {
+                user: u.name.clone(),
+                role: u.role,
+            })
+            .ok_or_else(|| unauthorized("unknown token"))
+    }
+}
+
+/// Compares tokens without an early exit, so response time does not reveal how much of
+/// a guessed token was right.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "pcrd API",
+        description = "Tube and plate tracking for PCR testing labs. Authenticate with `Authorization: Bearer <token>`; every error is a JSON body with `error.code` and `error.message`."
+    ),
+    modifiers(&BearerAuth),
+    security(("bearer" = [])),
+    tags((name = "tubes"), (name = "plates"), (name = "audit"), (name = "kits"))
+)]
+struct ApiDoc;
+
+#[derive(Debug)]
+struct BearerAuth;
+
+impl Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+    }
+}
+
+/// Builds the router and the OpenAPI document from the same handler list.
+pub fn router(lab: Arc<Lab>, users: Vec<User>, max_body_bytes: usize) -> Router {
+    let state = AppState {
+        lab,
+        users: Arc::new(users),
+        metrics: Arc::new(HttpMetrics::default()),
+    };
+    let (api, openapi) = OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .routes(routes!(receive_tubes, list_waiting))
+        .routes(routes!(get_tube))
+        .routes(routes!(create_plate, list_plates))
+        .routes(routes!(get_plate))
+        .routes(routes!(assign))
+        .routes(routes!(fill))
+        .routes(routes!(unassign))
+        .routes(routes!(seal))
+        .routes(routes!(transfer))
+        .routes(routes!(combine))
+        .routes(routes!(audit))
+        .routes(routes!(audit_verify))
+        .routes(routes!(kits))
+        .split_for_parts();
+    let openapi = Arc::new(openapi);
+    let metrics = Arc::clone(&state.metrics);
+    api.route(
+        "/api/v1/openapi.json",
+        axum::routing::get(move || {
+            let doc = Arc::clone(&openapi);
+            async move { Json((*doc).clone()) }
+        }),
+    )
+    .route("/healthz", axum::routing::get(healthz))
+    .route("/metrics", axum::routing::get(metrics_text))
+    .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint") })
+    .method_not_allowed_fallback(|| async {
+        ApiError::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            "method not allowed on this endpoint",
+        )
+    })
+    .layer(DefaultBodyLimit::max(max_body_bytes))
+    .layer(axum::middleware::from_fn(
+        move |req: Request, next: Next| {
+            let metrics = Arc::clone(&metrics);
+            async move {
+                let response = next.run(req).await;
+                let class = (response.status().as_u16() / 100).min(5) as usize;
+                metrics.by_class[class].fetch_add(1, Ordering::Relaxed);
+                response
+            }
+        },
+    ))
+    .layer(tower_http::trace::TraceLayer::new_for_http())
+    .with_state(state)
+}
+
+type ApiResult<T> = Result<T, ApiError>;
+
+/// Receive tubes (one or a batch; all or nothing).
+#[utoipa::path(post, path = "/api/v1/tubes", tag = "tubes", request_body = ReceiveRequest,
+    responses(
+        (status = 200, description = "Received (or already received identically)", body = ReceiveResponse),
+        (status = 409, description = "A barcode was received before with another pool size or priority", body = ErrorBody),
+        (status = 422, description = "Invalid tubes; nothing received", body = ErrorBody),
+    ))]
+async fn receive_tubes(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiJson(body): ApiJson<ReceiveRequest>,
+) -> ApiResult<Json<ReceiveResponse>> {
+    caller.lab_work("receiving tubes")?;
+    let mut due_problems = Vec::new();
+    let intake = body
+        .tubes
+        .into_iter()
+        .enumerate()
+        .map(|(i, t)| TubeIntake {
+            due: match (t.due_at, t.due_in) {
+                (Some(at), None) => Some(Due::At(at)),
+                (None, Some(d)) => Some(Due::In(d)),
+                (None, None) => None,
+                (Some(_), Some(_)) => {
+                    due_problems.push(format!("tube {}: give due_at or due_in, not both", i + 1));
+                    None
+                }
+            },
+            barcode: t.barcode,
+            pool_size: t.pool_size,
+            priority: t.priority,
+        })
+        .collect();
+    if !due_problems.is_empty() {
+        return Err(LabError::Invalid {
+            message: "nothing was received".into(),
+            problems: due_problems,
+        }
+        .into());
+    }
+    let outcome = state
+        .lab
+        .receive_tubes(caller.actor(body.reason), intake)
+        .await?;
+    tracing::info!(user = %caller.user, received = outcome.received.len(), retried = outcome.already_received.len(), "Tubes received.");
+    Ok(Json(ReceiveResponse {
+        received: outcome.received.iter().map(ToString::to_string).collect(),
+        already_received: outcome
+            .already_received
+            .iter()
+            .map(ToString::to_string)
+            .collect(),
+    }))
+}
+
+/// Tubes waiting for a plate, in plating order.
+#[utoipa::path(get, path = "/api/v1/tubes", tag = "tubes", params(WaitingQuery),
+    responses((status = 200, body = WaitingList)))]
+async fn list_waiting(
+    State(state): State<AppState>,
+    _caller: Caller,
+    Query(q): Query<WaitingQuery>,
+) -> ApiResult<Json<WaitingList>> {
+    let tubes = state.lab.waiting(q.limit.unwrap_or(1000).min(100_000))?;
+    Ok(Json(WaitingList {
+        tubes: tubes.iter().map(TubeView::from).collect(),
+        total_waiting: state.lab.waiting_count(),
+    }))
+}
+
+/// Look a tube up by barcode.
+#[utoipa::path(get, path = "/api/v1/tubes/{barcode}", tag = "tubes",
+    params(("barcode" = String, Path, description = "Tube barcode")),
+    responses((status = 200, body = TubeView), (status = 404, body = ErrorBody)))]
+async fn get_tube(
+    State(state): State<AppState>,
+    _caller: Caller,
+    Path(barcode): Path<String>,
+) -> ApiResult<Json<TubeView>> {
+    Ok(Json(TubeView::from(&state.lab.tube(&barcode)?)))
+}
+
+/// Create an extraction plate with the kit's controls.
+#[utoipa::path(post, path = "/api/v1/plates", tag = "plates", request_body = CreatePlateRequest,
+    responses((status = 201, body = PlateView), (status = 409, body = ErrorBody), (status = 422, body = ErrorBody)))]
+async fn create_plate(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiJson(body): ApiJson<CreatePlateRequest>,
+) -> ApiResult<(StatusCode, Json<PlateView>)> {
+    caller.lab_work("creating plates")?;
+    let plate = state
+        .lab
+        .create_plate(caller.actor(body.reason), body.kit, body.format, body.id)
+        .await?;
+    tracing::info!(plate = %plate.id, user = %caller.user, "Plate created.");
+    Ok((StatusCode::CREATED, Json(PlateView::from(&plate))))
+}
+
+/// All plates, oldest first.
+#[utoipa::path(get, path = "/api/v1/plates", tag = "plates", responses((status = 200, body = Vec<PlateSummary>)))]
+async fn list_plates(
+    State(state): State<AppState>,
+    _caller: Caller,
+) -> ApiResult<Json<Vec<PlateSummary>>> {
+    let mut plates = state.lab.plates()?;
+    plates.sort_by_key(|p| p.created_at);
+    Ok(Json(
+        plates
+            .iter()
+            .map(|p| {
+                let view = PlateView::from(p);
+                PlateSummary {
+                    id: view.id,
+                    kind: view.kind,
+                    kit: format!("{}@{}", view.kit, view.kit_version),
+                    format: view.format,
+                    state: view.state,
+                    samples: view.samples,
+                    created_at: view.created_at,
+                }
+            })
+            .collect(),
+    ))
+}
+
+/// A plate with its wells.
+#[utoipa::path(get, path = "/api/v1/plates/{id}", tag = "plates",
+    params(("id" = String, Path, description = "Plate id")),
+    responses((status = 200, body = PlateView), (status = 404, body = ErrorBody)))]
+async fn get_plate(
+    State(state): State<AppState>,
+    _caller: Caller,
+    Path(id): Path<String>,
+) -> ApiResult<Json<PlateView>> {
+    Ok(Json(PlateView::from(&state.lab.plate(&id)?)))
+}
+
+fn wells_changed(
+    plate: String,
+    wells: Vec<(pcrd_protocol::domain::Well, pcrd_protocol::domain::Barcode)>,
+) -> WellsChanged {
+    WellsChanged {
+        plate,
+        wells: wells
+            .into_iter()
+            .map(|(well, barcode)| PlacementIn {
+                well: well.to_string(),
+                barcode: barcode.to_string(),
+            })
+            .collect(),
+    }
+}
+
+/// Put tubes on an open plate, automatically in fill order or in named wells.
+#[utoipa::path(post, path = "/api/v1/plates/{id}/assign", tag = "plates", request_body = AssignRequest,
+    params(("id" = String, Path, description = "Plate id")),
+    responses((status = 200, body = WellsChanged), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 422, body = ErrorBody)))]
+async fn assign(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    ApiJson(body): ApiJson<AssignRequest>,
+) -> ApiResult<Json<WellsChanged>> {
+    caller.lab_work("assigning tubes")?;
+    let placements = body
+        .placements
+        .into_iter()
+        .map(|p| (p.well, p.barcode))
+        .collect();
+    let placed = state
+        .lab
+        .assign(
+            caller.actor(body.reason),
+            id.clone(),
+            body.tubes,
+            placements,
+        )
+        .await?;
+    tracing::info!(plate = %id, user = %caller.user, placed = placed.len(), "Tubes assigned.");
+    Ok(Json(wells_changed(id, placed)))
+}
+
+/// Fill an open plate's free wells from the tubes waiting (urgent and due-soonest first).
+#[utoipa::path(post, path = "/api/v1/plates/{id}/fill", tag = "plates", request_body = FillRequest,
+    params(("id" = String, Path, description = "Plate id")),
+    responses((status = 200, body = WellsChanged), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+async fn fill(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    ApiJson(body): ApiJson<FillRequest>,
+) -> ApiResult<Json<WellsChanged>> {
+    caller.lab_work("filling plates")?;
+    let placed = state
+        .lab
+        .fill(caller.actor(body.reason), id.clone(), body.max)
+        .await?;
+    tracing::info!(plate = %id, user = %caller.user, placed = placed.len(), "Plate filled.");
+    Ok(Json(wells_changed(id, placed)))
+}
+
+/// Take samples off an open plate; their tubes wait for a plate again.
+#[utoipa::path(post, path = "/api/v1/plates/{id}/unassign", tag = "plates", request_body = UnassignRequest,
+    params(("id" = String, Path, description = "Plate id")),
+    responses((status = 200, body = WellsChanged), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 422, body = ErrorBody)))]
+async fn unassign(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    ApiJson(body): ApiJson<UnassignRequest>,
+) -> ApiResult<Json<WellsChanged>> {
+    caller.lab_work("removing tubes from plates")?;
+    let removed = state
+        .lab
+        .unassign(caller.actor(body.reason), id.clone(), body.wells)
+        .await?;
+    tracing::info!(plate = %id, user = %caller.user, removed = removed.len(), "Tubes removed from plate.");
+    Ok(Json(wells_changed(id, removed)))
+}
+
+/// Seal an open plate: its contents are fixed.
+#[utoipa::path(post, path = "/api/v1/plates/{id}/seal", tag = "plates", request_body = ReasonRequest,
+    params(("id" = String, Path, description = "Plate id")),
+    responses((status = 200, body = PlateView), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+async fn seal(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    OptionalJson(body): OptionalJson<ReasonRequest>,
+) -> ApiResult<Json<PlateView>> {
+    caller.lab_work("sealing plates")?;
+    let reason = body.reason;
+    let plate = state.lab.seal(caller.actor(reason), id).await?;
+    tracing::info!(plate = %plate.id, user = %caller.user, "Plate sealed.");
+    Ok(Json(PlateView::from(&plate)))
+}
+
+/// Transfer a sealed extraction plate 1:1 to a new PCR plate.
+#[utoipa::path(post, path = "/api/v1/plates/{id}/transfer", tag = "plates", request_body = TransferRequest,
+    params(("id" = String, Path, description = "Source extraction plate")),
+    responses((status = 201, body = PlateView), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+async fn transfer(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    OptionalJson(body): OptionalJson<TransferRequest>,
+) -> ApiResult<(StatusCode, Json<PlateView>)> {
+    caller.lab_work("transferring plates")?;
+    let pcr = state
+        .lab
+        .transfer(caller.actor(body.reason), id.clone(), body.id)
+        .await?;
+    tracing::info!(plate = %id, pcr_plate = %pcr.id, user = %caller.user, "Plate transferred.");
+    Ok((StatusCode::CREATED, Json(PlateView::from(&pcr))))
+}
+
+/// Combine four sealed 96-well extraction plates into one 384-well PCR plate by quadrant.
+#[utoipa::path(post, path = "/api/v1/plates/combine", tag = "plates", request_body = CombineRequest,
+    responses((status = 201, body = PlateView), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 422, body = ErrorBody)))]
+async fn combine(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiJson(body): ApiJson<CombineRequest>,
+) -> ApiResult<(StatusCode, Json<PlateView>)> {
+    caller.lab_work("combining plates")?;
+    let pcr = state
+        .lab
+        .combine(caller.actor(body.reason), body.sources, body.id)
+        .await?;
+    tracing::info!(pcr_plate = %pcr.id, user = %caller.user, "Plates combined by quadrant.");
+    Ok((StatusCode::CREATED, Json(PlateView::from(&pcr))))
+}
+
+/// The audit trail: who did what, when and why.
+#[utoipa::path(get, path = "/api/v1/audit", tag = "audit", params(AuditParams),
+    responses((status = 200, body = Vec<AuditEntryView>), (status = 422, body = ErrorBody)))]
+async fn audit(
+    State(state): State<AppState>,
+    _caller: Caller,
+    Query(q): Query<AuditParams>,
+) -> ApiResult<Json<Vec<AuditEntryView>>> {
+    let entries = state.lab.audit(&AuditQuery {
+        plate: q.plate,
+        tube: q.tube,
+        before: q.before,
+        limit: q.limit.unwrap_or(1000).min(10_000),
+    })?;
+    Ok(Json(entries.iter().map(AuditEntryView::from).collect()))
+}
+
+/// Check the audit trail's hash chain end to end.
+#[utoipa::path(get, path = "/api/v1/audit/verify", tag = "audit", responses((status = 200, body = AuditVerifyView)))]
+async fn audit_verify(
+    State(state): State<AppState>,
+    _caller: Caller,
+) -> ApiResult<Json<AuditVerifyView>> {
+    let v = state.lab.verify_audit()?;
+    Ok(Json(AuditVerifyView {
+        entries: v.entries,
+        intact: v.first_broken.is_none(),
+        first_broken: v.first_broken,
+    }))
+}
+
+/// The kits this daemon knows.
+#[utoipa::path(get, path = "/api/v1/kits", tag = "kits", responses((status = 200, body = Vec<KitView>)))]
+async fn kits(State(state): State<AppState>, _caller: Caller) -> Json<Vec<KitView>> {
+    Json(
+        state
+            .lab
+            .kits()
+            .all()
+            .map(|k| KitView {
+                id: k.id.to_string(),
+                version: k.version.clone(),
+                name: k.name.clone(),
+                formats: k.formats().map(u16::from).collect(),
+            })
+            .collect(),
+    )
+}
+
+async fn healthz(State(state): State<AppState>) -> Json<Health> {
+    Json(Health {
+        status: "ok".into(),
+        lab: state.lab.lab_id().to_string(),
+        version: env!("CARGO_PKG_VERSION").into(),
+    })
+}
+
+/// Prometheus text exposition.
+async fn metrics_text(State(state): State<AppState>) -> impl IntoResponse {
+    use std::fmt::Write as _;
+    let lab = &state.lab;
+    let counters = lab.counters();
+    let barrier = lab.store().barrier_stats();
+    let mut out = String::new();
+    let mut metric = |name: &str, kind: &str, help: &str, value: String| {
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
+        );
+    };
+    metric(
+        "pcrd_tubes_stored",
+        "gauge",
+        "Tubes in the store.",
+        lab.tube_count().to_string(),
+    );
+    metric(
+        "pcrd_tubes_waiting",
+        "gauge",
+        "Tubes received and waiting for a plate.",
+        lab.waiting_count().to_string(),
+    );
+    metric(
+        "pcrd_tubes_received_total",
+        "counter",
+        "Tubes received since start.",
+        counters.tubes_received.load(Ordering::Relaxed).to_string(),
+    );
+    metric(
+        "pcrd_plates_created_total",
+        "counter",
+        "Extraction plates created since start.",
+        counters.plates_created.load(Ordering::Relaxed).to_string(),
+    );
+    metric(
+        "pcrd_plates_sealed_total",
+        "counter",
+        "Plates sealed since start.",
+        counters.plates_sealed.load(Ordering::Relaxed).to_string(),
+    );
+    metric(
+        "pcrd_store_barriers_total",
+        "counter",
+        "Durability barriers (flush + fdatasync) completed.",
+        barrier.barriers.load(Ordering::Relaxed).to_string(),
+    );
+    metric(
+        "pcrd_store_barrier_waiters_total",
+        "counter",
+        "Commits covered by those barriers (group commit shares one barrier).",
+        barrier.tickets.load(Ordering::Relaxed).to_string(),
+    );
+    metric(
+        "pcrd_store_barrier_seconds_total",
+        "counter",
+        "Time spent in durability barriers.",
+        format!(
+            "{:.6}",
+            barrier.busy_micros.load(Ordering::Relaxed) as f64 / 1e6
+        ),
+    );
+    let _ = writeln!(
+        out,
+        "# HELP pcrd_http_responses_total HTTP responses by status class.\n# TYPE pcrd_http_responses_total counter"
+    );
+    for (class, count) in state.metrics.by_class.iter().enumerate().skip(1) {
+        let _ = writeln!(
+            out,
+            "pcrd_http_responses_total{{class=\"{class}xx\"}} {}",
+            count.load(Ordering::Relaxed)
+        );
+    }
+    (
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; version=0.0.4"),
+        )],
+        out,
+    )
+}

@@ -1,0 +1,256 @@
+//! The `pcrd` command line: `pcrd serve` runs the daemon; the other subcommands are
+//! clients of its HTTP API.
+
+mod client;
+mod serve;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, CommandFactory, Parser, Subcommand};
+
+/// Exit codes, so scripts can tell a refused request from a broken installation.
+pub mod exit {
+    /// The API refused the request (4xx) or a local input was invalid.
+    pub const REJECTED: u8 = 1;
+    /// Bad command line or configuration.
+    pub const USAGE: u8 = 2;
+    /// The store cannot be opened or used.
+    pub const STORE: u8 = 3;
+    /// The daemon could not be reached or failed (5xx).
+    pub const UNAVAILABLE: u8 = 4;
+}
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "pcrd",
+    version,
+    about = "pcrd: the PCR lab gateway daemon and its command line",
+    propagate_version = true
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the daemon.
+    Serve(ServeArgs),
+    /// Receive, import and look up tubes.
+    #[command(subcommand)]
+    Tube(TubeCommand),
+    /// Create, fill, seal, show and transfer plates.
+    #[command(subcommand)]
+    Plate(PlateCommand),
+    /// Show the audit trail: who did what, when and why.
+    Audit(AuditArgs),
+    /// List the kits the daemon knows.
+    Kits(KitsArgs),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// The configuration file.
+    #[arg(long, short, env = "PCRD_CONFIG", default_value = "pcrd.toml")]
+    pub config: PathBuf,
+    /// Listen here instead of the config's server.listen (port 0 picks a free port; the
+    /// address is printed on stdout as `listening on http://ADDR`).
+    #[arg(long)]
+    pub listen: Option<std::net::SocketAddr>,
+    /// Use this store directory instead of the config's store.path.
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// Log as JSON lines instead of text.
+    #[arg(long)]
+    pub log_json: bool,
+}
+
+/// Where the API is and who we are.
+#[derive(Debug, Clone, Args)]
+pub struct ApiArgs {
+    /// The daemon's address.
+    #[arg(
+        long,
+        global = true,
+        env = "PCRD_API",
+        default_value = "http://127.0.0.1:8440"
+    )]
+    pub api: String,
+    /// An API token from the daemon's config.
+    #[arg(long, global = true, env = "PCRD_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Print JSON instead of text.
+    #[arg(long, global = true)]
+    pub json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TubeCommand {
+    /// Receive tubes by barcode.
+    Receive {
+        #[arg(required = true)]
+        barcodes: Vec<String>,
+        /// Swabs pooled in each tube (1..=20).
+        #[arg(long, default_value_t = 1)]
+        pool: u32,
+        /// routine or urgent.
+        #[arg(long, default_value = "routine")]
+        priority: String,
+        /// Due within this long after receipt (e.g. 4h, 6h).
+        #[arg(long)]
+        due: Option<String>,
+        /// Why, for the audit trail.
+        #[arg(long)]
+        reason: Option<String>,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Receive tubes from a CSV file with a header: barcode[,pool_size][,priority][,due_in|due_at].
+    Import {
+        file: PathBuf,
+        /// Tubes per request.
+        #[arg(long, default_value_t = 5000)]
+        batch: usize,
+        #[arg(long)]
+        reason: Option<String>,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Show one tube.
+    Show {
+        barcode: String,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// List tubes waiting for a plate, in plating order.
+    Waiting {
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PlateCommand {
+    /// Create an extraction plate with the kit's controls.
+    Create {
+        /// Kit id or id@version.
+        #[arg(long)]
+        kit: String,
+        /// 96 or 384.
+        #[arg(long, default_value_t = 96)]
+        format: u16,
+        /// The plate's barcode (generated when absent).
+        #[arg(long)]
+        id: Option<String>,
+        #[arg(long)]
+        reason: Option<String>,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Put tubes on a plate: BARCODE fills the next free well, BARCODE@WELL a named one.
+    Assign {
+        plate: String,
+        #[arg(required = true)]
+        tubes: Vec<String>,
+        #[arg(long)]
+        reason: Option<String>,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Fill the plate from the tubes waiting (urgent and due-soonest first).
+    Fill {
+        plate: String,
+        /// At most this many tubes.
+        #[arg(long)]
+        max: Option<usize>,
+        #[arg(long)]
+        reason: Option<String>,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Take tubes off an open plate by well.
+    Unassign {
+        plate: String,
+        #[arg(required = true)]
+        wells: Vec<String>,
+        #[arg(long)]
+        reason: Option<String>,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Show a plate as a map.
+    Show {
+        plate: String,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// List plates.
+    List {
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Seal an open plate.
+    Seal {
+        plate: String,
+        #[arg(long)]
+        reason: Option<String>,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Transfer a sealed extraction plate 1:1 to a new PCR plate, or four 96-well
+    /// plates (in quadrant order) to one 384-well PCR plate.
+    Transfer {
+        #[arg(required = true, num_args = 1..=4)]
+        plates: Vec<String>,
+        /// The new PCR plate's barcode (generated when absent).
+        #[arg(long)]
+        to: Option<String>,
+        #[arg(long)]
+        reason: Option<String>,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct AuditArgs {
+    #[arg(long, conflicts_with = "tube")]
+    pub plate: Option<String>,
+    #[arg(long)]
+    pub tube: Option<String>,
+    /// The newest N entries.
+    #[arg(long, default_value_t = 100)]
+    pub limit: usize,
+    /// Check the hash chain of the whole trail instead of listing it.
+    #[arg(long)]
+    pub verify: bool,
+    #[command(flatten)]
+    pub api: ApiArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct KitsArgs {
+    #[command(flatten)]
+    pub api: ApiArgs,
+}
+
+/// Entry point of the binary.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve(args) => serve::run(args),
+        Command::Completions { shell } => {
+            clap_complete::generate(shell, &mut Cli::command(), "pcrd", &mut std::io::stdout());
+            ExitCode::SUCCESS
+        }
+        other => client::run(other),
+    }
+}

@@ -1,0 +1,133 @@
+//! `pcrd serve`: load the config, open the store, serve the API until SIGINT/SIGTERM.
+
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use super::{ServeArgs, exit};
+use crate::config::Config;
+use crate::kits::KitRegistry;
+use crate::lab::Lab;
+use crate::store::Store;
+
+pub(super) fn run(args: ServeArgs) -> ExitCode {
+    crate::telemetry::init(args.log_json);
+    let mut config = match Config::load(&args.config) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("pcrd: invalid configuration {}:", e.path.display());
+            for problem in &e.problems {
+                eprintln!("  - {problem}");
+            }
+            return ExitCode::from(exit::USAGE);
+        }
+    };
+    if let Some(listen) = args.listen {
+        config.listen = listen;
+    }
+    if let Some(dir) = args.data_dir {
+        config.store.path = dir;
+    }
+    let kits = match KitRegistry::load(config.kits_dir.as_deref()) {
+        Ok(kits) => kits,
+        Err(problems) => {
+            eprintln!("pcrd: invalid kit definitions:");
+            for problem in &problems {
+                eprintln!("  - {problem}");
+            }
+            return ExitCode::from(exit::USAGE);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("pcrd: cannot start the async runtime: {e}");
+            return ExitCode::from(exit::UNAVAILABLE);
+        }
+    };
+    let started = std::time::Instant::now();
+    let store = match Store::open(&config.store) {
+        Ok(store) => store,
+        Err(e) => {
+            tracing::error!(error = %e, "Cannot open the store.");
+            eprintln!("pcrd: {e}");
+            return ExitCode::from(exit::STORE);
+        }
+    };
+    let lab = match Lab::open(store.clone(), kits, config.lab_id.clone()) {
+        Ok(lab) => lab,
+        Err(e) => {
+            eprintln!("pcrd: {e}");
+            return ExitCode::from(exit::STORE);
+        }
+    };
+    tracing::info!(
+        path = %config.store.path.display(),
+        tubes = lab.tube_count(),
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "Store opened."
+    );
+    let code = runtime.block_on(serve(config, Arc::clone(&lab)));
+    if let Err(e) = store.close() {
+        eprintln!("pcrd: closing the store: {e}");
+        return ExitCode::from(exit::STORE);
+    }
+    code
+}
+
+async fn serve(config: Config, lab: Arc<Lab>) -> ExitCode {
+    let listener = match tokio::net::TcpListener::bind(config.listen).await {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("pcrd: cannot listen on {}: {e}", config.listen);
+            return ExitCode::from(exit::UNAVAILABLE);
+        }
+    };
+    let addr = match listener.local_addr() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("pcrd: {e}");
+            return ExitCode::from(exit::UNAVAILABLE);
+        }
+    };
+    // The one line on stdout: scripts and tests read the address from it.
+    println!("listening on http://{addr}");
+    tracing::info!(%addr, lab = %config.lab_id, "pcrd is serving.");
+    let app = crate::api::router(lab, config.users, config.max_body_bytes);
+    let result = axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown_signal())
+        .await;
+    match result {
+        Ok(()) => {
+            tracing::info!("pcrd stopped.");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("pcrd: server error: {e}");
+            ExitCode::from(exit::UNAVAILABLE)
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = ctrl_c => {},
+                    _ = term.recv() => {},
+                }
+            }
+            Err(_) => {
+                let _ = ctrl_c.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}

@@ -1,0 +1,326 @@
+//! The daemon's configuration: one TOML file describing what is deployed.
+//!
+//! Unknown keys are rejected by name, and every problem in the file is reported at
+//! once, so an operator fixes a config in one pass rather than one error per restart.
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::store::StoreOptions;
+
+/// A user's role, from the token they present.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Receives tubes, builds and seals plates, starts runs.
+    Technician,
+    /// Reviews and releases results.
+    Reviewer,
+    /// Everything.
+    Admin,
+}
+
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Role::Technician => "technician",
+            Role::Reviewer => "reviewer",
+            Role::Admin => "admin",
+        })
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    lab: RawLab,
+    #[serde(default)]
+    server: RawServer,
+    #[serde(default)]
+    store: RawStore,
+    #[serde(default)]
+    kits: RawKits,
+    #[serde(default)]
+    users: Vec<RawUser>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLab {
+    id: String,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawServer {
+    listen: Option<String>,
+    max_body_bytes: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStore {
+    path: Option<PathBuf>,
+    cache_mb: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawKits {
+    dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawUser {
+    name: String,
+    role: Role,
+    token: Option<String>,
+    token_env: Option<String>,
+}
+
+/// A validated configuration.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub lab_id: String,
+    pub listen: SocketAddr,
+    pub max_body_bytes: usize,
+    pub store: StoreOptions,
+    pub kits_dir: Option<PathBuf>,
+    pub users: Vec<User>,
+}
+
+/// A user allowed to call the API.
+#[derive(Clone, Debug)]
+pub struct User {
+    pub name: String,
+    pub role: Role,
+    pub token: String,
+}
+
+/// Everything wrong with a config file.
+#[derive(Debug, thiserror::Error)]
+#[error("{path}: {}", problems.join("; "))]
+pub struct ConfigError {
+    pub path: PathBuf,
+    pub problems: Vec<String>,
+}
+
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8440";
+/// Large enough for a batch of 100,000 tubes, small enough that a runaway client
+/// cannot make the daemon buffer gigabytes.
+pub const DEFAULT_MAX_BODY_BYTES: u64 = 16 * 1024 * 1024;
+/// sled's page cache. With a million tubes the working set still fits; see BENCHMARKS.md.
+pub const DEFAULT_CACHE_MB: u64 = 16;
+const MIN_TOKEN_LEN: usize = 16;
+
+impl Config {
+    /// Reads and validates a config file. Relative paths are resolved against the
+    /// file's directory so the daemon behaves the same from any working directory.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let fail = |problems: Vec<String>| ConfigError {
+            path: path.to_path_buf(),
+            problems,
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| fail(vec![e.to_string()]))?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        Config::parse(&text, base, |name| std::env::var(name).ok()).map_err(fail)
+    }
+
+    /// Parses config text; `env` resolves `token_env` names.
+    pub fn parse(
+        text: &str,
+        base: &Path,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Config, Vec<String>> {
+        let mut problems = Vec::new();
+        let mut unknown = Vec::new();
+        let deserializer = toml::Deserializer::new(text);
+        let raw: Result<RawConfig, _> =
+            serde_ignored::deserialize(deserializer, |key| unknown.push(key.to_string()));
+        // serde_ignored sees unknown keys before deny_unknown_fields stops at the first,
+        // so all of them are named.
+        problems.extend(unknown.iter().map(|k| format!("unknown key `{k}`")));
+        let raw = match raw {
+            Ok(raw) => raw,
+            Err(e) => {
+                let message = e.to_string().trim().replace('\n', " ");
+                if unknown.is_empty() || !message.contains("unknown field") {
+                    problems.push(message);
+                }
+                return Err(problems);
+            }
+        };
+
+        let lab_id = raw.lab.id.trim().to_string();
+        if lab_id.is_empty() {
+            problems.push("lab.id must not be empty".into());
+        }
+        let listen_text = raw.server.listen.as_deref().unwrap_or(DEFAULT_LISTEN);
+        let listen = listen_text.parse::<SocketAddr>().unwrap_or_else(|e| {
+            problems.push(format!(
+                "server.listen {listen_text:?} is not an address like 127.0.0.1:8440: {e}"
+            ));
+            SocketAddr::from(([127, 0, 0, 1], 0))
+        });
+        let max_body_bytes = raw.server.max_body_bytes.unwrap_or(DEFAULT_MAX_BODY_BYTES);
+        if !(1024..=1024 * 1024 * 1024).contains(&max_body_bytes) {
+            problems.push(format!(
+                "server.max_body_bytes {max_body_bytes} is outside 1024..=1073741824"
+            ));
+        }
+        let cache_mb = raw.store.cache_mb.unwrap_or(DEFAULT_CACHE_MB);
+        if !(1..=65536).contains(&cache_mb) {
+            problems.push(format!("store.cache_mb {cache_mb} is outside 1..=65536"));
+        }
+        let store_path = base.join(raw.store.path.unwrap_or_else(|| "pcrd-data".into()));
+        let kits_dir = raw.kits.dir.map(|d| base.join(d));
+
+        let mut users = Vec::new();
+        let mut names = BTreeSet::new();
+        let mut tokens = BTreeSet::new();
+        if raw.users.is_empty() {
+            problems.push("no [[users]]: nobody could call the API".into());
+        }
+        for (i, user) in raw.users.into_iter().enumerate() {
+            let at = format!("users[{i}] ({:?})", user.name);
+            if user.name.trim().is_empty() {
+                problems.push(format!("users[{i}].name must not be empty"));
+            }
+            if !names.insert(user.name.clone()) {
+                problems.push(format!("{at}: user name appears twice"));
+            }
+            let token = match (user.token, user.token_env) {
+                (Some(token), None) => Some(token),
+                (None, Some(var)) => {
+                    let value = env(&var);
+                    if value.is_none() {
+                        problems.push(format!("{at}: environment variable {var} is not set"));
+                    }
+                    value
+                }
+                (Some(_), Some(_)) => {
+                    problems.push(format!("{at}: give token or token_env, not both"));
+                    None
+                }
+                (None, None) => {
+                    problems.push(format!("{at}: needs token or token_env"));
+                    None
+                }
+            };
+            if let Some(token) = token {
+                if token.len() < MIN_TOKEN_LEN {
+                    problems.push(format!(
+                        "{at}: token is shorter than {MIN_TOKEN_LEN} characters"
+                    ));
+                }
+                if !tokens.insert(token.clone()) {
+                    problems.push(format!("{at}: token is shared with another user"));
+                }
+                users.push(User {
+                    name: user.name,
+                    role: user.role,
+                    token,
+                });
+            }
+        }
+
+        if !problems.is_empty() {
+            return Err(problems);
+        }
+        Ok(Config {
+            lab_id,
+            listen,
+            max_body_bytes: max_body_bytes as usize,
+            store: StoreOptions {
+                path: store_path,
+                cache_bytes: cache_mb * 1024 * 1024,
+            },
+            kits_dir,
+            users,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, Vec<String>> {
+        Config::parse(text, Path::new("/etc/pcrd"), |v| {
+            (v == "TOKEN_B").then(|| "from-the-environment-0001".to_string())
+        })
+    }
+
+    const GOOD: &str = r#"
+        [lab]
+        id = "LAB-01"
+        [server]
+        listen = "127.0.0.1:9000"
+        [store]
+        path = "data"
+        [[users]]
+        name = "alice"
+        role = "technician"
+        token = "alice-token-0123456789"
+        [[users]]
+        name = "bob"
+        role = "reviewer"
+        token_env = "TOKEN_B"
+    "#;
+
+    #[test]
+    fn a_good_config_resolves_paths_and_tokens() {
+        let config = parse(GOOD).unwrap();
+        assert_eq!(config.listen, "127.0.0.1:9000".parse().unwrap());
+        assert_eq!(config.store.path, Path::new("/etc/pcrd/data"));
+        assert_eq!(config.users[1].token, "from-the-environment-0001");
+        assert_eq!(config.users[1].role, Role::Reviewer);
+    }
+
+    #[test]
+    fn every_unknown_key_is_named() {
+        let text = GOOD
+            .replace("[server]", "[server]\nport = 1\n")
+            .replace("[store]", "[store]\nflavour = \"x\"\n");
+        let problems = parse(&text).unwrap_err();
+        assert!(
+            problems.iter().any(|p| p.contains("server.port")),
+            "{problems:?}"
+        );
+        assert!(
+            problems.iter().any(|p| p.contains("store.flavour")),
+            "{problems:?}"
+        );
+    }
+
+    #[test]
+    fn all_semantic_problems_are_reported_together() {
+        let text = GOOD
+            .replace("127.0.0.1:9000", "localhost")
+            .replace("alice-token-0123456789", "short")
+            .replace("TOKEN_B", "MISSING_VAR");
+        let problems = parse(&text).unwrap_err();
+        assert_eq!(problems.len(), 3, "{problems:?}");
+        assert!(problems[0].contains("server.listen"));
+        assert!(problems[1].contains("shorter"));
+        assert!(problems[2].contains("MISSING_VAR"));
+    }
+
+    #[test]
+    fn a_type_error_names_the_key() {
+        let problems = parse(&GOOD.replace("role = \"reviewer\"", "role = \"boss\"")).unwrap_err();
+        assert!(problems[0].contains("boss"), "{problems:?}");
+    }
+
+    #[test]
+    fn the_example_config_in_the_repo_is_valid() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../pcrd.example.toml");
+        let config = Config::load(&path).unwrap();
+        assert!(config.listen.ip().is_loopback());
+        assert!(config.users.iter().any(|u| u.role == Role::Technician));
+    }
+}

@@ -1,0 +1,1285 @@
+//! The lab's state: tubes, plates and the audit trail, and every operation that
+//! changes them.
+//!
+//! Writers are serialised by one mutex. Each operation validates against the current
+//! state, builds its complete set of changes, and applies them in one sled transaction
+//! together with its audit entries; only then does the caller wait on the store's
+//! durability barrier, outside the mutex, so concurrent requests share one fsync.
+//! An operation that fails validation writes nothing.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use pcrd_protocol::domain::{
+    Barcode, Layout, LayoutError, LineageError, PlateFormat, PoolSize, Priority, Timestamp, Well,
+    combine_quadrants, plating_order, transfer_layout,
+};
+use sled::Transactional;
+use sled::transaction::{ConflictableTransactionError, TransactionError};
+
+use crate::kits::KitRegistry;
+use crate::model::{
+    AuditEntry, Placement, PlateId, PlateKind, PlateRecord, PlateState, StoredLineage, TubeRecord,
+};
+use crate::store::{Store, StoreError, Versioned, decode, encode};
+
+/// Largest number of tubes in one receive request.
+pub const MAX_BATCH: usize = 100_000;
+/// Tubes listed per audit entry. A batch is split so that no stored value grows past
+/// sled's blob threshold (~128 KiB): sled writes larger values to separate blob files
+/// that it never fsyncs, which our barrier would not cover.
+const AUDIT_TUBES_PER_ENTRY: usize = 1_000;
+/// Upper bound for any value pcrd writes; see `AUDIT_TUBES_PER_ENTRY`.
+const MAX_VALUE_BYTES: usize = 64 * 1024;
+
+const META_AUDIT_HEAD: &[u8] = b"audit_head";
+const META_PLATE_COUNTER: &[u8] = b"plate_counter";
+
+/// Why an operation was refused or failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum LabError {
+    /// The request is well-formed but its content is not acceptable (a bad barcode, a
+    /// well outside the plate, an unknown kit). `problems` lists each one.
+    #[error("{message}")]
+    Invalid {
+        message: String,
+        problems: Vec<String>,
+    },
+    /// The plate or tube named in the request path does not exist.
+    #[error("{message}")]
+    NotFound { message: String },
+    /// The request contradicts the current state (a tube already on another plate, a
+    /// sealed plate, a control well, a barcode received with another pool size).
+    #[error("{message}")]
+    Conflict {
+        message: String,
+        problems: Vec<String>,
+    },
+    /// The store failed; nothing was acknowledged.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl LabError {
+    fn invalid(message: impl Into<String>) -> LabError {
+        LabError::Invalid {
+            message: message.into(),
+            problems: Vec::new(),
+        }
+    }
+    fn invalid_all(message: impl Into<String>, problems: Vec<String>) -> LabError {
+        LabError::Invalid {
+            message: message.into(),
+            problems,
+        }
+    }
+    fn conflict(message: impl Into<String>) -> LabError {
+        LabError::Conflict {
+            message: message.into(),
+            problems: Vec::new(),
+        }
+    }
+    fn conflict_all(message: impl Into<String>, problems: Vec<String>) -> LabError {
+        LabError::Conflict {
+            message: message.into(),
+            problems,
+        }
+    }
+    fn not_found(message: impl Into<String>) -> LabError {
+        LabError::NotFound {
+            message: message.into(),
+        }
+    }
+}
+
+impl From<LayoutError> for LabError {
+    fn from(e: LayoutError) -> LabError {
+        match e {
+            LayoutError::OutsideFormat { .. } | LayoutError::Empty { .. } => {
+                LabError::invalid(e.to_string())
+            }
+            _ => LabError::conflict(e.to_string()),
+        }
+    }
+}
+
+impl From<LineageError> for LabError {
+    fn from(e: LineageError) -> LabError {
+        LabError::conflict(e.to_string())
+    }
+}
+
+/// Who is acting, and why (both go into the audit trail).
+#[derive(Clone, Debug)]
+pub struct Actor {
+    pub user: String,
+    pub reason: Option<String>,
+}
+
+/// When a tube is due, as the client gave it.
+#[derive(Clone, Debug)]
+pub enum Due {
+    /// An RFC 3339 time.
+    At(String),
+    /// A duration from receipt, such as "4h" or "90min".
+    In(String),
+}
+
+/// One tube to receive, as the client gave it; validated by [`Lab::receive_tubes`].
+#[derive(Clone, Debug)]
+pub struct TubeIntake {
+    pub barcode: String,
+    pub pool_size: Option<u32>,
+    pub priority: Option<String>,
+    pub due: Option<Due>,
+}
+
+/// What a receive did.
+#[derive(Clone, Debug, Default)]
+pub struct ReceiveOutcome {
+    /// Newly recorded tubes.
+    pub received: Vec<Barcode>,
+    /// Tubes that were already recorded with the same pool size and priority: a retry.
+    pub already_received: Vec<Barcode>,
+}
+
+/// Filters for the audit trail.
+#[derive(Clone, Debug, Default)]
+pub struct AuditQuery {
+    pub plate: Option<String>,
+    pub tube: Option<String>,
+    /// Only entries before this sequence number (for paging back).
+    pub before: Option<u64>,
+    pub limit: usize,
+}
+
+/// Result of walking the audit chain.
+#[derive(Clone, Debug)]
+pub struct AuditVerification {
+    pub entries: u64,
+    /// The first entry whose hash does not match its content or predecessor.
+    pub first_broken: Option<u64>,
+}
+
+#[derive(Debug)]
+struct Writer {
+    next_seq: u64,
+    head: [u8; 32],
+    plate_counter: u64,
+}
+
+/// A planned audit entry; sequence and hashes are assigned at commit.
+#[derive(Debug)]
+struct AuditDraft {
+    action: &'static str,
+    plate: Option<PlateId>,
+    tubes: Vec<Barcode>,
+    detail: String,
+}
+
+#[derive(Clone, Copy, Debug)]
+enum T {
+    Tubes = 0,
+    Waiting,
+    Plates,
+    Audit,
+    AuditByTube,
+    AuditByPlate,
+    Meta,
+}
+
+/// Everything one operation will write.
+#[derive(Debug, Default)]
+struct Changes {
+    writes: Vec<(T, Vec<u8>, Option<Vec<u8>>)>,
+    audit: Vec<AuditDraft>,
+    plate_counter: Option<u64>,
+}
+
+impl Changes {
+    fn put<V: Versioned>(&mut self, tree: T, key: impl Into<Vec<u8>>, value: &V) {
+        self.writes.push((tree, key.into(), Some(encode(value))));
+    }
+    fn put_raw(&mut self, tree: T, key: impl Into<Vec<u8>>, value: Vec<u8>) {
+        self.writes.push((tree, key.into(), Some(value)));
+    }
+    fn remove(&mut self, tree: T, key: impl Into<Vec<u8>>) {
+        self.writes.push((tree, key.into(), None));
+    }
+    fn audit(
+        &mut self,
+        action: &'static str,
+        plate: Option<&PlateId>,
+        tubes: Vec<Barcode>,
+        detail: String,
+    ) {
+        self.audit.push(AuditDraft {
+            action,
+            plate: plate.cloned(),
+            tubes,
+            detail,
+        });
+    }
+    fn put_tube(&mut self, tube: &TubeRecord) {
+        self.put(T::Tubes, tube.barcode.as_str().as_bytes(), tube);
+    }
+    fn put_plate(&mut self, plate: &PlateRecord) {
+        self.put(T::Plates, plate.id.as_str().as_bytes(), plate);
+    }
+}
+
+/// Counters of lab activity, for /metrics.
+#[derive(Debug, Default)]
+pub struct LabCounters {
+    pub tubes_received: std::sync::atomic::AtomicU64,
+    pub plates_created: std::sync::atomic::AtomicU64,
+    pub plates_sealed: std::sync::atomic::AtomicU64,
+}
+
+/// The lab: store, kits and the operations over them.
+#[derive(Debug)]
+pub struct Lab {
+    store: Store,
+    kits: KitRegistry,
+    lab_id: String,
+    writer: Mutex<Writer>,
+    counters: LabCounters,
+}
+
+fn now() -> Timestamp {
+    let ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64);
+    Timestamp::from_millis(ms)
+}
+
+/// Formats a timestamp as RFC 3339 UTC with milliseconds.
+pub fn rfc3339(ts: Timestamp) -> String {
+    let ms = ts.as_millis().max(0) as u64;
+    humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_millis(ms)).to_string()
+}
+
+impl Lab {
+    pub fn open(store: Store, kits: KitRegistry, lab_id: String) -> Result<Arc<Lab>, StoreError> {
+        let trees = store.trees();
+        let (next_seq, head) = match trees.meta.get(META_AUDIT_HEAD)? {
+            Some(raw) if raw.len() == 40 => {
+                let mut seq = [0u8; 8];
+                seq.copy_from_slice(&raw[..8]);
+                let mut head = [0u8; 32];
+                head.copy_from_slice(&raw[8..]);
+                (u64::from_be_bytes(seq) + 1, head)
+            }
+            Some(_) => {
+                return Err(StoreError::BadRecord {
+                    tree: "meta",
+                    key: "audit_head".into(),
+                    detail: "wrong length".into(),
+                });
+            }
+            None => (1, [0u8; 32]),
+        };
+        let plate_counter = match trees.meta.get(META_PLATE_COUNTER)? {
+            Some(raw) => raw
+                .as_ref()
+                .try_into()
+                .map(u64::from_be_bytes)
+                .map_err(|_| StoreError::BadRecord {
+                    tree: "meta",
+                    key: "plate_counter".into(),
+                    detail: "wrong length".into(),
+                })?,
+            None => 0,
+        };
+        Ok(Arc::new(Lab {
+            store,
+            kits,
+            lab_id,
+            writer: Mutex::new(Writer {
+                next_seq,
+                head,
+                plate_counter,
+            }),
+            counters: LabCounters::default(),
+        }))
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+    pub fn kits(&self) -> &KitRegistry {
+        &self.kits
+    }
+    pub fn lab_id(&self) -> &str {
+        &self.lab_id
+    }
+    pub fn counters(&self) -> &LabCounters {
+        &self.counters
+    }
+
+    /// Runs one state change: `op` validates and plans under the writer lock, the plan is
+    /// applied in one transaction, and the call returns once it is durable.
+    async fn change<R, F>(self: &Arc<Self>, actor: Actor, op: F) -> Result<R, LabError>
+    where
+        R: Send + 'static,
+        F: FnOnce(&Lab, &mut Writer, &mut Changes, Timestamp) -> Result<R, LabError>
+            + Send
+            + 'static,
+    {
+        let lab = Arc::clone(self);
+        let outcome = tokio::task::spawn_blocking(move || {
+            let mut writer = lab
+                .writer
+                .lock()
+                .map_err(|_| LabError::invalid("internal error: writer lock poisoned"))?;
+            let mut changes = Changes::default();
+            let at = now();
+            let result = op(&lab, &mut writer, &mut changes, at)?;
+            lab.commit(&mut writer, changes, &actor, at)?;
+            Ok::<R, LabError>(result)
+        })
+        .await
+        .map_err(|e| LabError::invalid(format!("internal error: {e}")))??;
+        self.store.durable().await?;
+        Ok(outcome)
+    }
+
+    fn commit(
+        &self,
+        writer: &mut Writer,
+        mut changes: Changes,
+        actor: &Actor,
+        at: Timestamp,
+    ) -> Result<(), StoreError> {
+        let mut seq = writer.next_seq;
+        let mut head = writer.head;
+        let drafts = std::mem::take(&mut changes.audit);
+        for draft in drafts {
+            let chunks: Vec<Vec<Barcode>> = if draft.tubes.is_empty() {
+                vec![Vec::new()]
+            } else {
+                draft
+                    .tubes
+                    .chunks(AUDIT_TUBES_PER_ENTRY)
+                    .map(<[Barcode]>::to_vec)
+                    .collect()
+            };
+            for tubes in chunks {
+                let mut entry = AuditEntry {
+                    seq,
+                    at,
+                    user: actor.user.clone(),
+                    action: draft.action.to_string(),
+                    plate: draft.plate.clone(),
+                    tubes,
+                    detail: draft.detail.clone(),
+                    reason: actor.reason.clone(),
+                    prev_hash: head,
+                    hash: [0; 32],
+                };
+                entry.hash = entry.compute_hash();
+                head = entry.hash;
+                let seq_key = seq.to_be_bytes();
+                for tube in &entry.tubes {
+                    changes.put_raw(T::AuditByTube, index_key(tube.as_str(), seq), Vec::new());
+                }
+                if let Some(plate) = &entry.plate {
+                    changes.put_raw(T::AuditByPlate, index_key(plate.as_str(), seq), Vec::new());
+                }
+                changes.put(T::Audit, seq_key.to_vec(), &entry);
+                let mut head_value = seq_key.to_vec();
+                head_value.extend_from_slice(&head);
+                changes.put_raw(T::Meta, META_AUDIT_HEAD, head_value);
+                seq += 1;
+            }
+        }
+        if let Some(counter) = changes.plate_counter {
+            changes.put_raw(T::Meta, META_PLATE_COUNTER, counter.to_be_bytes().to_vec());
+        }
+        if let Some((_, key, _)) = changes
+            .writes
+            .iter()
+            .find(|(_, _, v)| v.as_ref().is_some_and(|v| v.len() > MAX_VALUE_BYTES))
+        {
+            return Err(StoreError::BadRecord {
+                tree: "(write)",
+                key: String::from_utf8_lossy(key).into_owned(),
+                detail: format!("value larger than {MAX_VALUE_BYTES} bytes"),
+            });
+        }
+
+        let t = self.store.trees();
+        let trees = [
+            t.tubes.clone(),
+            t.waiting.clone(),
+            t.plates.clone(),
+            t.audit.clone(),
+            t.audit_by_tube.clone(),
+            t.audit_by_plate.clone(),
+            t.meta.clone(),
+        ];
+        let result: Result<(), TransactionError<()>> = trees[..].transaction(|tx| {
+            for (tree, key, value) in &changes.writes {
+                let tree = &tx[*tree as usize];
+                match value {
+                    Some(value) => {
+                        tree.insert(key.as_slice(), value.as_slice())?;
+                    }
+                    None => {
+                        tree.remove(key.as_slice())?;
+                    }
+                }
+            }
+            Ok::<(), ConflictableTransactionError<()>>(())
+        });
+        match result {
+            Ok(()) => {}
+            Err(TransactionError::Storage(e)) => return Err(StoreError::Sled(e)),
+            Err(TransactionError::Abort(())) => {
+                unreachable!("the transaction body never aborts")
+            }
+        }
+        writer.next_seq = seq;
+        writer.head = head;
+        if let Some(counter) = changes.plate_counter {
+            writer.plate_counter = counter;
+        }
+        Ok(())
+    }
+
+    // ----- reads -----
+
+    pub fn tube(&self, barcode: &str) -> Result<TubeRecord, LabError> {
+        let barcode = Barcode::new(barcode).map_err(|e| LabError::invalid(e.to_string()))?;
+        self.load_tube(&barcode)?
+            .ok_or_else(|| LabError::not_found(format!("tube {barcode} has not been received")))
+    }
+
+    fn load_tube(&self, barcode: &Barcode) -> Result<Option<TubeRecord>, StoreError> {
+        let key = barcode.as_str().as_bytes();
+        match self.store.trees().tubes.get(key)? {
+            Some(raw) => Ok(Some(decode(key, &raw)?)),
+            None => Ok(None),
+        }
+    }
+
+    pub fn plate(&self, id: &str) -> Result<PlateRecord, LabError> {
+        self.load_plate(id)?
+            .ok_or_else(|| LabError::not_found(format!("plate {id} does not exist")))
+    }
+
+    fn load_plate(&self, id: &str) -> Result<Option<PlateRecord>, StoreError> {
+        let key = id.as_bytes();
+        match self.store.trees().plates.get(key)? {
+            Some(raw) => Ok(Some(decode(key, &raw)?)),
+            None => Ok(None),
+        }
+    }
+
+    pub fn plates(&self) -> Result<Vec<PlateRecord>, LabError> {
+        let mut plates = Vec::new();
+        for item in self.store.trees().plates.iter() {
+            let (key, raw) = item.map_err(StoreError::from)?;
+            plates.push(decode(&key, &raw)?);
+        }
+        Ok(plates)
+    }
+
+    /// Tubes waiting for a plate, in plating order.
+    pub fn waiting(&self, limit: usize) -> Result<Vec<TubeRecord>, LabError> {
+        let trees = self.store.trees();
+        let mut tubes = Vec::new();
+        for item in trees.waiting.iter().take(limit) {
+            let (key, _) = item.map_err(StoreError::from)?;
+            let barcode = TubeRecord::barcode_of_waiting_key(&key);
+            if let Some(raw) = trees.tubes.get(barcode).map_err(StoreError::from)? {
+                tubes.push(decode(barcode, &raw)?);
+            }
+        }
+        Ok(tubes)
+    }
+
+    pub fn waiting_count(&self) -> usize {
+        self.store.trees().waiting.len()
+    }
+
+    pub fn tube_count(&self) -> usize {
+        self.store.trees().tubes.len()
+    }
+
+    /// Audit entries matching the query, oldest first: the last `limit` of them.
+    pub fn audit(&self, query: &AuditQuery) -> Result<Vec<AuditEntry>, LabError> {
+        let trees = self.store.trees();
+        let before = query.before.unwrap_or(u64::MAX);
+        let limit = query.limit.max(1);
+        let seqs: Vec<u64> = match (&query.plate, &query.tube) {
+            (Some(_), Some(_)) => {
+                return Err(LabError::invalid("filter by plate or by tube, not both"));
+            }
+            (Some(id), None) => index_seqs(&trees.audit_by_plate, id, before, limit)?,
+            (None, Some(barcode)) => index_seqs(&trees.audit_by_tube, barcode, before, limit)?,
+            (None, None) => {
+                let mut seqs = Vec::new();
+                for item in trees.audit.range(..before.to_be_bytes()).rev().take(limit) {
+                    let (key, _) = item.map_err(StoreError::from)?;
+                    seqs.push(seq_of(&key));
+                }
+                seqs
+            }
+        };
+        let mut entries = Vec::with_capacity(seqs.len());
+        for seq in seqs.into_iter().rev() {
+            let key = seq.to_be_bytes();
+            if let Some(raw) = trees.audit.get(key).map_err(StoreError::from)? {
+                entries.push(decode(&key, &raw)?);
+            }
+        }
+        Ok(entries)
+    }
+
+    /// Walks the whole audit chain and checks every hash.
+    pub fn verify_audit(&self) -> Result<AuditVerification, LabError> {
+        let mut prev = [0u8; 32];
+        let mut entries = 0;
+        for item in self.store.trees().audit.iter() {
+            let (key, raw) = item.map_err(StoreError::from)?;
+            let entry: AuditEntry = decode(&key, &raw)?;
+            entries += 1;
+            if entry.prev_hash != prev || entry.compute_hash() != entry.hash {
+                return Ok(AuditVerification {
+                    entries,
+                    first_broken: Some(entry.seq),
+                });
+            }
+            prev = entry.hash;
+        }
+        Ok(AuditVerification {
+            entries,
+            first_broken: None,
+        })
+    }
+
+    // ----- changes -----
+
+    /// Records tubes as received. All or nothing: any invalid or conflicting tube
+    /// refuses the whole batch, naming every problem. A tube received again with the same
+    /// pool size and priority is a retry and changes nothing.
+    pub async fn receive_tubes(
+        self: &Arc<Self>,
+        actor: Actor,
+        intake: Vec<TubeIntake>,
+    ) -> Result<ReceiveOutcome, LabError> {
+        if intake.is_empty() {
+            return Err(LabError::invalid("no tubes given"));
+        }
+        if intake.len() > MAX_BATCH {
+            return Err(LabError::invalid(format!(
+                "{} tubes in one request; the limit is {MAX_BATCH}",
+                intake.len()
+            )));
+        }
+        let user = actor.user.clone();
+        let outcome = self
+            .change(actor, move |lab, _, changes, at| {
+                let mut problems = Vec::new();
+                let mut fresh: BTreeMap<Barcode, TubeRecord> = BTreeMap::new();
+                let mut outcome = ReceiveOutcome::default();
+                for (i, item) in intake.into_iter().enumerate() {
+                    let Some(tube) = parse_intake(i, item, at, &user, &mut problems) else {
+                        continue;
+                    };
+                    if let Some(earlier) = fresh.get(&tube.barcode) {
+                        if !same_tube(earlier, &tube) {
+                            problems.push(format!(
+                                "tube {}: listed twice with different pool size or priority",
+                                tube.barcode
+                            ));
+                        }
+                        continue;
+                    }
+                    match lab.load_tube(&tube.barcode)? {
+                        Some(existing) if same_tube(&existing, &tube) => {
+                            outcome.already_received.push(tube.barcode);
+                        }
+                        Some(existing) => problems.push(format!(
+                            "tube {} was already received as pool of {} ({}); this request says pool of {} ({})",
+                            tube.barcode,
+                            existing.pool_size,
+                            existing.priority,
+                            tube.pool_size,
+                            tube.priority
+                        )),
+                        None => {
+                            fresh.insert(tube.barcode.clone(), tube);
+                        }
+                    }
+                }
+                if !problems.is_empty() {
+                    let conflict = problems.iter().any(|p| p.contains("already received"));
+                    let message = format!("{} problem(s) in the batch; nothing was received", problems.len());
+                    return Err(if conflict {
+                        LabError::conflict_all(message, problems)
+                    } else {
+                        LabError::invalid_all(message, problems)
+                    });
+                }
+                for tube in fresh.values() {
+                    changes.put_tube(tube);
+                    changes.put_raw(T::Waiting, tube.waiting_key(), Vec::new());
+                }
+                outcome.received = fresh.into_keys().collect();
+                if !outcome.received.is_empty() {
+                    let detail = match outcome.received.as_slice() {
+                        [one] => format!("received tube {one}"),
+                        many => format!("received {} tubes", many.len()),
+                    };
+                    changes.audit("tube.received", None, outcome.received.clone(), detail);
+                }
+                Ok(outcome)
+            })
+            .await?;
+        self.counters.tubes_received.fetch_add(
+            outcome.received.len() as u64,
+            std::sync::atomic::Ordering::Relaxed,
+        );
+        Ok(outcome)
+    }
+
+    /// Creates an open extraction plate with the kit's controls placed.
+    pub async fn create_plate(
+        self: &Arc<Self>,
+        actor: Actor,
+        kit: String,
+        format: Option<u16>,
+        id: Option<String>,
+    ) -> Result<PlateRecord, LabError> {
+        let created_by = actor.user.clone();
+        let plate = self
+            .change(actor, move |lab, writer, changes, at| {
+                let kit = lab.kits.find(&kit).map_err(LabError::invalid)?;
+                let format = match format {
+                    None => PlateFormat::Wells96,
+                    Some(n) => {
+                        PlateFormat::try_from(n).map_err(|e| LabError::invalid(e.to_string()))?
+                    }
+                };
+                let template = kit.template(format).ok_or_else(|| {
+                    LabError::invalid(format!(
+                        "kit {} has no {format}-well layout; it supports: {}",
+                        kit.key(),
+                        kit.formats()
+                            .map(|f| f.to_string())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ))
+                })?;
+                let id = lab.new_plate_id(writer, changes, id)?;
+                let mut plate = PlateRecord {
+                    id,
+                    kind: PlateKind::Extraction,
+                    kit_id: kit.id.clone(),
+                    kit_version: kit.version.clone(),
+                    format,
+                    state: PlateState::Open,
+                    wells: Vec::new(),
+                    lineage: None,
+                    children: Vec::new(),
+                    created_at: at,
+                    created_by,
+                    sealed_at: None,
+                    sealed_by: None,
+                };
+                plate.set_layout(&Layout::from_template(template));
+                changes.put_plate(&plate);
+                changes.audit(
+                    "plate.created",
+                    Some(&plate.id),
+                    Vec::new(),
+                    format!(
+                        "created {format}-well extraction plate {} with kit {}",
+                        plate.id,
+                        kit.key()
+                    ),
+                );
+                Ok(plate)
+            })
+            .await?;
+        self.counters
+            .plates_created
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(plate)
+    }
+
+    /// Puts tubes on an open plate: `tubes` go into the next free wells in plating order
+    /// (urgent first, then due time), `placements` into the wells named.
+    pub async fn assign(
+        self: &Arc<Self>,
+        actor: Actor,
+        plate_id: String,
+        tubes: Vec<String>,
+        placements: Vec<(String, String)>,
+    ) -> Result<Vec<(Well, Barcode)>, LabError> {
+        if tubes.is_empty() && placements.is_empty() {
+            return Err(LabError::invalid("no tubes given"));
+        }
+        self.change(actor, move |lab, _, changes, _| {
+            let mut plate = lab.open_plate(&plate_id)?;
+            let mut layout = stored_layout(&plate)?;
+            let mut problems = Vec::new();
+            let mut records = HashMap::new();
+            let mut check =
+                |text: &str, problems: &mut Vec<String>| -> Result<Option<Barcode>, LabError> {
+                    let barcode = match Barcode::new(text) {
+                        Ok(b) => b,
+                        Err(e) => {
+                            problems.push(e.to_string());
+                            return Ok(None);
+                        }
+                    };
+                    match lab.load_tube(&barcode)? {
+                        None => problems.push(format!("tube {barcode} has not been received")),
+                        Some(tube) => {
+                            if let Some(p) = &tube.placement {
+                                problems.push(format!(
+                                    "tube {barcode} is already on plate {} in well {}",
+                                    p.plate, p.well
+                                ));
+                            }
+                            records.insert(barcode.clone(), tube);
+                        }
+                    }
+                    Ok(Some(barcode))
+                };
+            let mut auto = Vec::new();
+            for text in &tubes {
+                if let Some(b) = check(text, &mut problems)? {
+                    auto.push(b);
+                }
+            }
+            let mut explicit = Vec::new();
+            for (well_text, barcode_text) in &placements {
+                let well = Well::parse_in(well_text, layout.format());
+                let barcode = check(barcode_text, &mut problems)?;
+                match (well, barcode) {
+                    (Ok(well), Some(barcode)) => explicit.push((well, barcode)),
+                    (Err(e), _) => problems.push(e.to_string()),
+                    _ => {}
+                }
+            }
+            if !problems.is_empty() {
+                let status_conflict = problems.iter().any(|p| p.contains("already on plate"));
+                let message = format!("{} problem(s); nothing was assigned", problems.len());
+                return Err(if status_conflict {
+                    LabError::conflict_all(message, problems)
+                } else {
+                    LabError::invalid_all(message, problems)
+                });
+            }
+            layout.place_all(&explicit)?;
+            let mut queued: Vec<_> = auto.iter().map(|b| records[b].queued()).collect();
+            plating_order(&mut queued);
+            let ordered: Vec<Barcode> = queued.into_iter().map(|q| q.barcode).collect();
+            let mut placed = explicit;
+            placed.extend(layout.fill(&ordered)?);
+            lab.record_placements(
+                changes,
+                &mut plate,
+                &layout,
+                &placed,
+                &records,
+                "plate.assigned",
+            );
+            Ok(placed)
+        })
+        .await
+    }
+
+    /// Fills an open plate's free wells from the tubes waiting, in plating order.
+    pub async fn fill(
+        self: &Arc<Self>,
+        actor: Actor,
+        plate_id: String,
+        max: Option<usize>,
+    ) -> Result<Vec<(Well, Barcode)>, LabError> {
+        self.change(actor, move |lab, _, changes, _| {
+            let mut plate = lab.open_plate(&plate_id)?;
+            let mut layout = stored_layout(&plate)?;
+            let want = max.unwrap_or(usize::MAX).min(layout.free_count());
+            let waiting = lab.waiting(want)?;
+            if waiting.is_empty() {
+                return Err(LabError::conflict("no tubes are waiting for a plate"));
+            }
+            let barcodes: Vec<Barcode> = waiting.iter().map(|t| t.barcode.clone()).collect();
+            let records = waiting
+                .into_iter()
+                .map(|t| (t.barcode.clone(), t))
+                .collect();
+            let placed = layout.fill(&barcodes)?;
+            lab.record_placements(
+                changes,
+                &mut plate,
+                &layout,
+                &placed,
+                &records,
+                "plate.filled",
+            );
+            Ok(placed)
+        })
+        .await
+    }
+
+    fn record_placements(
+        &self,
+        changes: &mut Changes,
+        plate: &mut PlateRecord,
+        layout: &Layout,
+        placed: &[(Well, Barcode)],
+        records: &HashMap<Barcode, TubeRecord>,
+        action: &'static str,
+    ) {
+        plate.set_layout(layout);
+        changes.put_plate(plate);
+        for (well, barcode) in placed {
+            if let Some(tube) = records.get(barcode) {
+                let mut tube = tube.clone();
+                changes.remove(T::Waiting, tube.waiting_key());
+                tube.placement = Some(Placement {
+                    plate: plate.id.clone(),
+                    well: *well,
+                });
+                changes.put_tube(&tube);
+            }
+        }
+        let detail = match placed {
+            [(well, barcode)] => format!("put tube {barcode} in well {well} of plate {}", plate.id),
+            _ => format!("put {} tubes on plate {}", placed.len(), plate.id),
+        };
+        changes.audit(
+            action,
+            Some(&plate.id),
+            placed.iter().map(|(_, b)| b.clone()).collect(),
+            detail,
+        );
+    }
+
+    /// Takes samples off an open plate; they wait for a plate again.
+    pub async fn unassign(
+        self: &Arc<Self>,
+        actor: Actor,
+        plate_id: String,
+        wells: Vec<String>,
+    ) -> Result<Vec<(Well, Barcode)>, LabError> {
+        if wells.is_empty() {
+            return Err(LabError::invalid("no wells given"));
+        }
+        self.change(actor, move |lab, _, changes, _| {
+            let mut plate = lab.open_plate(&plate_id)?;
+            let mut layout = stored_layout(&plate)?;
+            let mut problems = Vec::new();
+            let mut parsed = BTreeSet::new();
+            for text in &wells {
+                match Well::parse_in(text, layout.format()) {
+                    Ok(well) => {
+                        parsed.insert(well);
+                    }
+                    Err(e) => problems.push(e.to_string()),
+                }
+            }
+            if !problems.is_empty() {
+                return Err(LabError::invalid_all(
+                    format!("{} problem(s); nothing was removed", problems.len()),
+                    problems,
+                ));
+            }
+            let mut removed = Vec::new();
+            for well in parsed {
+                removed.push((well, layout.remove_sample(well)?));
+            }
+            plate.set_layout(&layout);
+            changes.put_plate(&plate);
+            for (_, barcode) in &removed {
+                if let Some(mut tube) = lab.load_tube(barcode)? {
+                    tube.placement = None;
+                    changes.put_raw(T::Waiting, tube.waiting_key(), Vec::new());
+                    changes.put_tube(&tube);
+                }
+            }
+            changes.audit(
+                "plate.unassigned",
+                Some(&plate.id),
+                removed.iter().map(|(_, b)| b.clone()).collect(),
+                format!(
+                    "removed {} from plate {}",
+                    removed
+                        .iter()
+                        .map(|(w, b)| format!("{b} ({w})"))
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                    plate.id
+                ),
+            );
+            Ok(removed)
+        })
+        .await
+    }
+
+    /// Seals an open plate: its contents are fixed from now on.
+    pub async fn seal(
+        self: &Arc<Self>,
+        actor: Actor,
+        plate_id: String,
+    ) -> Result<PlateRecord, LabError> {
+        let user = actor.user.clone();
+        let plate = self
+            .change(actor, move |lab, _, changes, at| {
+                let mut plate = lab.open_plate(&plate_id)?;
+                let layout = stored_layout(&plate)?;
+                if layout.sample_count() == 0 {
+                    return Err(LabError::conflict(format!(
+                        "plate {} has no samples; assign tubes before sealing",
+                        plate.id
+                    )));
+                }
+                plate.state = PlateState::Sealed;
+                plate.sealed_at = Some(at);
+                plate.sealed_by = Some(user);
+                changes.put_plate(&plate);
+                changes.audit(
+                    "plate.sealed",
+                    Some(&plate.id),
+                    Vec::new(),
+                    format!(
+                        "sealed plate {} with {} samples and {} controls",
+                        plate.id,
+                        layout.sample_count(),
+                        layout.control_count()
+                    ),
+                );
+                Ok(plate)
+            })
+            .await?;
+        self.counters
+            .plates_sealed
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(plate)
+    }
+
+    /// Transfers a sealed extraction plate 1:1 to a new PCR plate.
+    pub async fn transfer(
+        self: &Arc<Self>,
+        actor: Actor,
+        source_id: String,
+        new_id: Option<String>,
+    ) -> Result<PlateRecord, LabError> {
+        let user = actor.user.clone();
+        self.change(actor, move |lab, writer, changes, at| {
+            let mut source = lab.sealed_extraction_plate(&source_id)?;
+            let layout = transfer_layout(&stored_layout(&source)?);
+            let id = lab.new_plate_id(writer, changes, new_id)?;
+            let mut pcr = derived_plate(
+                id,
+                &source,
+                layout.format(),
+                StoredLineage::Transfer(source.id.to_string()),
+                at,
+                user,
+            );
+            pcr.set_layout(&layout);
+            source.children.push(pcr.id.clone());
+            changes.put_plate(&source);
+            changes.put_plate(&pcr);
+            let detail = format!(
+                "transferred plate {} 1:1 to PCR plate {}",
+                source.id, pcr.id
+            );
+            changes.audit(
+                "plate.transferred",
+                Some(&source.id),
+                Vec::new(),
+                detail.clone(),
+            );
+            changes.audit("plate.created", Some(&pcr.id), Vec::new(), detail);
+            Ok(pcr)
+        })
+        .await
+    }
+
+    /// Combines four sealed 96-well extraction plates into one 384-well PCR plate by
+    /// quadrant (the first plate is quadrant 1, starting at A1).
+    pub async fn combine(
+        self: &Arc<Self>,
+        actor: Actor,
+        source_ids: Vec<String>,
+        new_id: Option<String>,
+    ) -> Result<PlateRecord, LabError> {
+        let user = actor.user.clone();
+        self.change(actor, move |lab, writer, changes, at| {
+            let ids: [String; 4] = source_ids.clone().try_into().map_err(|_| {
+                LabError::invalid(format!(
+                    "a 384-well plate takes exactly 4 source plates, not {}",
+                    source_ids.len()
+                ))
+            })?;
+            let unique: BTreeSet<_> = ids.iter().collect();
+            if unique.len() != 4 {
+                return Err(LabError::invalid("the same plate is listed twice"));
+            }
+            let mut sources = Vec::new();
+            for id in &ids {
+                sources.push(lab.sealed_extraction_plate(id)?);
+            }
+            let kits: BTreeSet<_> = sources
+                .iter()
+                .map(|p| (p.kit_id.clone(), p.kit_version.clone()))
+                .collect();
+            if kits.len() != 1 {
+                return Err(LabError::conflict(
+                    "the four plates use different kits; a PCR plate runs one kit",
+                ));
+            }
+            let layouts = sources
+                .iter()
+                .map(stored_layout)
+                .collect::<Result<Vec<_>, _>>()?;
+            let layout = combine_quadrants([&layouts[0], &layouts[1], &layouts[2], &layouts[3]])?;
+            let id = lab.new_plate_id(writer, changes, new_id)?;
+            let mut pcr = derived_plate(
+                id,
+                &sources[0],
+                PlateFormat::Wells384,
+                StoredLineage::Quadrants(ids.clone()),
+                at,
+                user,
+            );
+            pcr.set_layout(&layout);
+            let detail = format!(
+                "combined plates {} into 384-well PCR plate {} by quadrant",
+                ids.join(", "),
+                pcr.id
+            );
+            for mut source in sources {
+                source.children.push(pcr.id.clone());
+                changes.put_plate(&source);
+                changes.audit(
+                    "plate.transferred",
+                    Some(&source.id),
+                    Vec::new(),
+                    detail.clone(),
+                );
+            }
+            changes.put_plate(&pcr);
+            changes.audit("plate.created", Some(&pcr.id), Vec::new(), detail);
+            Ok(pcr)
+        })
+        .await
+    }
+
+    fn open_plate(&self, id: &str) -> Result<PlateRecord, LabError> {
+        let plate = self.plate(id)?;
+        if plate.state != PlateState::Open {
+            return Err(LabError::conflict(format!(
+                "plate {id} is sealed; its contents can no longer change"
+            )));
+        }
+        Ok(plate)
+    }
+
+    fn sealed_extraction_plate(&self, id: &str) -> Result<PlateRecord, LabError> {
+        let plate = self.plate(id)?;
+        if plate.kind != PlateKind::Extraction {
+            return Err(LabError::conflict(format!(
+                "plate {id} is a PCR plate; transfer from its extraction plate"
+            )));
+        }
+        if plate.state != PlateState::Sealed {
+            return Err(LabError::conflict(format!(
+                "plate {id} is not sealed; seal it before transferring"
+            )));
+        }
+        Ok(plate)
+    }
+
+    fn new_plate_id(
+        &self,
+        writer: &Writer,
+        changes: &mut Changes,
+        requested: Option<String>,
+    ) -> Result<PlateId, LabError> {
+        match requested {
+            Some(text) => {
+                let id = PlateId::new(text).map_err(LabError::invalid)?;
+                if self.load_plate(id.as_str())?.is_some() {
+                    return Err(LabError::conflict(format!("plate {id} already exists")));
+                }
+                Ok(id)
+            }
+            None => {
+                let mut counter = changes.plate_counter.unwrap_or(writer.plate_counter);
+                loop {
+                    counter += 1;
+                    let id = PlateId::new(format!("PL-{counter:06}")).map_err(LabError::invalid)?;
+                    if self.load_plate(id.as_str())?.is_none() {
+                        changes.plate_counter = Some(counter);
+                        return Ok(id);
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn derived_plate(
+    id: PlateId,
+    source: &PlateRecord,
+    format: PlateFormat,
+    lineage: StoredLineage,
+    at: Timestamp,
+    user: String,
+) -> PlateRecord {
+    PlateRecord {
+        id,
+        kind: PlateKind::Pcr,
+        kit_id: source.kit_id.clone(),
+        kit_version: source.kit_version.clone(),
+        format,
+        // A PCR plate's contents come from its sources and cannot change.
+        state: PlateState::Sealed,
+        wells: Vec::new(),
+        lineage: Some(lineage),
+        children: Vec::new(),
+        created_at: at,
+        created_by: user.clone(),
+        sealed_at: Some(at),
+        sealed_by: Some(user),
+    }
+}
+
+fn stored_layout(plate: &PlateRecord) -> Result<Layout, LabError> {
+    plate.layout().map_err(|detail| {
+        LabError::Store(StoreError::BadRecord {
+            tree: "plates",
+            key: plate.id.to_string(),
+            detail,
+        })
+    })
+}
+
+fn same_tube(a: &TubeRecord, b: &TubeRecord) -> bool {
+    a.pool_size == b.pool_size && a.priority == b.priority
+}
+
+fn parse_intake(
+    index: usize,
+    item: TubeIntake,
+    at: Timestamp,
+    user: &str,
+    problems: &mut Vec<String>,
+) -> Option<TubeRecord> {
+    let before = problems.len();
+    let label = format!("tube {} ({:?})", index + 1, truncate(&item.barcode));
+    let barcode = Barcode::new(item.barcode.clone())
+        .map_err(|e| problems.push(format!("{label}: {e}")))
+        .ok();
+    let pool_size = match item.pool_size {
+        None => Some(PoolSize::default()),
+        Some(n) => u8::try_from(n)
+            .ok()
+            .and_then(|n| PoolSize::new(n).ok())
+            .or_else(|| {
+                problems.push(format!(
+                    "{label}: pool size {n} is outside 1..={}",
+                    PoolSize::MAX
+                ));
+                None
+            }),
+    };
+    let priority = match item.priority.as_deref() {
+        None => Some(Priority::default()),
+        Some(text) => text
+            .parse::<Priority>()
+            .map_err(|e| problems.push(format!("{label}: {e}")))
+            .ok(),
+    };
+    let due_at = match item.due {
+        None => None,
+        Some(Due::At(text)) => match humantime::parse_rfc3339_weak(&text) {
+            Ok(t) => Some(Timestamp::from_millis(
+                t.duration_since(UNIX_EPOCH)
+                    .map_or(0, |d| d.as_millis() as i64),
+            )),
+            Err(e) => {
+                problems.push(format!(
+                    "{label}: due time {text:?} is not an RFC 3339 time: {e}"
+                ));
+                None
+            }
+        },
+        Some(Due::In(text)) => match humantime::parse_duration(&text) {
+            Ok(d) if d > Duration::ZERO && d <= Duration::from_secs(30 * 24 * 3600) => {
+                Some(at.saturating_add_millis(d.as_millis() as i64))
+            }
+            Ok(_) => {
+                problems.push(format!(
+                    "{label}: due in {text:?} must be between 1s and 30 days"
+                ));
+                None
+            }
+            Err(e) => {
+                problems.push(format!(
+                    "{label}: due in {text:?} is not a duration like 4h: {e}"
+                ));
+                None
+            }
+        },
+    };
+    if problems.len() > before {
+        return None;
+    }
+    Some(TubeRecord {
+        barcode: barcode?,
+        pool_size: pool_size?,
+        priority: priority?,
+        due_at,
+        received_at: at,
+        received_by: user.to_string(),
+        placement: None,
+    })
+}
+
+fn truncate(text: &str) -> String {
+    text.chars().take(40).collect()
+}
+
+fn index_key(name: &str, seq: u64) -> Vec<u8> {
+    let mut key = Vec::with_capacity(name.len() + 9);
+    key.extend_from_slice(name.as_bytes());
+    key.push(0);
+    key.extend_from_slice(&seq.to_be_bytes());
+    key
+}
+
+fn seq_of(key: &[u8]) -> u64 {
+    let mut raw = [0u8; 8];
+    if key.len() >= 8 {
+        raw.copy_from_slice(&key[key.len() - 8..]);
+    }
+    u64::from_be_bytes(raw)
+}
+
+fn index_seqs(
+    tree: &sled::Tree,
+    name: &str,
+    before: u64,
+    limit: usize,
+) -> Result<Vec<u64>, LabError> {
+    let start = index_key(name, 0);
+    let end = index_key(name, before);
+    let mut seqs = Vec::new();
+    for item in tree.range(start..end).rev().take(limit) {
+        let (key, _) = item.map_err(StoreError::from)?;
+        seqs.push(seq_of(&key));
+    }
+    Ok(seqs)
+}

@@ -1,0 +1,168 @@
+//! The durability barrier, with group commit.
+//!
+//! sled's `flush()` writes the log with `pwrite` and then `sync_file_range`, which
+//! waits for the pages to be written back but flushes neither the device's write
+//! cache nor file metadata such as a grown size (field notes §3.1, spacejam/sled#1452).
+//! A barrier is therefore `flush()` followed by `fdatasync` of the store's `db` file.
+//!
+//! One fsync costs the same whether it covers one write or a thousand, so concurrent
+//! writers share it: each writer takes a ticket *after* its transaction committed, and
+//! waits until a barrier that started after that ticket completes. A single thread runs
+//! barriers back to back; everything that committed while one barrier ran is covered by
+//! the next.
+
+use std::fs::File;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Instant;
+
+use tokio::sync::watch;
+
+/// What the sync thread has made durable so far.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Progress {
+    /// Every ticket up to and including this one is durable.
+    Durable(u64),
+    /// A barrier failed. sled's state on disk is now unknown, so nothing more is
+    /// acknowledged: the operator must restart the daemon (as Vector does on a flush error).
+    Failed(String),
+}
+
+/// Counters exported on /metrics.
+#[derive(Debug, Default)]
+pub struct BarrierStats {
+    /// Barriers completed.
+    pub barriers: AtomicU64,
+    /// Tickets covered by those barriers (>= barriers: the difference is group commit).
+    pub tickets: AtomicU64,
+    /// Total time spent in flush + fdatasync, in microseconds.
+    pub busy_micros: AtomicU64,
+}
+
+#[derive(Debug)]
+struct Shared {
+    /// The last ticket handed out.
+    issued: AtomicU64,
+    /// Wakes the sync thread; the bool asks it to stop.
+    wake: Mutex<bool>,
+    wake_cv: Condvar,
+    progress: watch::Sender<Progress>,
+    stats: BarrierStats,
+}
+
+/// Handle to the durability barrier. Cheap to clone.
+#[derive(Clone, Debug)]
+pub(crate) struct Barrier {
+    shared: Arc<Shared>,
+}
+
+/// The barrier failed; nothing written since the last successful barrier can be
+/// acknowledged.
+#[derive(Debug, thiserror::Error)]
+#[error("the store could not make writes durable: {0}")]
+pub struct BarrierError(pub String);
+
+impl Barrier {
+    /// Starts the sync thread for `db`, whose log file is `db_file`.
+    pub(crate) fn start(db: sled::Db, db_file: File) -> std::io::Result<Barrier> {
+        let (progress, _) = watch::channel(Progress::Durable(0));
+        let shared = Arc::new(Shared {
+            issued: AtomicU64::new(0),
+            wake: Mutex::new(false),
+            wake_cv: Condvar::new(),
+            progress,
+            stats: BarrierStats::default(),
+        });
+        let thread_shared = Arc::clone(&shared);
+        std::thread::Builder::new()
+            .name("pcrd-store-sync".into())
+            .spawn(move || sync_loop(&thread_shared, &db, &db_file))?;
+        Ok(Barrier { shared })
+    }
+
+    /// Waits until everything committed before this call is durable.
+    pub(crate) async fn wait(&self) -> Result<(), BarrierError> {
+        let mut rx = self.shared.progress.subscribe();
+        let ticket = self.request();
+        let seen = rx
+            .wait_for(|p| match p {
+                Progress::Durable(done) => *done >= ticket,
+                Progress::Failed(_) => true,
+            })
+            .await
+            .map_err(|_| BarrierError("the store's sync thread has stopped".into()))?;
+        match &*seen {
+            Progress::Durable(_) => Ok(()),
+            Progress::Failed(why) => Err(BarrierError(why.clone())),
+        }
+    }
+
+    pub(crate) fn stats(&self) -> &BarrierStats {
+        &self.shared.stats
+    }
+
+    fn request(&self) -> u64 {
+        // Taken after the caller's transaction committed: a barrier that starts after
+        // this point covers that transaction.
+        let ticket = self.shared.issued.fetch_add(1, Ordering::AcqRel) + 1;
+        let _guard = self.shared.wake.lock();
+        self.shared.wake_cv.notify_one();
+        ticket
+    }
+
+    /// Stops the sync thread after its current barrier.
+    pub(crate) fn stop(&self) {
+        if let Ok(mut stop) = self.shared.wake.lock() {
+            *stop = true;
+        }
+        self.shared.wake_cv.notify_one();
+    }
+}
+
+fn sync_loop(shared: &Shared, db: &sled::Db, db_file: &File) {
+    let mut durable = 0u64;
+    loop {
+        {
+            let Ok(mut stop) = shared.wake.lock() else {
+                return;
+            };
+            while !*stop && shared.issued.load(Ordering::Acquire) <= durable {
+                stop = match shared.wake_cv.wait(stop) {
+                    Ok(guard) => guard,
+                    Err(_) => return,
+                };
+            }
+            if *stop && shared.issued.load(Ordering::Acquire) <= durable {
+                return;
+            }
+        }
+        let target = shared.issued.load(Ordering::Acquire);
+        let started = Instant::now();
+        let result = db
+            .flush()
+            .map_err(|e| format!("sled flush failed: {e}"))
+            .and_then(|_| {
+                db_file
+                    .sync_data()
+                    .map_err(|e| format!("fdatasync of the store's log failed: {e}"))
+            });
+        let elapsed = started.elapsed();
+        match result {
+            Ok(()) => {
+                let stats = &shared.stats;
+                stats.barriers.fetch_add(1, Ordering::Relaxed);
+                stats.tickets.fetch_add(target - durable, Ordering::Relaxed);
+                stats
+                    .busy_micros
+                    .fetch_add(elapsed.as_micros() as u64, Ordering::Relaxed);
+                durable = target;
+                shared.progress.send_replace(Progress::Durable(durable));
+            }
+            Err(why) => {
+                tracing::error!(error = %why, "Store durability barrier failed; nothing more will be acknowledged. Restart pcrd.");
+                shared.progress.send_replace(Progress::Failed(why));
+                return;
+            }
+        }
+    }
+}

@@ -1,0 +1,293 @@
+//! The store: sled 0.34 behind a small API.
+//!
+//! - Named trees, one per kind of record ([`Trees`]).
+//! - Every value starts with a format-version byte followed by postcard bytes
+//!   ([`encode`] / [`decode`]); keys are big-endian so that sled's byte order is the
+//!   numeric order.
+//! - Each state change is one sled transaction across the trees it touches; callers then
+//!   wait on [`Store::durable`], the durability barrier, before acknowledging anything.
+//! - Opening never panics: a locked, corrupt or unwritable store is a [`StoreError`] with
+//!   a message an operator can act on.
+
+mod barrier;
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use barrier::Barrier;
+pub use barrier::{BarrierError, BarrierStats};
+
+/// The layout of the store as a whole; bumped when trees or keys change meaning.
+const SCHEMA_VERSION: u32 = 1;
+const META_SCHEMA_VERSION: &[u8] = b"schema_version";
+
+/// Why the store could not be opened or used.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// Another process (usually another `pcrd serve`) holds the store's lock.
+    #[error(
+        "the store at {path} is in use by another process (is another pcrd running on it?): {detail}"
+    )]
+    Locked { path: PathBuf, detail: String },
+    /// sled found a checksum mismatch or an impossible structure while reading its log.
+    #[error(
+        "the store at {path} is corrupt ({detail}). pcrd will not start on it: move the directory aside \
+         (keep it for diagnosis), start with an empty store and re-import from instrument exports \
+         and the central system"
+    )]
+    Corrupt { path: PathBuf, detail: String },
+    /// The directory cannot be created, opened or written.
+    #[error("cannot open the store at {path}: {source}")]
+    Unavailable {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The store was written by a newer pcrd with a layout this version does not know.
+    #[error(
+        "the store at {path} has layout version {found}; this pcrd understands up to {SCHEMA_VERSION}: upgrade pcrd"
+    )]
+    NewerSchema { path: PathBuf, found: u32 },
+    /// A stored value could not be decoded.
+    #[error("corrupt record in tree {tree} at key {key}: {detail}")]
+    BadRecord {
+        tree: &'static str,
+        key: String,
+        detail: String,
+    },
+    /// sled reported an error while reading or writing.
+    #[error("store I/O error: {0}")]
+    Sled(#[from] sled::Error),
+    /// The durability barrier failed.
+    #[error(transparent)]
+    Barrier(#[from] BarrierError),
+}
+
+/// The named trees. Key layouts are documented on each field.
+#[derive(Clone, Debug)]
+pub struct Trees {
+    /// barcode (ASCII) -> `TubeRecord`
+    pub tubes: sled::Tree,
+    /// priority rank (1 byte, urgent = 0) ++ due at (i64 BE, offset, none = max)
+    /// ++ received at (i64 BE, offset) ++ barcode -> empty. Tubes received and not yet
+    /// on a plate, in plating order.
+    pub waiting: sled::Tree,
+    /// plate id (ASCII) -> `PlateRecord`
+    pub plates: sled::Tree,
+    /// sequence (u64 BE) -> `AuditEntry`
+    pub audit: sled::Tree,
+    /// barcode ++ 0x00 ++ sequence (u64 BE) -> empty
+    pub audit_by_tube: sled::Tree,
+    /// plate id ++ 0x00 ++ sequence (u64 BE) -> empty
+    pub audit_by_plate: sled::Tree,
+    /// name -> value (schema version, counters, the audit chain's head)
+    pub meta: sled::Tree,
+}
+
+/// Store tuning from the config file.
+#[derive(Clone, Debug)]
+pub struct StoreOptions {
+    pub path: PathBuf,
+    /// sled's page cache, in bytes. sled's default (1 GiB) would let the cache grow
+    /// far past what an instrument PC should give a daemon.
+    pub cache_bytes: u64,
+}
+
+/// An open store.
+#[derive(Clone, Debug)]
+pub struct Store {
+    db: sled::Db,
+    trees: Trees,
+    barrier: Barrier,
+    path: PathBuf,
+}
+
+impl Store {
+    /// Opens (creating if needed) the store. Never panics, whatever is on disk.
+    pub fn open(options: &StoreOptions) -> Result<Store, StoreError> {
+        let path = options.path.clone();
+        let unavailable = |source| StoreError::Unavailable {
+            path: path.clone(),
+            source,
+        };
+        let existed = path.join("db").exists();
+        std::fs::create_dir_all(&path).map_err(unavailable)?;
+        let config = sled::Config::new()
+            .path(&path)
+            .cache_capacity(options.cache_bytes)
+            .mode(sled::Mode::LowSpace);
+        let db = open_without_panicking(&config, &path)?;
+        let trees = Trees {
+            tubes: db.open_tree("tubes")?,
+            waiting: db.open_tree("waiting")?,
+            plates: db.open_tree("plates")?,
+            audit: db.open_tree("audit")?,
+            audit_by_tube: db.open_tree("audit_by_tube")?,
+            audit_by_plate: db.open_tree("audit_by_plate")?,
+            meta: db.open_tree("meta")?,
+        };
+        match trees.meta.get(META_SCHEMA_VERSION)? {
+            Some(raw) => {
+                let found = raw
+                    .as_ref()
+                    .try_into()
+                    .map(u32::from_be_bytes)
+                    .map_err(|_| StoreError::Corrupt {
+                        path: path.clone(),
+                        detail: "unreadable schema version".into(),
+                    })?;
+                if found > SCHEMA_VERSION {
+                    return Err(StoreError::NewerSchema { path, found });
+                }
+            }
+            None => {
+                trees
+                    .meta
+                    .insert(META_SCHEMA_VERSION, &SCHEMA_VERSION.to_be_bytes())?;
+            }
+        }
+        let db_file = File::open(path.join("db")).map_err(unavailable)?;
+        let barrier = Barrier::start(db.clone(), db_file).map_err(unavailable)?;
+        let store = Store {
+            db,
+            trees,
+            barrier,
+            path: path.clone(),
+        };
+        if !existed {
+            // A new store: its files' directory entries must survive a power cut too.
+            store.barrier_blocking_first()?;
+            File::open(&path)
+                .and_then(|dir| dir.sync_all())
+                .map_err(unavailable)?;
+        }
+        Ok(store)
+    }
+
+    fn barrier_blocking_first(&self) -> Result<(), StoreError> {
+        self.db.flush()?;
+        File::open(self.path.join("db"))
+            .and_then(|f| f.sync_all())
+            .map_err(|source| StoreError::Unavailable {
+                path: self.path.clone(),
+                source,
+            })
+    }
+
+    pub fn trees(&self) -> &Trees {
+        &self.trees
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The durability barrier: returns once everything committed before the call is on
+    /// stable storage. Concurrent callers share one flush + fdatasync.
+    pub async fn durable(&self) -> Result<(), StoreError> {
+        Ok(self.barrier.wait().await?)
+    }
+
+    pub fn barrier_stats(&self) -> &BarrierStats {
+        self.barrier.stats()
+    }
+
+    /// Bytes the store occupies on disk (sled's own estimate).
+    pub fn size_on_disk(&self) -> Result<u64, StoreError> {
+        Ok(self.db.size_on_disk()?)
+    }
+
+    /// Flushes and stops the sync thread. Called on orderly shutdown.
+    pub fn close(&self) -> Result<(), StoreError> {
+        self.barrier.stop();
+        self.db.flush()?;
+        Ok(())
+    }
+}
+
+/// sled 0.34 can panic while recovering a damaged log (spacejam/sled#1387). Turn that
+/// into an error, keeping the default panic message off the operator's terminal.
+fn open_without_panicking(config: &sled::Config, path: &Path) -> Result<sled::Db, StoreError> {
+    let previous_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| config.open()));
+    std::panic::set_hook(previous_hook);
+    let path = path.to_path_buf();
+    match outcome {
+        Ok(Ok(db)) => Ok(db),
+        Ok(Err(sled::Error::Io(e))) if e.to_string().contains("could not acquire lock") => {
+            Err(StoreError::Locked {
+                path,
+                detail: e.to_string(),
+            })
+        }
+        Ok(Err(sled::Error::Io(source))) => Err(StoreError::Unavailable { path, source }),
+        Ok(Err(sled::Error::Corruption { at, .. })) => Err(StoreError::Corrupt {
+            path,
+            detail: match at {
+                Some(at) => format!("checksum or structure mismatch at {at:?}"),
+                None => "checksum or structure mismatch".into(),
+            },
+        }),
+        Ok(Err(other)) => Err(StoreError::Corrupt {
+            path,
+            detail: other.to_string(),
+        }),
+        Err(panic) => {
+            let detail = panic
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| panic.downcast_ref::<&str>().map(|s| (*s).to_string()))
+                .unwrap_or_else(|| "sled panicked while recovering its log".into());
+            Err(StoreError::Corrupt { path, detail })
+        }
+    }
+}
+
+/// A record kind with its current format version. Older versions are decoded by
+/// [`Versioned::upgrade`] when a later change needs them.
+pub trait Versioned: Serialize + DeserializeOwned {
+    /// The tree this record lives in (for error messages).
+    const TREE: &'static str;
+    /// Written as the first byte of every value.
+    const VERSION: u8;
+}
+
+/// Encodes a record as its version byte followed by postcard bytes.
+pub fn encode<T: Versioned>(value: &T) -> Vec<u8> {
+    let out = vec![T::VERSION];
+    // postcard only fails on types it cannot represent (e.g. untagged enums), which is a
+    // programming error caught by the round-trip tests of every record.
+    match postcard::to_extend(value, out) {
+        Ok(bytes) => bytes,
+        Err(e) => panic!("record for tree {} cannot be encoded: {e}", T::TREE),
+    }
+}
+
+/// Decodes a value written by [`encode`].
+pub fn decode<T: Versioned>(key: &[u8], bytes: &[u8]) -> Result<T, StoreError> {
+    let bad = |detail: String| StoreError::BadRecord {
+        tree: T::TREE,
+        key: String::from_utf8_lossy(key).into_owned(),
+        detail,
+    };
+    match bytes.split_first() {
+        Some((&version, body)) if version == T::VERSION => {
+            postcard::from_bytes(body).map_err(|e| bad(e.to_string()))
+        }
+        Some((&version, _)) => Err(bad(format!(
+            "format version {version}, expected {}",
+            T::VERSION
+        ))),
+        None => Err(bad("empty value".into())),
+    }
+}
+
+/// Maps an i64 to a u64 whose big-endian bytes sort like the signed value.
+pub fn ordered_i64(value: i64) -> [u8; 8] {
+    ((value as u64) ^ (1 << 63)).to_be_bytes()
+}
