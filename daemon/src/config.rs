@@ -34,7 +34,6 @@ impl std::fmt::Display for Role {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 struct RawConfig {
     lab: RawLab,
     #[serde(default)]
@@ -48,33 +47,28 @@ struct RawConfig {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 struct RawLab {
     id: String,
 }
 
 #[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
 struct RawServer {
     listen: Option<String>,
     max_body_bytes: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
 struct RawStore {
     path: Option<PathBuf>,
     cache_mb: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
 struct RawKits {
     dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 struct RawUser {
     name: String,
     role: Role,
@@ -141,16 +135,13 @@ impl Config {
         let deserializer = toml::Deserializer::new(text);
         let raw: Result<RawConfig, _> =
             serde_ignored::deserialize(deserializer, |key| unknown.push(key.to_string()));
-        // serde_ignored sees unknown keys before deny_unknown_fields stops at the first,
-        // so all of them are named.
+        // The raw structs accept unknown keys so that serde_ignored can collect every
+        // one of them; `deny_unknown_fields` would stop at the first.
         problems.extend(unknown.iter().map(|k| format!("unknown key `{k}`")));
         let raw = match raw {
             Ok(raw) => raw,
             Err(e) => {
-                let message = e.to_string().trim().replace('\n', " ");
-                if unknown.is_empty() || !message.contains("unknown field") {
-                    problems.push(message);
-                }
+                problems.push(e.to_string().trim().replace('\n', " "));
                 return Err(problems);
             }
         };

@@ -330,10 +330,12 @@ impl Lab {
     {
         let lab = Arc::clone(self);
         let outcome = tokio::task::spawn_blocking(move || {
+            // A panic in an earlier operation cannot have left the writer state half
+            // updated (it changes only after a commit), so a poisoned lock is safe to reuse.
             let mut writer = lab
                 .writer
                 .lock()
-                .map_err(|_| LabError::invalid("internal error: writer lock poisoned"))?;
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
             let mut changes = Changes::default();
             let at = now();
             let result = op(&lab, &mut writer, &mut changes, at)?;

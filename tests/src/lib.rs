@@ -1,1 +1,349 @@
 //! Test support: start the real `pcrd` binary on a temporary store and talk to it.
+//!
+//! Every daemon listens on 127.0.0.1 port 0 and reports its address on stdout, so tests
+//! run in parallel without fixed ports and without sleeping for start-up.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+/// Tokens of the test configuration (see [`TEST_CONFIG`]).
+pub const TECH_TOKEN: &str = "test-technician-token";
+pub const REVIEWER_TOKEN: &str = "test-reviewer-token-";
+pub const ADMIN_TOKEN: &str = "test-admin-token-0001";
+
+/// The configuration every test daemon runs with; the store path is given on the
+/// command line.
+pub const TEST_CONFIG: &str = r#"
+[lab]
+id = "LAB-TEST"
+
+[server]
+listen = "127.0.0.1:0"
+max_body_bytes = 1048576
+
+[[users]]
+name = "tina"
+role = "technician"
+token = "test-technician-token"
+
+[[users]]
+name = "rob"
+role = "reviewer"
+token = "test-reviewer-token-"
+
+[[users]]
+name = "ada"
+role = "admin"
+token = "test-admin-token-0001"
+"#;
+
+/// Path to the `pcrd` binary, built once per test process if cargo has not built it.
+pub fn pcrd_bin() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        // target/<profile>/deps/<test binary> -> target/<profile>/pcrd
+        let exe = std::env::current_exe().expect("test binary path");
+        let profile_dir = exe
+            .parent()
+            .and_then(Path::parent)
+            .expect("target/<profile>/deps");
+        let bin = profile_dir.join("pcrd");
+        let release = profile_dir.file_name().is_some_and(|n| n == "release");
+        // Always ask cargo: it is a no-op when the binary is current, and a stale binary
+        // would test old code.
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut build = Command::new(cargo);
+        build.args(["build", "--quiet", "-p", "pcrd", "--bin", "pcrd"]);
+        if release {
+            build.arg("--release");
+        }
+        let status = build.status().expect("run cargo build for the pcrd binary");
+        assert!(status.success(), "building the pcrd binary failed");
+        assert!(bin.exists(), "pcrd binary not found at {}", bin.display());
+        bin
+    })
+    .clone()
+}
+
+/// A running `pcrd serve` on its own temporary store.
+#[derive(Debug)]
+pub struct Daemon {
+    child: Option<Child>,
+    /// `http://127.0.0.1:PORT`
+    pub url: String,
+    dir: tempfile::TempDir,
+    stderr_log: PathBuf,
+}
+
+impl Daemon {
+    /// Starts a daemon with [`TEST_CONFIG`] on a new store.
+    pub fn start() -> Daemon {
+        Daemon::start_with_config(TEST_CONFIG)
+    }
+
+    pub fn start_with_config(config: &str) -> Daemon {
+        let dir = tempfile::tempdir().expect("temp dir");
+        std::fs::write(dir.path().join("pcrd.toml"), config).expect("write config");
+        let mut daemon = Daemon {
+            child: None,
+            url: String::new(),
+            stderr_log: dir.path().join("stderr.log"),
+            dir,
+        };
+        daemon.spawn();
+        daemon
+    }
+
+    /// The store directory.
+    pub fn store_path(&self) -> PathBuf {
+        self.dir.path().join("store")
+    }
+
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.path().join("pcrd.toml")
+    }
+
+    /// What the daemon wrote to stderr so far (its logs).
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.stderr_log).unwrap_or_default()
+    }
+
+    fn spawn(&mut self) {
+        let stderr = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.stderr_log)
+            .expect("stderr log");
+        let mut child = Command::new(pcrd_bin())
+            .arg("serve")
+            .arg("--config")
+            .arg(self.config_path())
+            .arg("--data-dir")
+            .arg(self.store_path())
+            .arg("--listen")
+            .arg("127.0.0.1:0")
+            .stdout(Stdio::piped())
+            .stderr(stderr)
+            .spawn()
+            .expect("spawn pcrd serve");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut lines = BufReader::new(stdout).lines();
+            if let Some(Ok(line)) = lines.next() {
+                let _ = tx.send(line);
+            }
+            // Keep draining so the daemon never blocks on a full pipe.
+            for _ in lines {}
+        });
+        let line = rx
+            .recv_timeout(Duration::from_secs(30))
+            .unwrap_or_else(|_| {
+                let _ = child.kill();
+                panic!(
+                    "pcrd serve did not report its address; stderr:\n{}",
+                    self.stderr()
+                )
+            });
+        self.url = line
+            .strip_prefix("listening on ")
+            .unwrap_or_else(|| panic!("unexpected first line from pcrd serve: {line:?}"))
+            .to_string();
+        self.child = Some(child);
+    }
+
+    /// Kills the daemon with SIGKILL: no shutdown code runs.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill().expect("SIGKILL pcrd");
+            child.wait().expect("reap pcrd");
+        }
+    }
+
+    /// Stops it with SIGTERM and waits for a clean exit.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("daemon is running");
+        let pid = i32::try_from(child.id()).expect("pid fits");
+        send_signal(pid, "TERM");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = child.try_wait().expect("wait") {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "pcrd did not stop on SIGTERM");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Starts the daemon again on the same store (after [`Daemon::kill9`]).
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "stop the daemon first");
+        self.spawn();
+    }
+
+    /// An HTTP client with the technician's token.
+    pub fn client(&self) -> Api {
+        self.client_as(TECH_TOKEN)
+    }
+
+    pub fn client_as(&self, token: &str) -> Api {
+        Api {
+            base: self.url.clone(),
+            token: Some(token.to_string()),
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(60))
+                .build()
+                .expect("HTTP client"),
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// Sends a signal with the `kill` command, keeping the workspace free of unsafe code.
+pub fn send_signal(pid: i32, signal: &str) {
+    let status = Command::new("kill")
+        .arg(format!("-{signal}"))
+        .arg(pid.to_string())
+        .status()
+        .expect("run kill");
+    assert!(status.success(), "kill -{signal} {pid} failed");
+}
+
+/// A thin async client for the daemon's API that returns status and JSON body.
+#[derive(Debug, Clone)]
+pub struct Api {
+    pub base: String,
+    pub token: Option<String>,
+    http: reqwest::Client,
+}
+
+/// A response: status code and body parsed as JSON (`Value::Null` when not JSON).
+#[derive(Debug)]
+pub struct Reply {
+    pub status: u16,
+    pub body: serde_json::Value,
+}
+
+impl Reply {
+    /// The `error.message` of an error body, or "" when absent.
+    pub fn message(&self) -> String {
+        let e = &self.body["error"];
+        let mut text = e["message"].as_str().unwrap_or_default().to_string();
+        if let Some(problems) = e["problems"].as_array() {
+            for p in problems {
+                text.push_str(" | ");
+                text.push_str(p.as_str().unwrap_or_default());
+            }
+        }
+        text
+    }
+}
+
+impl Api {
+    pub fn without_token(&self) -> Api {
+        Api {
+            token: None,
+            ..self.clone()
+        }
+    }
+
+    pub async fn get(&self, path: &str) -> Reply {
+        self.send(self.http.get(format!("{}{path}", self.base)))
+            .await
+    }
+
+    pub async fn post(&self, path: &str, body: serde_json::Value) -> Reply {
+        self.send(self.http.post(format!("{}{path}", self.base)).json(&body))
+            .await
+    }
+
+    /// POST with a raw body and content type, for malformed-input tests.
+    pub async fn post_raw(&self, path: &str, content_type: &str, body: Vec<u8>) -> Reply {
+        self.send(
+            self.http
+                .post(format!("{}{path}", self.base))
+                .header("content-type", content_type)
+                .body(body),
+        )
+        .await
+    }
+
+    async fn send(&self, mut request: reqwest::RequestBuilder) -> Reply {
+        if let Some(token) = &self.token {
+            request = request.bearer_auth(token);
+        }
+        let response = request.send().await.expect("HTTP request to pcrd");
+        let status = response.status().as_u16();
+        let bytes = response.bytes().await.expect("response body");
+        let body = serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null);
+        Reply { status, body }
+    }
+}
+
+/// A response read as text (for `/metrics`, which is not JSON).
+#[derive(Debug)]
+pub struct TextReply {
+    pub status: u16,
+    pub content_type: String,
+    pub text: String,
+}
+
+impl Api {
+    /// GET returning the body as text.
+    pub async fn get_text(&self, path: &str) -> TextReply {
+        let mut request = self.http.get(format!("{}{path}", self.base));
+        if let Some(token) = &self.token {
+            request = request.bearer_auth(token);
+        }
+        let response = request.send().await.expect("HTTP request to pcrd");
+        let status = response.status().as_u16();
+        let content_type = response
+            .headers()
+            .get(reqwest::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_string();
+        let text = response.text().await.expect("response body");
+        TextReply {
+            status,
+            content_type,
+            text,
+        }
+    }
+
+    /// POST that returns transport errors instead of panicking, for requests that may
+    /// race a killed daemon.
+    pub async fn try_post(
+        &self,
+        path: &str,
+        body: serde_json::Value,
+    ) -> Result<Reply, reqwest::Error> {
+        let mut request = self.http.post(format!("{}{path}", self.base)).json(&body);
+        if let Some(token) = &self.token {
+            request = request.bearer_auth(token);
+        }
+        let response = request.send().await?;
+        let status = response.status().as_u16();
+        let bytes = response.bytes().await?;
+        let body = serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null);
+        Ok(Reply { status, body })
+    }
+}
+
+/// The value of an unlabelled sample `name` in Prometheus text exposition.
+pub fn metric_value(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .filter(|line| !line.starts_with('#'))
+        .find_map(|line| {
+            let (metric, value) = line.split_once(' ')?;
+            (metric == name).then(|| value.trim().parse().ok())?
+        })
+}

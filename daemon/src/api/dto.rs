@@ -365,7 +365,7 @@ pub struct KitView {
 
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct Health {
-    /// `ok`.
+    /// `ok`, or why the store stopped acknowledging writes.
     pub status: String,
     pub lab: String,
     pub version: String,

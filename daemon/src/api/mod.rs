@@ -648,12 +648,20 @@ async fn kits(State(state): State<AppState>, _caller: Caller) -> Json<Vec<KitVie
     )
 }
 
-async fn healthz(State(state): State<AppState>) -> Json<Health> {
-    Json(Health {
-        status: "ok".into(),
+/// 200 while the daemon can acknowledge writes; 503 once the store has failed.
+async fn healthz(State(state): State<AppState>) -> (StatusCode, Json<Health>) {
+    let failure = state.lab.store().failure();
+    let status = if failure.is_some() {
+        StatusCode::SERVICE_UNAVAILABLE
+    } else {
+        StatusCode::OK
+    };
+    let health = Health {
+        status: failure.map_or_else(|| "ok".into(), |why| format!("store failed: {why}")),
         lab: state.lab.lab_id().to_string(),
         version: env!("CARGO_PKG_VERSION").into(),
-    })
+    };
+    (status, Json(health))
 }
 
 /// Prometheus text exposition.

@@ -48,6 +48,9 @@ struct Shared {
     wake_cv: Condvar,
     progress: watch::Sender<Progress>,
     stats: BarrierStats,
+    /// Joined by `stop`, so that the thread's handle on the database is gone when the
+    /// store is closed and the same directory can be opened again.
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
 /// Handle to the durability barrier. Cheap to clone.
@@ -72,11 +75,15 @@ impl Barrier {
             wake_cv: Condvar::new(),
             progress,
             stats: BarrierStats::default(),
+            thread: Mutex::new(None),
         });
         let thread_shared = Arc::clone(&shared);
-        std::thread::Builder::new()
+        let handle = std::thread::Builder::new()
             .name("pcrd-store-sync".into())
             .spawn(move || sync_loop(&thread_shared, &db, &db_file))?;
+        if let Ok(mut slot) = shared.thread.lock() {
+            *slot = Some(handle);
+        }
         Ok(Barrier { shared })
     }
 
@@ -97,6 +104,14 @@ impl Barrier {
         }
     }
 
+    /// Why the barrier failed, once it has.
+    pub(crate) fn failure(&self) -> Option<String> {
+        match &*self.shared.progress.borrow() {
+            Progress::Failed(why) => Some(why.clone()),
+            Progress::Durable(_) => None,
+        }
+    }
+
     pub(crate) fn stats(&self) -> &BarrierStats {
         &self.shared.stats
     }
@@ -110,12 +125,16 @@ impl Barrier {
         ticket
     }
 
-    /// Stops the sync thread after its current barrier.
+    /// Stops the sync thread after the barriers already requested, and waits for it.
     pub(crate) fn stop(&self) {
         if let Ok(mut stop) = self.shared.wake.lock() {
             *stop = true;
         }
         self.shared.wake_cv.notify_one();
+        let handle = self.shared.thread.lock().ok().and_then(|mut h| h.take());
+        if let Some(handle) = handle {
+            let _ = handle.join();
+        }
     }
 }
 

@@ -192,6 +192,11 @@ impl Store {
         Ok(self.barrier.wait().await?)
     }
 
+    /// Why the store stopped acknowledging writes, if it has (see [`BarrierError`]).
+    pub fn failure(&self) -> Option<String> {
+        self.barrier.failure()
+    }
+
     pub fn barrier_stats(&self) -> &BarrierStats {
         self.barrier.stats()
     }
