@@ -12,15 +12,15 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use pcrd_protocol::domain::{
-    Barcode, Layout, LayoutError, LineageError, PlateFormat, PoolSize, Priority, Timestamp, Well,
-    combine_quadrants, plating_order, transfer_layout,
+    Barcode, Layout, LayoutError, Lineage, LineageError, PlateFormat, PoolSize, Priority,
+    Timestamp, Well, combine_quadrants, plating_order, transfer_layout,
 };
 use sled::Transactional;
 use sled::transaction::{ConflictableTransactionError, TransactionError};
 
 use crate::kits::KitRegistry;
 use crate::model::{
-    AuditEntry, Placement, PlateId, PlateKind, PlateRecord, PlateState, StoredLineage, TubeRecord,
+    AuditEntry, Placement, PlateId, PlateKind, PlateRecord, PlateState, TubeRecord,
 };
 use crate::store::{Store, StoreError, Versioned, decode, encode};
 
@@ -678,14 +678,14 @@ impl Lab {
                     ))
                 })?;
                 let id = lab.new_plate_id(writer, changes, id)?;
-                let mut plate = PlateRecord {
+                let plate = PlateRecord {
                     id,
                     kind: PlateKind::Extraction,
                     kit_id: kit.id.clone(),
                     kit_version: kit.version.clone(),
                     format,
                     state: PlateState::Open,
-                    wells: Vec::new(),
+                    layout: Layout::from_template(template),
                     lineage: None,
                     children: Vec::new(),
                     created_at: at,
@@ -693,7 +693,6 @@ impl Lab {
                     sealed_at: None,
                     sealed_by: None,
                 };
-                plate.set_layout(&Layout::from_template(template));
                 changes.put_plate(&plate);
                 changes.audit(
                     "plate.created",
@@ -728,7 +727,7 @@ impl Lab {
         }
         self.change(actor, move |lab, _, changes, _| {
             let mut plate = lab.open_plate(&plate_id)?;
-            let mut layout = stored_layout(&plate)?;
+            let mut layout = plate.layout.clone();
             let mut problems = Vec::new();
             let mut records = HashMap::new();
             let mut check =
@@ -807,7 +806,7 @@ impl Lab {
     ) -> Result<Vec<(Well, Barcode)>, LabError> {
         self.change(actor, move |lab, _, changes, _| {
             let mut plate = lab.open_plate(&plate_id)?;
-            let mut layout = stored_layout(&plate)?;
+            let mut layout = plate.layout.clone();
             let want = max.unwrap_or(usize::MAX).min(layout.free_count());
             let waiting = lab.waiting(want)?;
             if waiting.is_empty() {
@@ -841,7 +840,7 @@ impl Lab {
         records: &HashMap<Barcode, TubeRecord>,
         action: &'static str,
     ) {
-        plate.set_layout(layout);
+        plate.layout = layout.clone();
         changes.put_plate(plate);
         for (well, barcode) in placed {
             if let Some(tube) = records.get(barcode) {
@@ -878,7 +877,7 @@ impl Lab {
         }
         self.change(actor, move |lab, _, changes, _| {
             let mut plate = lab.open_plate(&plate_id)?;
-            let mut layout = stored_layout(&plate)?;
+            let mut layout = plate.layout.clone();
             let mut problems = Vec::new();
             let mut parsed = BTreeSet::new();
             for text in &wells {
@@ -899,7 +898,7 @@ impl Lab {
             for well in parsed {
                 removed.push((well, layout.remove_sample(well)?));
             }
-            plate.set_layout(&layout);
+            plate.layout = layout;
             changes.put_plate(&plate);
             for (_, barcode) in &removed {
                 if let Some(mut tube) = lab.load_tube(barcode)? {
@@ -937,7 +936,7 @@ impl Lab {
         let plate = self
             .change(actor, move |lab, _, changes, at| {
                 let mut plate = lab.open_plate(&plate_id)?;
-                let layout = stored_layout(&plate)?;
+                let layout = &plate.layout;
                 if layout.sample_count() == 0 {
                     return Err(LabError::conflict(format!(
                         "plate {} has no samples; assign tubes before sealing",
@@ -978,17 +977,12 @@ impl Lab {
         let user = actor.user.clone();
         self.change(actor, move |lab, writer, changes, at| {
             let mut source = lab.sealed_extraction_plate(&source_id)?;
-            let layout = transfer_layout(&stored_layout(&source)?);
             let id = lab.new_plate_id(writer, changes, new_id)?;
-            let mut pcr = derived_plate(
-                id,
-                &source,
-                layout.format(),
-                StoredLineage::Transfer(source.id.to_string()),
-                at,
-                user,
-            );
-            pcr.set_layout(&layout);
+            let lineage = Lineage::Transfer {
+                source: source.id.to_string(),
+            };
+            let layout = transfer_layout(&source.layout);
+            let pcr = derived_plate(id, &source, layout, lineage, at, user);
             source.children.push(pcr.id.clone());
             changes.put_plate(&source);
             changes.put_plate(&pcr);
@@ -1041,21 +1035,17 @@ impl Lab {
                     "the four plates use different kits; a PCR plate runs one kit",
                 ));
             }
-            let layouts = sources
-                .iter()
-                .map(stored_layout)
-                .collect::<Result<Vec<_>, _>>()?;
-            let layout = combine_quadrants([&layouts[0], &layouts[1], &layouts[2], &layouts[3]])?;
+            let layout = combine_quadrants([
+                &sources[0].layout,
+                &sources[1].layout,
+                &sources[2].layout,
+                &sources[3].layout,
+            ])?;
             let id = lab.new_plate_id(writer, changes, new_id)?;
-            let mut pcr = derived_plate(
-                id,
-                &sources[0],
-                PlateFormat::Wells384,
-                StoredLineage::Quadrants(ids.clone()),
-                at,
-                user,
-            );
-            pcr.set_layout(&layout);
+            let lineage = Lineage::Quadrants {
+                sources: ids.clone(),
+            };
+            let pcr = derived_plate(id, &sources[0], layout, lineage, at, user);
             let detail = format!(
                 "combined plates {} into 384-well PCR plate {} by quadrant",
                 ids.join(", "),
@@ -1135,8 +1125,8 @@ impl Lab {
 fn derived_plate(
     id: PlateId,
     source: &PlateRecord,
-    format: PlateFormat,
-    lineage: StoredLineage,
+    layout: Layout,
+    lineage: Lineage,
     at: Timestamp,
     user: String,
 ) -> PlateRecord {
@@ -1145,10 +1135,10 @@ fn derived_plate(
         kind: PlateKind::Pcr,
         kit_id: source.kit_id.clone(),
         kit_version: source.kit_version.clone(),
-        format,
+        format: layout.format(),
         // A PCR plate's contents come from its sources and cannot change.
         state: PlateState::Sealed,
-        wells: Vec::new(),
+        layout,
         lineage: Some(lineage),
         children: Vec::new(),
         created_at: at,
@@ -1156,16 +1146,6 @@ fn derived_plate(
         sealed_at: Some(at),
         sealed_by: Some(user),
     }
-}
-
-fn stored_layout(plate: &PlateRecord) -> Result<Layout, LabError> {
-    plate.layout().map_err(|detail| {
-        LabError::Store(StoreError::BadRecord {
-            tree: "plates",
-            key: plate.id.to_string(),
-            detail,
-        })
-    })
 }
 
 fn same_tube(a: &TubeRecord, b: &TubeRecord) -> bool {

@@ -1,12 +1,7 @@
 //! The records pcrd keeps in its store, and their format versions.
-//!
-//! These are storage shapes: postcard cannot decode serde's internally tagged enums,
-//! so layouts and lineage are stored in the plain shapes below and converted to the
-//! protocol's domain types at the edge.
 
 use pcrd_protocol::domain::{
-    Barcode, ControlKind, Layout, Lineage, PlateFormat, PoolSize, Priority, QueuedTube, Timestamp,
-    Well, WellContent,
+    Barcode, Layout, Lineage, PlateFormat, PoolSize, Priority, QueuedTube, Timestamp, Well,
 };
 use pcrd_protocol::kit::KitId;
 use serde::{Deserialize, Serialize};
@@ -130,20 +125,6 @@ pub enum PlateState {
     Sealed,
 }
 
-/// One occupied well, in storage shape.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub enum StoredWell {
-    Sample(Well, Barcode),
-    Control(Well, ControlKind),
-}
-
-/// Lineage in storage shape.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub enum StoredLineage {
-    Transfer(String),
-    Quadrants([String; 4]),
-}
-
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PlateRecord {
     pub id: PlateId,
@@ -152,8 +133,10 @@ pub struct PlateRecord {
     pub kit_version: String,
     pub format: PlateFormat,
     pub state: PlateState,
-    pub wells: Vec<StoredWell>,
-    pub lineage: Option<StoredLineage>,
+    /// Validated again when decoded: a stored layout never has a sample in a control
+    /// well or a tube twice.
+    pub layout: Layout,
+    pub lineage: Option<Lineage>,
     /// PCR plates made from this one.
     pub children: Vec<PlateId>,
     pub created_at: Timestamp,
@@ -165,50 +148,6 @@ pub struct PlateRecord {
 impl Versioned for PlateRecord {
     const TREE: &'static str = "plates";
     const VERSION: u8 = 1;
-}
-
-impl PlateRecord {
-    /// The layout as the domain type. Stored layouts were valid when written, so a
-    /// failure here means the record is damaged.
-    pub fn layout(&self) -> Result<Layout, String> {
-        let mut layout = Layout::empty(self.format);
-        let mut controls = Vec::new();
-        let mut samples = Vec::new();
-        for well in &self.wells {
-            match well {
-                StoredWell::Sample(w, b) => samples.push((*w, b.clone())),
-                StoredWell::Control(w, c) => controls.push((*w, *c)),
-            }
-        }
-        if !controls.is_empty() {
-            let template = pcrd_protocol::domain::PlateTemplate::new(self.format, controls)
-                .map_err(|e| e.to_string())?;
-            layout = Layout::from_template(&template);
-        }
-        layout.place_all(&samples).map_err(|e| e.to_string())?;
-        Ok(layout)
-    }
-
-    pub fn set_layout(&mut self, layout: &Layout) {
-        self.wells = layout
-            .iter()
-            .map(|(well, content)| match content {
-                WellContent::Sample { barcode } => StoredWell::Sample(well, barcode.clone()),
-                WellContent::Control { control } => StoredWell::Control(well, *control),
-            })
-            .collect();
-    }
-
-    pub fn lineage(&self) -> Option<Lineage> {
-        self.lineage.as_ref().map(|l| match l {
-            StoredLineage::Transfer(source) => Lineage::Transfer {
-                source: source.clone(),
-            },
-            StoredLineage::Quadrants(sources) => Lineage::Quadrants {
-                sources: sources.clone(),
-            },
-        })
-    }
 }
 
 /// One entry of the append-only audit trail. Entries are chained: `hash` covers the
@@ -282,6 +221,45 @@ mod tests {
         let mut newer = bytes.clone();
         newer[0] = 2;
         assert!(decode::<TubeRecord>(b"k", &newer).is_err());
+    }
+
+    #[test]
+    fn plate_record_round_trips_with_its_layout_and_lineage() {
+        use pcrd_protocol::domain::{ControlKind, PlateTemplate, WellContent};
+        let template = PlateTemplate::new(
+            PlateFormat::Wells96,
+            [("H12".parse().unwrap(), ControlKind::PositiveControl)],
+        )
+        .unwrap();
+        let mut layout = Layout::from_template(&template);
+        layout
+            .place("A1".parse().unwrap(), Barcode::new("SWAB-0001").unwrap())
+            .unwrap();
+        let plate = PlateRecord {
+            id: PlateId::new("PL-000002").unwrap(),
+            kind: PlateKind::Pcr,
+            kit_id: "sarscov2-orf1ab-n-ic".parse().unwrap(),
+            kit_version: "1.0".into(),
+            format: PlateFormat::Wells96,
+            state: PlateState::Sealed,
+            layout,
+            lineage: Some(Lineage::Transfer {
+                source: "PL-000001".into(),
+            }),
+            children: Vec::new(),
+            created_at: Timestamp::from_millis(1),
+            created_by: "tina".into(),
+            sealed_at: Some(Timestamp::from_millis(2)),
+            sealed_by: Some("tina".into()),
+        };
+        let back: PlateRecord = decode(b"k", &encode(&plate)).unwrap();
+        assert_eq!(back, plate);
+        assert_eq!(
+            back.layout.get("H12".parse().unwrap()),
+            Some(&WellContent::Control {
+                control: ControlKind::PositiveControl
+            })
+        );
     }
 
     #[test]

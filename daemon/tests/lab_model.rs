@@ -110,7 +110,7 @@ fn check_invariants(lab: &Lab) {
     let kit = lab.kits().find("sarscov2-orf1ab-n-ic").unwrap();
     let mut placed_on_plates = BTreeMap::new();
     for plate in lab.plates().unwrap() {
-        let layout = plate.layout().expect("stored layout is valid");
+        let layout = &plate.layout;
         if plate.kind == PlateKind::Extraction {
             let template = kit.template(plate.format).unwrap();
             for (well, control) in &template.controls {

@@ -5,9 +5,9 @@ use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
 use crate::lab::rfc3339;
-use crate::model::{
-    AuditEntry, PlateKind, PlateRecord, PlateState, StoredLineage, StoredWell, TubeRecord,
-};
+use pcrd_protocol::domain::{Lineage, WellContent};
+
+use crate::model::{AuditEntry, PlateKind, PlateRecord, PlateState, TubeRecord};
 
 /// The body of every error response.
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
@@ -237,16 +237,16 @@ pub struct PlateView {
 impl From<&PlateRecord> for PlateView {
     fn from(p: &PlateRecord) -> PlateView {
         let wells: Vec<WellView> = p
-            .wells
+            .layout
             .iter()
-            .map(|w| match w {
-                StoredWell::Sample(well, barcode) => WellView {
+            .map(|(well, content)| match content {
+                WellContent::Sample { barcode } => WellView {
                     well: well.to_string(),
                     kind: "sample".into(),
                     barcode: Some(barcode.to_string()),
                     control: None,
                 },
-                StoredWell::Control(well, control) => WellView {
+                WellContent::Control { control } => WellView {
                     well: well.to_string(),
                     kind: "control".into(),
                     barcode: None,
@@ -254,8 +254,6 @@ impl From<&PlateRecord> for PlateView {
                 },
             })
             .collect();
-        let samples = wells.iter().filter(|w| w.kind == "sample").count();
-        let controls = wells.len() - samples;
         PlateView {
             id: p.id.to_string(),
             kind: match p.kind {
@@ -271,16 +269,16 @@ impl From<&PlateRecord> for PlateView {
                 PlateState::Sealed => "sealed",
             }
             .into(),
-            samples,
-            controls,
-            free: p.format.well_count() - wells.len(),
+            samples: p.layout.sample_count(),
+            controls: p.layout.control_count(),
+            free: p.layout.free_count(),
             wells,
             lineage: p.lineage.as_ref().map(|l| match l {
-                StoredLineage::Transfer(source) => LineageView {
+                Lineage::Transfer { source } => LineageView {
                     kind: "transfer".into(),
                     sources: vec![source.clone()],
                 },
-                StoredLineage::Quadrants(sources) => LineageView {
+                Lineage::Quadrants { sources } => LineageView {
                     kind: "quadrants".into(),
                     sources: sources.to_vec(),
                 },
