@@ -8,6 +8,7 @@
 //! An operation that fails validation writes nothing.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -35,6 +36,9 @@ const MAX_VALUE_BYTES: usize = 64 * 1024;
 
 const META_AUDIT_HEAD: &[u8] = b"audit_head";
 const META_PLATE_COUNTER: &[u8] = b"plate_counter";
+/// Tubes stored and tubes waiting (u64 BE each), kept in step with the trees in the
+/// same transactions, so gauges need no scan of a million keys.
+const META_COUNTS: &[u8] = b"counts";
 
 /// Why an operation was refused or failed.
 #[derive(Debug, thiserror::Error)]
@@ -196,6 +200,10 @@ struct Changes {
     writes: Vec<(T, Vec<u8>, Option<Vec<u8>>)>,
     audit: Vec<AuditDraft>,
     plate_counter: Option<u64>,
+    /// Tubes this change adds to the `tubes` tree.
+    tubes_added: u64,
+    /// Net change to the `waiting` tree.
+    waiting_delta: i64,
 }
 
 impl Changes {
@@ -222,6 +230,16 @@ impl Changes {
             detail,
         });
     }
+    /// Queues a tube for plating.
+    fn enqueue(&mut self, tube: &TubeRecord) {
+        self.put_raw(T::Waiting, tube.waiting_key(), Vec::new());
+        self.waiting_delta += 1;
+    }
+    /// Takes a tube out of the plating queue.
+    fn dequeue(&mut self, tube: &TubeRecord) {
+        self.remove(T::Waiting, tube.waiting_key());
+        self.waiting_delta -= 1;
+    }
     fn put_tube(&mut self, tube: &TubeRecord) {
         self.put(T::Tubes, tube.barcode.as_str().as_bytes(), tube);
     }
@@ -233,9 +251,13 @@ impl Changes {
 /// Counters of lab activity, for /metrics.
 #[derive(Debug, Default)]
 pub struct LabCounters {
-    pub tubes_received: std::sync::atomic::AtomicU64,
-    pub plates_created: std::sync::atomic::AtomicU64,
-    pub plates_sealed: std::sync::atomic::AtomicU64,
+    /// Tubes in the store (a gauge).
+    pub tubes_stored: AtomicU64,
+    /// Tubes waiting for a plate (a gauge).
+    pub tubes_waiting: AtomicU64,
+    pub tubes_received: AtomicU64,
+    pub plates_created: AtomicU64,
+    pub plates_sealed: AtomicU64,
 }
 
 /// The lab: store, kits and the operations over them.
@@ -293,6 +315,18 @@ impl Lab {
                 })?,
             None => 0,
         };
+        let counters = LabCounters::default();
+        let (tubes, waiting) = match trees.meta.get(META_COUNTS)? {
+            Some(raw) if raw.len() == 16 => {
+                let (t, w) = raw.split_at(8);
+                let read = |b: &[u8]| u64::from_be_bytes(b.try_into().unwrap_or([0; 8]));
+                (read(t), read(w))
+            }
+            // A store that has never had a tube: counting is free.
+            _ => (trees.tubes.len() as u64, trees.waiting.len() as u64),
+        };
+        counters.tubes_stored.store(tubes, Ordering::Relaxed);
+        counters.tubes_waiting.store(waiting, Ordering::Relaxed);
         Ok(Arc::new(Lab {
             store,
             kits,
@@ -302,7 +336,7 @@ impl Lab {
                 head,
                 plate_counter,
             }),
-            counters: LabCounters::default(),
+            counters,
         }))
     }
 
@@ -400,6 +434,18 @@ impl Lab {
         if let Some(counter) = changes.plate_counter {
             changes.put_raw(T::Meta, META_PLATE_COUNTER, counter.to_be_bytes().to_vec());
         }
+        // Writers are serialised, so reading the gauges here cannot race another writer.
+        let tubes = self.counters.tubes_stored.load(Ordering::Relaxed) + changes.tubes_added;
+        let waiting = self
+            .counters
+            .tubes_waiting
+            .load(Ordering::Relaxed)
+            .saturating_add_signed(changes.waiting_delta);
+        if changes.tubes_added != 0 || changes.waiting_delta != 0 {
+            let mut counts = tubes.to_be_bytes().to_vec();
+            counts.extend_from_slice(&waiting.to_be_bytes());
+            changes.put_raw(T::Meta, META_COUNTS, counts);
+        }
         if let Some((_, key, _)) = changes
             .writes
             .iter()
@@ -448,6 +494,10 @@ impl Lab {
         if let Some(counter) = changes.plate_counter {
             writer.plate_counter = counter;
         }
+        self.counters.tubes_stored.store(tubes, Ordering::Relaxed);
+        self.counters
+            .tubes_waiting
+            .store(waiting, Ordering::Relaxed);
         Ok(())
     }
 
@@ -503,12 +553,12 @@ impl Lab {
         Ok(tubes)
     }
 
-    pub fn waiting_count(&self) -> usize {
-        self.store.trees().waiting.len()
+    pub fn waiting_count(&self) -> u64 {
+        self.counters.tubes_waiting.load(Ordering::Relaxed)
     }
 
-    pub fn tube_count(&self) -> usize {
-        self.store.trees().tubes.len()
+    pub fn tube_count(&self) -> u64 {
+        self.counters.tubes_stored.load(Ordering::Relaxed)
     }
 
     /// Audit entries matching the query, oldest first: the last `limit` of them.
@@ -629,8 +679,9 @@ impl Lab {
                 }
                 for tube in fresh.values() {
                     changes.put_tube(tube);
-                    changes.put_raw(T::Waiting, tube.waiting_key(), Vec::new());
+                    changes.enqueue(tube);
                 }
+                changes.tubes_added = fresh.len() as u64;
                 outcome.received = fresh.into_keys().collect();
                 if !outcome.received.is_empty() {
                     let detail = match outcome.received.as_slice() {
@@ -642,10 +693,9 @@ impl Lab {
                 Ok(outcome)
             })
             .await?;
-        self.counters.tubes_received.fetch_add(
-            outcome.received.len() as u64,
-            std::sync::atomic::Ordering::Relaxed,
-        );
+        self.counters
+            .tubes_received
+            .fetch_add(outcome.received.len() as u64, Ordering::Relaxed);
         Ok(outcome)
     }
 
@@ -707,9 +757,7 @@ impl Lab {
                 Ok(plate)
             })
             .await?;
-        self.counters
-            .plates_created
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.counters.plates_created.fetch_add(1, Ordering::Relaxed);
         Ok(plate)
     }
 
@@ -845,7 +893,7 @@ impl Lab {
         for (well, barcode) in placed {
             if let Some(tube) = records.get(barcode) {
                 let mut tube = tube.clone();
-                changes.remove(T::Waiting, tube.waiting_key());
+                changes.dequeue(&tube);
                 tube.placement = Some(Placement {
                     plate: plate.id.clone(),
                     well: *well,
@@ -903,7 +951,7 @@ impl Lab {
             for (_, barcode) in &removed {
                 if let Some(mut tube) = lab.load_tube(barcode)? {
                     tube.placement = None;
-                    changes.put_raw(T::Waiting, tube.waiting_key(), Vec::new());
+                    changes.enqueue(&tube);
                     changes.put_tube(&tube);
                 }
             }
@@ -961,9 +1009,7 @@ impl Lab {
                 Ok(plate)
             })
             .await?;
-        self.counters
-            .plates_sealed
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.counters.plates_sealed.fetch_add(1, Ordering::Relaxed);
         Ok(plate)
     }
 

@@ -111,7 +111,7 @@ pub struct WaitingList {
     /// Tubes waiting for a plate, in plating order (urgent first, then due time).
     pub tubes: Vec<TubeView>,
     /// All tubes waiting, beyond `limit` too.
-    pub total_waiting: usize,
+    pub total_waiting: u64,
 }
 
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
