@@ -307,6 +307,23 @@ mod tests {
         assert!(problems[0].contains("boss"), "{problems:?}");
     }
 
+    proptest::proptest! {
+        /// Whatever bytes end up in the file, the answer is a config or a list of
+        /// problems, never a panic.
+        #[test]
+        fn parsing_never_panics(text in "\\PC{0,400}") {
+            let _ = parse(&text);
+        }
+
+        #[test]
+        fn mutated_good_configs_never_panic(cut in 0usize..400, junk in "[\\[\\]=\"a-z0-9_. \n]{0,12}") {
+            let mut text = GOOD.to_string();
+            let at = text.char_indices().map(|(i, _)| i).nth(cut % GOOD.len()).unwrap_or(0);
+            text.insert_str(at, &junk);
+            let _ = parse(&text);
+        }
+    }
+
     #[test]
     fn the_example_config_in_the_repo_is_valid() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../pcrd.example.toml");
