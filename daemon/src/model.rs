@@ -297,4 +297,17 @@ mod tests {
             b"URG-EARLY"
         );
     }
+
+    proptest::proptest! {
+        /// A damaged value in the store is reported, never a panic.
+        #[test]
+        fn decoding_arbitrary_bytes_never_panics(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..256)) {
+            let _ = decode::<TubeRecord>(b"k", &bytes);
+            let _ = decode::<PlateRecord>(b"k", &bytes);
+            let _ = decode::<AuditEntry>(b"k", &bytes);
+            let mut versioned = vec![PlateRecord::VERSION];
+            versioned.extend_from_slice(&bytes);
+            let _ = decode::<PlateRecord>(b"k", &versioned);
+        }
+    }
 }
