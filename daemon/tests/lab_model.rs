@@ -6,6 +6,8 @@
 //! - tubes, plates and the plating queue agree with each other, controls are intact,
 //! - the audit trail's hash chain is intact and its sequence has no gaps.
 
+#![allow(clippy::unwrap_used)] // a test: a failed unwrap is a failed check
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::sync::Arc;

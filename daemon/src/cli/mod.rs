@@ -2,6 +2,8 @@
 //! clients of its HTTP API.
 
 mod client;
+mod import;
+mod render;
 mod serve;
 
 use std::path::PathBuf;

@@ -52,7 +52,10 @@ pub(super) fn render_plate(plate: &PlateView, color: bool) -> String {
 
 fn plate_header(plate: &PlateView) -> String {
     let mut rows = vec![
-        ("plate", format!("{} ({}, {})", plate.id, plate.kind, plate.state)),
+        (
+            "plate",
+            format!("{} ({}, {})", plate.id, plate.kind, plate.state),
+        ),
         ("kit", format!("{}@{}", plate.kit, plate.kit_version)),
         ("format", format!("{} wells", plate.format)),
         (
@@ -146,7 +149,8 @@ fn plate_grid(format: PlateFormat, wells: &[(Well, &WellView)], color: bool) -> 
 /// "A" for row 0, as the well names spell it.
 fn row_letter(r: usize) -> String {
     let name = Well::new(u8::try_from(r).unwrap_or(u8::MAX), 0).to_string();
-    name.trim_end_matches(|c: char| c.is_ascii_digit()).to_string()
+    name.trim_end_matches(|c: char| c.is_ascii_digit())
+        .to_string()
 }
 
 /// What a grid cell shows.
@@ -206,7 +210,11 @@ fn control_label(control: &str) -> &'static str {
 /// right, so a full plate's legend stays about 25 lines instead of 94.
 pub(super) fn well_list(pairs: &[(String, String)], width: usize) -> String {
     let well_w = pairs.iter().map(|(w, _)| w.len()).max().unwrap_or(0);
-    let code_w = pairs.iter().map(|(_, b)| b.chars().count()).max().unwrap_or(0);
+    let code_w = pairs
+        .iter()
+        .map(|(_, b)| b.chars().count())
+        .max()
+        .unwrap_or(0);
     let entry_w = well_w + 1 + code_w;
     let per_line = ((width + GAP.len()) / (entry_w + GAP.len())).max(1);
     let mut out = String::new();
@@ -295,12 +303,12 @@ pub(super) fn short_duration(d: Duration) -> String {
     }
 }
 
-/// "1 tube", "3 tubes".
+/// "1 tube", "3 tubes", "2 batches".
 pub(super) fn count(n: usize, noun: &str) -> String {
-    if n == 1 {
-        format!("1 {noun}")
-    } else {
-        format!("{n} {noun}s")
+    match n {
+        1 => format!("1 {noun}"),
+        _ if noun.ends_with("ch") => format!("{n} {noun}es"),
+        _ => format!("{n} {noun}s"),
     }
 }
 
@@ -401,7 +409,11 @@ mod tests {
         assert_eq!(cell(&map, 7, 11, 6), "PC");
         assert_eq!(cell(&map, 7, 10, 6), ".");
         // Every row has the same layout, so columns line up.
-        assert!(grid[1..].iter().all(|l| l.len() <= grid[1].len().max(grid[7].len())));
+        assert!(
+            grid[1..]
+                .iter()
+                .all(|l| l.len() <= grid[1].len().max(grid[7].len()))
+        );
         assert!(!map.contains('\x1b'), "no color when not asked");
     }
 
@@ -416,9 +428,15 @@ mod tests {
         assert!(map.contains("PL-000001 (extraction, open)"), "{map}");
         assert!(map.contains("sarscov2-orf1ab-n-ic@1.0"));
         assert!(map.contains("0 samples, 1 controls, 95 free"));
-        assert!(map.contains("created   2026-11-27T14:03:12Z by tina"), "{map}");
+        assert!(
+            map.contains("created   2026-11-27T14:03:12Z by tina"),
+            "{map}"
+        );
         assert!(map.contains("quadrants of Q1 P1, Q2 P2, Q3 P3, Q4 P4"));
-        assert!(!map.contains("samples (well, tube)"), "no legend without samples");
+        assert!(
+            !map.contains("samples (well, tube)"),
+            "no legend without samples"
+        );
     }
 
     #[test]
@@ -461,14 +479,20 @@ mod tests {
         assert_eq!(cell(&map, 15, 0, 4), "0116");
         assert_eq!(cell(&map, 15, 23, 4), "PC");
         assert_eq!(cell(&map, 12, 23, 4), "NTC");
-        assert!(map.contains("P1 SWAB-000116"), "legend keeps full barcodes:\n{map}");
+        assert!(
+            map.contains("P1 SWAB-000116"),
+            "legend keeps full barcodes:\n{map}"
+        );
     }
 
     #[test]
     fn color_marks_controls_without_moving_columns() {
         let view = plate(
             96,
-            vec![sample("A1", "SWAB-000101"), control("H12", "positive_control")],
+            vec![
+                sample("A1", "SWAB-000101"),
+                control("H12", "positive_control"),
+            ],
         );
         let plain = render_plate(&view, false);
         let colored = render_plate(&view, true);
