@@ -5,14 +5,29 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # --- what the tests need beyond the Rust toolchain ---------------------------------
-# The foundation's tests need only cargo; later suites (pymodbus, hl7, rdmlpython,
-# PostgreSQL, Chromium) add their installs here, each guarded so reruns are no-ops.
+# Independent peers the tests talk to, each pinned and installed only when missing, so
+# a rerun is a no-op. Python peers go into .peers/python (PYTHONPATH), never into the
+# system's site-packages.
 command -v cargo >/dev/null || { echo "cargo is required" >&2; exit 1; }
+command -v python3 >/dev/null || { apt-get update -qq && apt-get install -y -qq python3 python3-pip; }
 command -v kill >/dev/null || { apt-get update -qq && apt-get install -y -qq procps; }
+
+PEERS="$PWD/.peers"
+export PCRD_PEERS="$PEERS"
+python_peer() { # python_peer <marker file> <pip requirement>...
+  local marker="$PEERS/python/.installed-$1"; shift
+  if [ ! -f "$marker" ]; then
+    echo "== installing $* into $PEERS/python"
+    python3 -m pip install --quiet --disable-pip-version-check --target "$PEERS/python" "$@"
+    touch "$marker"
+  fi
+}
+# schemathesis: checks the API against its OpenAPI document (tests/tests/openapi_conformance.rs).
+python_peer schemathesis-4.32.5 "schemathesis==4.32.5"
 
 echo "== cargo fmt"
 cargo fmt --all -- --check
 echo "== cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "== cargo test"
-cargo test --workspace --locked
+cargo test --workspace --locked --no-fail-fast

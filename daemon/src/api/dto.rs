@@ -19,9 +19,10 @@ pub struct ErrorBody {
 pub struct ErrorDetail {
     /// The HTTP status, repeated for clients that only see the body.
     pub status: u16,
-    /// A stable machine-readable code: `invalid`, `not_found`, `conflict`,
-    /// `unauthorized`, `forbidden`, `malformed_json`, `payload_too_large`,
-    /// `unsupported_media_type`, `method_not_allowed`, `store_failure`.
+    /// A stable machine-readable code: `malformed_request` (400), `unauthorized` (401),
+    /// `forbidden` (403), `not_found` (404), `method_not_allowed` (405), `conflict`
+    /// (409), `payload_too_large` (413), `unsupported_media_type` (415), `invalid`
+    /// (422), `store_failure` (503), `internal` (other 5xx).
     pub code: String,
     /// What went wrong, for people.
     pub message: String,
@@ -30,16 +31,26 @@ pub struct ErrorDetail {
     pub problems: Vec<String>,
 }
 
+/// A tube's priority, as the API spells it (case does not matter on input).
+#[derive(Debug, ToSchema)]
+#[schema(rename_all = "lowercase")]
+pub enum PriorityName {
+    Routine,
+    Urgent,
+}
+
 /// One tube to receive.
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TubeIn {
     /// 4..=32 letters, digits and '-'.
-    #[schema(example = "SWAB-000123")]
+    #[schema(example = "SWAB-000123", pattern = "^[A-Za-z0-9-]{4,32}$")]
     pub barcode: String,
     /// Swabs pooled in the tube, 1..=20 (default 1).
+    #[schema(minimum = 1, maximum = 20)]
     pub pool_size: Option<u32>,
     /// `routine` (default) or `urgent`.
+    #[schema(value_type = Option<PriorityName>)]
     pub priority: Option<String>,
     /// When the result is due, as RFC 3339 (`2026-11-27T15:00:00Z`).
     pub due_at: Option<String>,
@@ -103,7 +114,8 @@ impl From<&TubeRecord> for TubeView {
 #[derive(Debug, Deserialize, IntoParams)]
 pub struct WaitingQuery {
     /// At most this many tubes (default 1000).
-    pub limit: Option<usize>,
+    #[param(minimum = 1, maximum = 100000)]
+    pub limit: Option<u32>,
 }
 
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
@@ -121,6 +133,7 @@ pub struct CreatePlateRequest {
     #[schema(example = "sarscov2-orf1ab-n-ic")]
     pub kit: String,
     /// 96 (default) or 384.
+    #[schema(minimum = 96, maximum = 384, example = 96)]
     pub format: Option<u16>,
     /// The plate's barcode; pcrd generates `PL-000001`-style ids when absent.
     pub id: Option<String>,
@@ -131,7 +144,10 @@ pub struct CreatePlateRequest {
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PlacementIn {
+    /// A1..H12 on a 96-well plate, A1..P24 on a 384-well plate.
+    #[schema(example = "C5", pattern = "^[A-Pa-p]0?[1-9][0-9]?$")]
     pub well: String,
+    #[schema(pattern = "^[A-Za-z0-9-]{4,32}$")]
     pub barcode: String,
 }
 
@@ -180,6 +196,7 @@ pub struct TransferRequest {
 #[serde(deny_unknown_fields)]
 pub struct CombineRequest {
     /// Four sealed 96-well extraction plates: quadrants 1 (A1), 2 (A2), 3 (B1), 4 (B2).
+    #[schema(min_items = 4, max_items = 4)]
     pub sources: Vec<String>,
     /// The new 384-well PCR plate's barcode; generated when absent.
     pub id: Option<String>,
@@ -310,9 +327,11 @@ pub struct AuditParams {
     /// Only entries about this tube.
     pub tube: Option<String>,
     /// Only entries with a sequence number below this (page back through history).
+    #[param(minimum = 1, maximum = 9007199254740991_i64)]
     pub before: Option<u64>,
-    /// The newest `limit` matching entries (default 1000, at most 10000), oldest first.
-    pub limit: Option<usize>,
+    /// The newest `limit` matching entries (default 1000), oldest first.
+    #[param(minimum = 1, maximum = 10000)]
+    pub limit: Option<u32>,
 }
 
 #[derive(Debug, Serialize, Deserialize, ToSchema)]

@@ -9,7 +9,6 @@ pub mod dto;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use axum::extract::rejection::JsonRejection;
 use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, Path, Query, Request, State};
 use axum::http::request::Parts;
 use axum::http::{HeaderValue, StatusCode, header};
@@ -102,38 +101,30 @@ impl From<LabError> for ApiError {
     }
 }
 
-/// `axum::Json` with JSON error bodies for its rejections.
+/// A request body that must be a JSON object of type `T`.
+///
+/// Stricter than `axum::Json`: serde would also read a struct from a JSON array
+/// (`[null, null]`), which no client means; here that is a 422.
 #[derive(Debug)]
-pub struct ApiJson<T>(pub T);
+pub struct JsonBody<T>(pub T);
 
-impl<S, T> FromRequest<S> for ApiJson<T>
+/// Like [`JsonBody`], but an empty body means `T::default()`: for actions whose body
+/// fields are all optional (seal, transfer).
+#[derive(Debug)]
+pub struct OptionalJson<T>(pub T);
+
+impl<S, T> FromRequest<S> for JsonBody<T>
 where
     S: Send + Sync,
-    Json<T>: FromRequest<S, Rejection = JsonRejection>,
+    T: serde::de::DeserializeOwned,
 {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        match Json::<T>::from_request(req, state).await {
-            Ok(Json(value)) => Ok(ApiJson(value)),
-            Err(rejection) => {
-                let status = rejection.status();
-                let code = match status {
-                    StatusCode::PAYLOAD_TOO_LARGE => "payload_too_large",
-                    StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_media_type",
-                    StatusCode::UNPROCESSABLE_ENTITY => "invalid",
-                    _ => "malformed_json",
-                };
-                Err(ApiError::new(status, code, rejection.body_text()))
-            }
-        }
+        let (is_json, bytes) = read_body(req, state).await?;
+        parse_object(is_json, &bytes).map(JsonBody)
     }
 }
-
-/// A JSON body that may be absent (an empty body means `T::default()`), for actions
-/// whose only body fields are optional.
-#[derive(Debug)]
-pub struct OptionalJson<T>(pub T);
 
 impl<S, T> FromRequest<S> for OptionalJson<T>
 where
@@ -143,16 +134,64 @@ where
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        let bytes = axum::body::Bytes::from_request(req, state)
-            .await
-            .map_err(|r| ApiError::new(r.status(), "payload_too_large", r.body_text()))?;
+        let (is_json, bytes) = read_body(req, state).await?;
         if bytes.iter().all(u8::is_ascii_whitespace) {
             return Ok(OptionalJson(T::default()));
         }
-        serde_json::from_slice(&bytes)
-            .map(OptionalJson)
-            .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "malformed_json", e.to_string()))
+        parse_object(is_json, &bytes).map(OptionalJson)
     }
+}
+
+/// The body (within the configured limit) and whether it was declared as JSON.
+async fn read_body<S: Send + Sync>(
+    req: Request,
+    state: &S,
+) -> Result<(bool, axum::body::Bytes), ApiError> {
+    let is_json = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|mime| {
+            let mime = mime.trim();
+            mime.eq_ignore_ascii_case("application/json")
+                || (mime.starts_with("application/") && mime.ends_with("+json"))
+        });
+    let bytes = axum::body::Bytes::from_request(req, state)
+        .await
+        .map_err(|r| ApiError::new(r.status(), error_code(r.status()), r.body_text()))?;
+    Ok((is_json, bytes))
+}
+
+fn parse_object<T: serde::de::DeserializeOwned>(
+    is_json: bool,
+    bytes: &[u8],
+) -> Result<T, ApiError> {
+    if !is_json {
+        let status = StatusCode::UNSUPPORTED_MEDIA_TYPE;
+        return Err(ApiError::new(
+            status,
+            error_code(status),
+            "the body must be sent with Content-Type: application/json",
+        ));
+    }
+    let invalid = |message: String| {
+        let status = StatusCode::UNPROCESSABLE_ENTITY;
+        ApiError::new(status, error_code(status), message)
+    };
+    let value: serde_json::Value = serde_json::from_slice(bytes).map_err(|e| {
+        let status = StatusCode::BAD_REQUEST;
+        ApiError::new(
+            status,
+            error_code(status),
+            format!("the body is not valid JSON: {e}"),
+        )
+    })?;
+    if !value.is_object() {
+        return Err(invalid("the body must be a JSON object".into()));
+    }
+    serde_json::from_value(value)
+        .map_err(|e| invalid(format!("the body does not fit this request: {e}")))
 }
 
 /// The authenticated caller, from `Authorization: Bearer <token>`.
@@ -248,6 +287,7 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
         description = "Tube and plate tracking for PCR testing labs. Authenticate with `Authorization: Bearer <token>`; every error is a JSON body with `error.code` and `error.message`."
     ),
     modifiers(&BearerAuth),
+    components(schemas(ErrorBody)),
     security(("bearer" = [])),
     tags((name = "tubes"), (name = "plates"), (name = "audit"), (name = "kits"))
 )]
@@ -263,6 +303,55 @@ impl Modify for BearerAuth {
             "bearer",
             SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
         );
+    }
+}
+
+/// Documents the errors every operation can answer, whatever its handler: a malformed
+/// request, a missing token, a wrong role, an oversized or non-JSON body, a failed store.
+#[derive(Debug)]
+struct StandardErrors;
+
+impl Modify for StandardErrors {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::{ContentBuilder, Ref, ResponseBuilder};
+        let error = |description: &str| {
+            ResponseBuilder::new()
+                .description(description)
+                .content(
+                    "application/json",
+                    ContentBuilder::new()
+                        .schema(Some(Ref::from_schema_name("ErrorBody")))
+                        .build(),
+                )
+                .build()
+        };
+        for item in openapi.paths.paths.values_mut() {
+            let reads = item.get.iter_mut().map(|op| (op, false));
+            let writes = item.post.iter_mut().map(|op| (op, true));
+            for (operation, write) in reads.chain(writes) {
+                let responses = &mut operation.responses.responses;
+                let mut add = |code: &str, description: &str| {
+                    responses
+                        .entry(code.to_string())
+                        .or_insert_with(|| error(description).into());
+                };
+                add(
+                    "400",
+                    "Malformed request (JSON syntax, query string or path)",
+                );
+                add("401", "Missing or unknown bearer token");
+                add(
+                    "422",
+                    "The request's content is not acceptable; `problems` lists each issue",
+                );
+                if write {
+                    add("403", "The token's role may not do this");
+                    add("413", "Body larger than server.max_body_bytes");
+                    add("415", "Body is not application/json");
+                    add("503", "The store failed; nothing was acknowledged");
+                }
+            }
+        }
     }
 }
 
@@ -288,6 +377,10 @@ pub fn router(lab: Arc<Lab>, users: Vec<User>, max_body_bytes: usize) -> Router 
         .routes(routes!(audit_verify))
         .routes(routes!(kits))
         .split_for_parts();
+    // Modifiers in #[openapi] run before the routes add their paths, so this one runs
+    // on the finished document.
+    let mut openapi = openapi;
+    StandardErrors.modify(&mut openapi);
     let openapi = Arc::new(openapi);
     let metrics = Arc::clone(&state.metrics);
     api.route(
@@ -299,15 +392,8 @@ pub fn router(lab: Arc<Lab>, users: Vec<User>, max_body_bytes: usize) -> Router 
     )
     .route("/healthz", axum::routing::get(healthz))
     .route("/metrics", axum::routing::get(metrics_text))
-    .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint") })
-    .method_not_allowed_fallback(|| async {
-        ApiError::new(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "method_not_allowed",
-            "method not allowed on this endpoint",
-        )
-    })
     .layer(DefaultBodyLimit::max(max_body_bytes))
+    .layer(axum::middleware::from_fn(json_errors))
     .layer(axum::middleware::from_fn(
         move |req: Request, next: Next| {
             let metrics = Arc::clone(&metrics);
@@ -325,6 +411,71 @@ pub fn router(lab: Arc<Lab>, users: Vec<User>, max_body_bytes: usize) -> Router 
 
 type ApiResult<T> = Result<T, ApiError>;
 
+/// The largest integer a JSON client (JavaScript) reads exactly.
+const MAX_SAFE_INTEGER: u64 = (1 << 53) - 1;
+
+/// Checks a numeric query parameter against the range the API documents.
+fn in_range(name: &str, value: Option<u64>, min: u64, max: u64) -> ApiResult<Option<u64>> {
+    match value {
+        Some(v) if !(min..=max).contains(&v) => {
+            let status = StatusCode::UNPROCESSABLE_ENTITY;
+            Err(ApiError::new(
+                status,
+                error_code(status),
+                format!("{name} {v} is outside {min}..={max}"),
+            ))
+        }
+        other => Ok(other),
+    }
+}
+
+/// The stable code for an error status.
+fn error_code(status: StatusCode) -> &'static str {
+    match status {
+        StatusCode::BAD_REQUEST => "malformed_request",
+        StatusCode::UNAUTHORIZED => "unauthorized",
+        StatusCode::FORBIDDEN => "forbidden",
+        StatusCode::NOT_FOUND => "not_found",
+        StatusCode::METHOD_NOT_ALLOWED => "method_not_allowed",
+        StatusCode::CONFLICT => "conflict",
+        StatusCode::PAYLOAD_TOO_LARGE => "payload_too_large",
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_media_type",
+        StatusCode::UNPROCESSABLE_ENTITY => "invalid",
+        s if s.is_server_error() => "internal",
+        _ => "error",
+    }
+}
+
+/// Turns every error response that is not already JSON (axum's own rejections of a
+/// malformed body, query or path, unknown routes, wrong methods) into an
+/// [`ErrorBody`], so clients handle one error shape whatever failed.
+async fn json_errors(req: Request, next: Next) -> Response {
+    let response = next.run(req).await;
+    let status = response.status();
+    let is_json = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return response;
+    }
+    // Rejection texts are one line; the limit only guards against a surprise.
+    let text = axum::body::to_bytes(response.into_body(), 64 * 1024)
+        .await
+        .map(|b| String::from_utf8_lossy(&b).trim().to_string())
+        .unwrap_or_default();
+    let message = if text.is_empty() {
+        match status {
+            StatusCode::NOT_FOUND => "no such endpoint".to_string(),
+            StatusCode::METHOD_NOT_ALLOWED => "method not allowed on this endpoint".to_string(),
+            _ => status.canonical_reason().unwrap_or("error").to_string(),
+        }
+    } else {
+        text
+    };
+    ApiError::new(status, error_code(status), message).into_response()
+}
+
 /// Receive tubes (one or a batch; all or nothing).
 #[utoipa::path(post, path = "/api/v1/tubes", tag = "tubes", request_body = ReceiveRequest,
     responses(
@@ -335,7 +486,7 @@ type ApiResult<T> = Result<T, ApiError>;
 async fn receive_tubes(
     State(state): State<AppState>,
     caller: Caller,
-    ApiJson(body): ApiJson<ReceiveRequest>,
+    JsonBody(body): JsonBody<ReceiveRequest>,
 ) -> ApiResult<Json<ReceiveResponse>> {
     caller.lab_work("receiving tubes")?;
     let mut due_problems = Vec::new();
@@ -388,7 +539,8 @@ async fn list_waiting(
     _caller: Caller,
     Query(q): Query<WaitingQuery>,
 ) -> ApiResult<Json<WaitingList>> {
-    let tubes = state.lab.waiting(q.limit.unwrap_or(1000).min(100_000))?;
+    let limit = in_range("limit", q.limit.map(u64::from), 1, 100_000)?.unwrap_or(1000);
+    let tubes = state.lab.waiting(limit as usize)?;
     Ok(Json(WaitingList {
         tubes: tubes.iter().map(TubeView::from).collect(),
         total_waiting: state.lab.waiting_count(),
@@ -413,7 +565,7 @@ async fn get_tube(
 async fn create_plate(
     State(state): State<AppState>,
     caller: Caller,
-    ApiJson(body): ApiJson<CreatePlateRequest>,
+    JsonBody(body): JsonBody<CreatePlateRequest>,
 ) -> ApiResult<(StatusCode, Json<PlateView>)> {
     caller.lab_work("creating plates")?;
     let plate = state
@@ -487,7 +639,7 @@ async fn assign(
     State(state): State<AppState>,
     caller: Caller,
     Path(id): Path<String>,
-    ApiJson(body): ApiJson<AssignRequest>,
+    JsonBody(body): JsonBody<AssignRequest>,
 ) -> ApiResult<Json<WellsChanged>> {
     caller.lab_work("assigning tubes")?;
     let placements = body
@@ -516,7 +668,7 @@ async fn fill(
     State(state): State<AppState>,
     caller: Caller,
     Path(id): Path<String>,
-    ApiJson(body): ApiJson<FillRequest>,
+    JsonBody(body): JsonBody<FillRequest>,
 ) -> ApiResult<Json<WellsChanged>> {
     caller.lab_work("filling plates")?;
     let placed = state
@@ -535,7 +687,7 @@ async fn unassign(
     State(state): State<AppState>,
     caller: Caller,
     Path(id): Path<String>,
-    ApiJson(body): ApiJson<UnassignRequest>,
+    JsonBody(body): JsonBody<UnassignRequest>,
 ) -> ApiResult<Json<WellsChanged>> {
     caller.lab_work("removing tubes from plates")?;
     let removed = state
@@ -588,7 +740,7 @@ async fn transfer(
 async fn combine(
     State(state): State<AppState>,
     caller: Caller,
-    ApiJson(body): ApiJson<CombineRequest>,
+    JsonBody(body): JsonBody<CombineRequest>,
 ) -> ApiResult<(StatusCode, Json<PlateView>)> {
     caller.lab_work("combining plates")?;
     let pcr = state
@@ -610,8 +762,8 @@ async fn audit(
     let entries = state.lab.audit(&AuditQuery {
         plate: q.plate,
         tube: q.tube,
-        before: q.before,
-        limit: q.limit.unwrap_or(1000).min(10_000),
+        before: in_range("before", q.before, 1, MAX_SAFE_INTEGER)?,
+        limit: in_range("limit", q.limit.map(u64::from), 1, 10_000)?.unwrap_or(1000) as usize,
     })?;
     Ok(Json(entries.iter().map(AuditEntryView::from).collect()))
 }
