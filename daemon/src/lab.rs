@@ -159,6 +159,14 @@ pub struct AuditQuery {
     pub limit: usize,
 }
 
+/// What a scrub read.
+#[derive(Clone, Debug, Default)]
+pub struct ScrubReport {
+    pub tubes: u64,
+    pub plates: u64,
+    pub audit_entries: u64,
+}
+
 /// Result of walking the audit chain.
 #[derive(Clone, Debug)]
 pub struct AuditVerification {
@@ -277,6 +285,39 @@ fn now() -> Timestamp {
     Timestamp::from_millis(ms)
 }
 
+/// Refuses a store whose log came back shorter than the last run acknowledged: the
+/// high-water mark names an audit entry that sled no longer has, or has differently.
+fn check_mark(store: &Store, last_seq: u64, head: &[u8; 32]) -> Result<(), StoreError> {
+    let Some((mark_seq, mark_hash)) = store.opened_mark().and_then(parse_head) else {
+        return Ok(());
+    };
+    let corrupt = |detail: String| StoreError::Corrupt {
+        path: store.path().to_path_buf(),
+        detail,
+    };
+    if mark_seq > last_seq {
+        return Err(corrupt(format!(
+            "its log ends at audit entry {last_seq}, but entry {mark_seq} had been made durable: \
+             acknowledged changes are missing"
+        )));
+    }
+    let recorded = if mark_seq == last_seq {
+        Some(*head)
+    } else {
+        let key = mark_seq.to_be_bytes();
+        match store.trees().audit.get(key)? {
+            Some(raw) => Some(decode::<AuditEntry>(&key, &raw)?.hash),
+            None => None,
+        }
+    };
+    if recorded != Some(mark_hash) {
+        return Err(corrupt(format!(
+            "audit entry {mark_seq} differs from the one made durable: the log was altered"
+        )));
+    }
+    Ok(())
+}
+
 /// Formats a timestamp as RFC 3339 UTC with milliseconds.
 pub fn rfc3339(ts: Timestamp) -> String {
     let ms = ts.as_millis().max(0) as u64;
@@ -286,23 +327,16 @@ pub fn rfc3339(ts: Timestamp) -> String {
 impl Lab {
     pub fn open(store: Store, kits: KitRegistry, lab_id: String) -> Result<Arc<Lab>, StoreError> {
         let trees = store.trees();
-        let (next_seq, head) = match trees.meta.get(META_AUDIT_HEAD)? {
-            Some(raw) if raw.len() == 40 => {
-                let mut seq = [0u8; 8];
-                seq.copy_from_slice(&raw[..8]);
-                let mut head = [0u8; 32];
-                head.copy_from_slice(&raw[8..]);
-                (u64::from_be_bytes(seq) + 1, head)
-            }
-            Some(_) => {
-                return Err(StoreError::BadRecord {
-                    tree: "meta",
-                    key: "audit_head".into(),
-                    detail: "wrong length".into(),
-                });
-            }
-            None => (1, [0u8; 32]),
+        let (last_seq, head) = match trees.meta.get(META_AUDIT_HEAD)? {
+            Some(raw) => parse_head(&raw).ok_or_else(|| StoreError::BadRecord {
+                tree: "meta",
+                key: "audit_head".into(),
+                detail: "wrong length".into(),
+            })?,
+            None => (0, [0u8; 32]),
         };
+        check_mark(&store, last_seq, &head)?;
+        let next_seq = last_seq + 1;
         let plate_counter = match trees.meta.get(META_PLATE_COUNTER)? {
             Some(raw) => raw
                 .as_ref()
@@ -389,6 +423,7 @@ impl Lab {
         actor: &Actor,
         at: Timestamp,
     ) -> Result<(), StoreError> {
+        let writer_seq_before = writer.next_seq;
         let mut seq = writer.next_seq;
         let mut head = writer.head;
         let drafts = std::mem::take(&mut changes.audit);
@@ -425,9 +460,7 @@ impl Lab {
                     changes.put_raw(T::AuditByPlate, index_key(plate.as_str(), seq), Vec::new());
                 }
                 changes.put(T::Audit, seq_key.to_vec(), &entry);
-                let mut head_value = seq_key.to_vec();
-                head_value.extend_from_slice(&head);
-                changes.put_raw(T::Meta, META_AUDIT_HEAD, head_value);
+                changes.put_raw(T::Meta, META_AUDIT_HEAD, head_record(seq, &head));
                 seq += 1;
             }
         }
@@ -498,6 +531,9 @@ impl Lab {
         self.counters
             .tubes_waiting
             .store(waiting, Ordering::Relaxed);
+        if seq != writer_seq_before {
+            self.store.set_mark(&head_record(seq - 1, &head));
+        }
         Ok(())
     }
 
@@ -589,6 +625,60 @@ impl Lab {
             }
         }
         Ok(entries)
+    }
+
+    /// Reads every record of every tree, decodes it and checks the trees against each
+    /// other: sled verifies a page's checksum only when the page is read, so damage in
+    /// old parts of the log shows only here (or later, on some request).
+    pub fn scrub(&self) -> Result<ScrubReport, StoreError> {
+        let t = self.store.trees();
+        let corrupt = |detail: String| StoreError::Corrupt {
+            path: self.store.path().to_path_buf(),
+            detail,
+        };
+        let mut report = ScrubReport::default();
+        let mut placed = 0u64;
+        for item in t.tubes.iter() {
+            let (key, raw) = item?;
+            let tube: TubeRecord = decode(&key, &raw)?;
+            placed += u64::from(tube.placement.is_some());
+            report.tubes += 1;
+        }
+        for item in t.plates.iter() {
+            let (key, raw) = item?;
+            decode::<PlateRecord>(&key, &raw)?;
+            report.plates += 1;
+        }
+        let waiting = t
+            .waiting
+            .iter()
+            .try_fold(0u64, |n, item| item.map(|_| n + 1))?;
+        for tree in [&t.audit_by_tube, &t.audit_by_plate, &t.meta] {
+            for item in tree.iter() {
+                item?;
+            }
+        }
+        let verification = self
+            .verify_audit()
+            .map_err(|e| corrupt(format!("audit trail unreadable: {e}")))?;
+        if let Some(seq) = verification.first_broken {
+            return Err(corrupt(format!(
+                "audit entry {seq} does not match its hash chain"
+            )));
+        }
+        report.audit_entries = verification.entries;
+        if waiting + placed != report.tubes
+            || report.tubes != self.tube_count()
+            || waiting != self.waiting_count()
+        {
+            return Err(corrupt(format!(
+                "{} tubes of which {placed} placed, but {waiting} in the plating queue; counters say {} and {}",
+                report.tubes,
+                self.tube_count(),
+                self.waiting_count()
+            )));
+        }
+        Ok(report)
     }
 
     /// Walks the whole audit chain and checks every hash.
@@ -1274,6 +1364,23 @@ fn parse_intake(
         received_by: user.to_string(),
         placement: None,
     })
+}
+
+/// The audit chain's head as stored in `meta` and in the store's high-water mark:
+/// sequence (u64 BE) and hash.
+fn head_record(seq: u64, hash: &[u8; 32]) -> Vec<u8> {
+    let mut record = seq.to_be_bytes().to_vec();
+    record.extend_from_slice(hash);
+    record
+}
+
+fn parse_head(raw: &[u8]) -> Option<(u64, [u8; 32])> {
+    if raw.len() != 40 {
+        return None;
+    }
+    let seq = u64::from_be_bytes(raw[..8].try_into().ok()?);
+    let hash = raw[8..].try_into().ok()?;
+    Some((seq, hash))
 }
 
 fn truncate(text: &str) -> String {

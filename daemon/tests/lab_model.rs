@@ -152,6 +152,9 @@ fn check_invariants(lab: &Lab) {
         tubes.values().filter(|t| t.placement.is_some()).count()
     );
 
+    // The start-up scrub must accept every state the operations can produce.
+    let report = lab.scrub().expect("scrub of a consistent store");
+    assert_eq!(report.tubes, tubes.len() as u64);
     let verification = lab.verify_audit().unwrap();
     assert_eq!(verification.first_broken, None, "audit chain broken");
     let entries = lab

@@ -248,6 +248,19 @@ impl Reply {
 }
 
 impl Api {
+    /// A client for a daemon this harness did not start (e.g. one run by a test with
+    /// `pcrd_bin()` directly), at `base` (`http://127.0.0.1:PORT`).
+    pub fn connect(base: &str, token: Option<&str>) -> Api {
+        Api {
+            base: base.trim_end_matches('/').to_string(),
+            token: token.map(str::to_string),
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(60))
+                .build()
+                .expect("HTTP client"),
+        }
+    }
+
     pub fn without_token(&self) -> Api {
         Api {
             token: None,

@@ -19,7 +19,8 @@ pub struct ErrorBody {
 pub struct ErrorDetail {
     /// The HTTP status, repeated for clients that only see the body.
     pub status: u16,
-    /// A stable machine-readable code: `malformed_request` (400), `unauthorized` (401),
+    /// A stable machine-readable code: `malformed_json` (400, a body that is not JSON),
+    /// `malformed_request` (other 400s), `unauthorized` (401),
     /// `forbidden` (403), `not_found` (404), `method_not_allowed` (405), `conflict`
     /// (409), `payload_too_large` (413), `unsupported_media_type` (415), `invalid`
     /// (422), `store_failure` (503), `internal` (other 5xx).

@@ -183,7 +183,7 @@ fn parse_object<T: serde::de::DeserializeOwned>(
         let status = StatusCode::BAD_REQUEST;
         ApiError::new(
             status,
-            error_code(status),
+            "malformed_json",
             format!("the body is not valid JSON: {e}"),
         )
     })?;

@@ -95,10 +95,26 @@ async fn serve(config: Config, lab: Arc<Lab>) -> ExitCode {
     // The one line on stdout: scripts and tests read the address from it.
     println!("listening on http://{addr}");
     tracing::info!(%addr, lab = %config.lab_id, "pcrd is serving.");
-    let app = crate::api::router(lab, config.users, config.max_body_bytes);
+    let app = crate::api::router(Arc::clone(&lab), config.users, config.max_body_bytes);
+    tokio::spawn(scrub_in_background(Arc::clone(&lab)));
+    // A store that can no longer make writes durable (a failed barrier, or damage found
+    // by the scrub) stops the daemon: an operator must act, and a restart re-checks it.
+    let store = lab.store().clone();
+    let stop = async move {
+        tokio::select! {
+            () = shutdown_signal() => {}
+            why = store.failed() => {
+                tracing::error!(error = %why, "The store failed; pcrd stops.");
+            }
+        }
+    };
     let result = axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown_signal())
+        .with_graceful_shutdown(stop)
         .await;
+    if let Some(why) = lab.store().failure() {
+        eprintln!("pcrd: {why}");
+        return ExitCode::from(exit::STORE);
+    }
     match result {
         Ok(()) => {
             tracing::info!("pcrd stopped.");
@@ -108,6 +124,27 @@ async fn serve(config: Config, lab: Arc<Lab>) -> ExitCode {
             eprintln!("pcrd: server error: {e}");
             ExitCode::from(exit::UNAVAILABLE)
         }
+    }
+}
+
+/// Reads the whole store once after start-up. sled checks a page's checksum only when
+/// the page is read, so damage in old parts of the log would otherwise surface on some
+/// later request. Done in the background so that a large store does not delay the
+/// lab's start; on damage the store stops acknowledging writes at once and the daemon
+/// stops with the store's exit code.
+async fn scrub_in_background(lab: Arc<Lab>) {
+    let started = std::time::Instant::now();
+    let checked = Arc::clone(&lab);
+    match tokio::task::spawn_blocking(move || checked.scrub()).await {
+        Ok(Ok(report)) => tracing::info!(
+            tubes = report.tubes,
+            plates = report.plates,
+            audit_entries = report.audit_entries,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "Store check passed."
+        ),
+        Ok(Err(e)) => lab.store().fail(e.to_string()),
+        Err(e) => tracing::error!(error = %e, "The store check could not run."),
     }
 }
 

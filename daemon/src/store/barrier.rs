@@ -48,6 +48,9 @@ struct Shared {
     wake_cv: Condvar,
     progress: watch::Sender<Progress>,
     stats: BarrierStats,
+    /// The newest high-water mark set by the store's user, and whether it changed
+    /// since it was last written to the mark file.
+    mark: Mutex<(Vec<u8>, bool)>,
     /// Joined by `stop`, so that the thread's handle on the database is gone when the
     /// store is closed and the same directory can be opened again.
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
@@ -67,7 +70,7 @@ pub struct BarrierError(pub String);
 
 impl Barrier {
     /// Starts the sync thread for `db`, whose log file is `db_file`.
-    pub(crate) fn start(db: sled::Db, db_file: File) -> std::io::Result<Barrier> {
+    pub(crate) fn start(db: sled::Db, db_file: File, mark_file: File) -> std::io::Result<Barrier> {
         let (progress, _) = watch::channel(Progress::Durable(0));
         let shared = Arc::new(Shared {
             issued: AtomicU64::new(0),
@@ -75,12 +78,13 @@ impl Barrier {
             wake_cv: Condvar::new(),
             progress,
             stats: BarrierStats::default(),
+            mark: Mutex::new((Vec::new(), false)),
             thread: Mutex::new(None),
         });
         let thread_shared = Arc::clone(&shared);
         let handle = std::thread::Builder::new()
             .name("pcrd-store-sync".into())
-            .spawn(move || sync_loop(&thread_shared, &db, &db_file))?;
+            .spawn(move || sync_loop(&thread_shared, &db, &db_file, &mark_file))?;
         if let Ok(mut slot) = shared.thread.lock() {
             *slot = Some(handle);
         }
@@ -101,6 +105,31 @@ impl Barrier {
         match &*seen {
             Progress::Durable(_) => Ok(()),
             Progress::Failed(why) => Err(BarrierError(why.clone())),
+        }
+    }
+
+    /// Sets the high-water mark: what the next barrier will record as durable. Call it
+    /// after the transaction it describes has committed.
+    pub(crate) fn set_mark(&self, payload: &[u8]) {
+        if let Ok(mut mark) = self.shared.mark.lock() {
+            *mark = (payload.to_vec(), true);
+        }
+    }
+
+    /// Stops acknowledging writes: every later barrier fails with `why`.
+    pub(crate) fn fail(&self, why: String) {
+        self.shared.progress.send_replace(Progress::Failed(why));
+    }
+
+    /// Resolves once the barrier has failed (or was failed), with why.
+    pub(crate) async fn failed(&self) -> String {
+        let mut rx = self.shared.progress.subscribe();
+        match rx.wait_for(|p| matches!(p, Progress::Failed(_))).await {
+            Ok(p) => match &*p {
+                Progress::Failed(why) => why.clone(),
+                Progress::Durable(_) => String::new(),
+            },
+            Err(_) => "the store's sync thread has stopped".into(),
         }
     }
 
@@ -138,7 +167,7 @@ impl Barrier {
     }
 }
 
-fn sync_loop(shared: &Shared, db: &sled::Db, db_file: &File) {
+fn sync_loop(shared: &Shared, db: &sled::Db, db_file: &File, mark_file: &File) {
     let mut durable = 0u64;
     loop {
         {
@@ -156,6 +185,11 @@ fn sync_loop(shared: &Shared, db: &sled::Db, db_file: &File) {
             }
         }
         let target = shared.issued.load(Ordering::Acquire);
+        // Taken before the flush: the mark describes a commit that this barrier covers.
+        let mark = shared.mark.lock().ok().and_then(|mut m| {
+            let changed = std::mem::replace(&mut m.1, false);
+            changed.then(|| m.0.clone())
+        });
         let started = Instant::now();
         let result = db
             .flush()
@@ -175,7 +209,19 @@ fn sync_loop(shared: &Shared, db: &sled::Db, db_file: &File) {
                     .busy_micros
                     .fetch_add(elapsed.as_micros() as u64, Ordering::Relaxed);
                 durable = target;
-                shared.progress.send_replace(Progress::Durable(durable));
+                // The mark only strengthens the check at open; failing to write it is
+                // not a reason to stop acknowledging durable writes.
+                if let Some(Err(e)) = mark.map(|m| super::mark::write(mark_file, &m)) {
+                    tracing::warn!(error = %e, "Could not update the store's high-water mark.");
+                }
+                // A failure declared meanwhile (`fail`) stands.
+                shared.progress.send_if_modified(|p| match p {
+                    Progress::Failed(_) => false,
+                    Progress::Durable(_) => {
+                        *p = Progress::Durable(durable);
+                        true
+                    }
+                });
             }
             Err(why) => {
                 tracing::error!(error = %why, "Store durability barrier failed; nothing more will be acknowledged. Restart pcrd.");

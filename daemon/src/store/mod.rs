@@ -10,6 +10,7 @@
 //!   a message an operator can act on.
 
 mod barrier;
+mod mark;
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -104,6 +105,8 @@ pub struct Store {
     trees: Trees,
     barrier: Barrier,
     path: PathBuf,
+    /// The high-water mark found at open (see `mark.rs`).
+    opened_mark: Option<Vec<u8>>,
 }
 
 impl Store {
@@ -151,12 +154,20 @@ impl Store {
             }
         }
         let db_file = File::open(path.join("db")).map_err(unavailable)?;
-        let barrier = Barrier::start(db.clone(), db_file).map_err(unavailable)?;
+        let opened_mark = mark::read(&path);
+        let mark_file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(path.join(mark::FILE_NAME))
+            .map_err(unavailable)?;
+        let barrier = Barrier::start(db.clone(), db_file, mark_file).map_err(unavailable)?;
         let store = Store {
             db,
             trees,
             barrier,
             path: path.clone(),
+            opened_mark,
         };
         if !existed {
             // A new store: its files' directory entries must survive a power cut too.
@@ -190,6 +201,29 @@ impl Store {
     /// stable storage. Concurrent callers share one flush + fdatasync.
     pub async fn durable(&self) -> Result<(), StoreError> {
         Ok(self.barrier.wait().await?)
+    }
+
+    /// The high-water mark found when the store was opened: the newest state the last
+    /// run knew to be durable, as set with [`Store::set_mark`]. `None` for a new store
+    /// or an unreadable mark.
+    pub fn opened_mark(&self) -> Option<&[u8]> {
+        self.opened_mark.as_deref()
+    }
+
+    /// Records what the next durability barrier makes durable (at most 64 bytes). Call
+    /// after the transaction it describes has committed.
+    pub fn set_mark(&self, payload: &[u8]) {
+        self.barrier.set_mark(payload);
+    }
+
+    /// Stops the store acknowledging writes, e.g. after finding damage.
+    pub fn fail(&self, why: String) {
+        self.barrier.fail(why);
+    }
+
+    /// Resolves once the store has stopped acknowledging writes, with why.
+    pub async fn failed(&self) -> String {
+        self.barrier.failed().await
     }
 
     /// Why the store stopped acknowledging writes, if it has (see [`BarrierError`]).
