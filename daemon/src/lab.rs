@@ -630,7 +630,15 @@ impl Lab {
     /// Reads every record of every tree, decodes it and checks the trees against each
     /// other: sled verifies a page's checksum only when the page is read, so damage in
     /// old parts of the log shows only here (or later, on some request).
+    ///
+    /// Holds the writer lock throughout: sled's iterators are not snapshots, and the
+    /// cross-checks need trees that no one changes meanwhile. Writes wait (they do not
+    /// fail) while a scrub runs.
     pub fn scrub(&self) -> Result<ScrubReport, StoreError> {
+        let _writer = self
+            .writer
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let t = self.store.trees();
         let corrupt = |detail: String| StoreError::Corrupt {
             path: self.store.path().to_path_buf(),

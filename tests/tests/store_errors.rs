@@ -366,11 +366,31 @@ fn a_bad_config_names_every_problem() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_damaged_record_found_by_the_scrub_stops_the_daemon() {
-    // A record that sled returns intact but pcrd cannot decode: sled's open succeeds,
-    // the high-water mark matches, so only the scrub that reads every record after
-    // start can find it. The daemon must stop with the store's exit code, not serve.
+async fn store_check_finds_a_record_that_cannot_be_decoded() {
+    // A record sled returns intact but pcrd cannot decode: sled opens the store and the
+    // high-water mark matches, so only reading every record finds it.
     let daemon = stopped_daemon_with_tubes().await;
+    let check = || {
+        Command::new(pcrd_bin())
+            .args(["store", "check", "--config"])
+            .arg(daemon.config_path())
+            .arg("--data-dir")
+            .arg(daemon.store_path())
+            .output()
+            .expect("run pcrd store check")
+    };
+    let intact = check();
+    let stdout = String::from_utf8_lossy(&intact.stdout);
+    assert!(
+        intact.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&intact.stderr)
+    );
+    assert!(
+        stdout.contains(&format!("{} tubes", TUBES_PER_BATCH * BATCHES))
+            && stdout.contains("intact"),
+        "{stdout}"
+    );
     {
         let store = pcrd::store::Store::open(&pcrd::store::StoreOptions {
             path: daemon.store_path(),
@@ -384,12 +404,58 @@ async fn a_damaged_record_found_by_the_scrub_stops_the_daemon() {
             .expect("damage one record");
         store.close().expect("close");
     }
-    let scratch = tempfile::tempdir().expect("temp dir");
-    let outcome = run_serve(&daemon.config_path(), &daemon.store_path(), scratch.path())
-        .exited_within(Duration::from_secs(30));
-    let stderr = expect_exit(outcome, 3);
+    let damaged = check();
+    let stderr = String::from_utf8_lossy(&damaged.stderr);
+    assert_eq!(damaged.status.code(), Some(3), "stderr:\n{stderr}");
+    assert_no_panic(&stderr);
     assert!(
         stderr.contains("CORRUPT-0-0100") && stderr.contains("corrupt record"),
         "the message names the damaged record; stderr:\n{stderr}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn after_a_crash_the_daemon_checks_every_record_and_after_a_clean_stop_it_does_not() {
+    let mut daemon = Daemon::start();
+    let api = daemon.client();
+    let tubes: Vec<_> = (0..50)
+        .map(|i| json!({ "barcode": format!("CRASH-{i:04}") }))
+        .collect();
+    assert_eq!(
+        api.post("/api/v1/tubes", json!({ "tubes": tubes }))
+            .await
+            .status,
+        200
+    );
+    daemon.kill9();
+    daemon.restart();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !daemon.stderr().contains("Store check passed") {
+        assert!(
+            Instant::now() < deadline,
+            "no store check after a crash:\n{}",
+            daemon.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        daemon.stderr().contains("not closed cleanly"),
+        "{}",
+        daemon.stderr()
+    );
+    let status = daemon.terminate();
+    assert!(status.success());
+    let checks_so_far = daemon.stderr().matches("Store check passed").count();
+    daemon.restart();
+    let api = daemon.client();
+    assert_eq!(api.get("/api/v1/tubes/CRASH-0049").await.status, 200);
+    assert!(
+        daemon.stderr().contains("closed cleanly; skipping"),
+        "{}",
+        daemon.stderr()
+    );
+    assert_eq!(
+        daemon.stderr().matches("Store check passed").count(),
+        checks_so_far
     );
 }

@@ -1,5 +1,6 @@
 //! `pcrd serve`: load the config, open the store, serve the API until SIGINT/SIGTERM.
 
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 
@@ -9,34 +10,52 @@ use crate::kits::KitRegistry;
 use crate::lab::Lab;
 use crate::store::Store;
 
+/// Loads the config and kits, applying the command line's store override; on a
+/// problem, prints every one and returns the exit code.
+pub(super) fn load(
+    config_path: &Path,
+    data_dir: Option<PathBuf>,
+) -> Result<(Config, KitRegistry), ExitCode> {
+    let mut config = Config::load(config_path).map_err(|e| {
+        eprintln!("pcrd: invalid configuration {}:", e.path.display());
+        for problem in &e.problems {
+            eprintln!("  - {problem}");
+        }
+        ExitCode::from(exit::USAGE)
+    })?;
+    if let Some(dir) = data_dir {
+        config.store.path = dir;
+    }
+    let kits = KitRegistry::load(config.kits_dir.as_deref()).map_err(|problems| {
+        eprintln!("pcrd: invalid kit definitions:");
+        for problem in &problems {
+            eprintln!("  - {problem}");
+        }
+        ExitCode::from(exit::USAGE)
+    })?;
+    Ok((config, kits))
+}
+
+/// Opens the store and the lab on it; on failure, prints why and returns the exit code.
+pub(super) fn open_lab(config: &Config, kits: KitRegistry) -> Result<Arc<Lab>, ExitCode> {
+    let fail = |e: crate::store::StoreError| {
+        tracing::error!(error = %e, "Cannot open the store.");
+        eprintln!("pcrd: {e}");
+        ExitCode::from(exit::STORE)
+    };
+    let store = Store::open(&config.store).map_err(fail)?;
+    Lab::open(store, kits, config.lab_id.clone()).map_err(fail)
+}
+
 pub(super) fn run(args: ServeArgs) -> ExitCode {
     crate::telemetry::init(args.log_json);
-    let mut config = match Config::load(&args.config) {
-        Ok(config) => config,
-        Err(e) => {
-            eprintln!("pcrd: invalid configuration {}:", e.path.display());
-            for problem in &e.problems {
-                eprintln!("  - {problem}");
-            }
-            return ExitCode::from(exit::USAGE);
-        }
+    let (mut config, kits) = match load(&args.config, args.data_dir) {
+        Ok(loaded) => loaded,
+        Err(code) => return code,
     };
     if let Some(listen) = args.listen {
         config.listen = listen;
     }
-    if let Some(dir) = args.data_dir {
-        config.store.path = dir;
-    }
-    let kits = match KitRegistry::load(config.kits_dir.as_deref()) {
-        Ok(kits) => kits,
-        Err(problems) => {
-            eprintln!("pcrd: invalid kit definitions:");
-            for problem in &problems {
-                eprintln!("  - {problem}");
-            }
-            return ExitCode::from(exit::USAGE);
-        }
-    };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -48,21 +67,11 @@ pub(super) fn run(args: ServeArgs) -> ExitCode {
         }
     };
     let started = std::time::Instant::now();
-    let store = match Store::open(&config.store) {
-        Ok(store) => store,
-        Err(e) => {
-            tracing::error!(error = %e, "Cannot open the store.");
-            eprintln!("pcrd: {e}");
-            return ExitCode::from(exit::STORE);
-        }
-    };
-    let lab = match Lab::open(store.clone(), kits, config.lab_id.clone()) {
+    let lab = match open_lab(&config, kits) {
         Ok(lab) => lab,
-        Err(e) => {
-            eprintln!("pcrd: {e}");
-            return ExitCode::from(exit::STORE);
-        }
+        Err(code) => return code,
     };
+    let store = lab.store().clone();
     tracing::info!(
         path = %config.store.path.display(),
         tubes = lab.tube_count(),
@@ -96,7 +105,12 @@ async fn serve(config: Config, lab: Arc<Lab>) -> ExitCode {
     println!("listening on http://{addr}");
     tracing::info!(%addr, lab = %config.lab_id, "pcrd is serving.");
     let app = crate::api::router(Arc::clone(&lab), config.users, config.max_body_bytes);
-    tokio::spawn(scrub_in_background(Arc::clone(&lab)));
+    if lab.store().clean_start() {
+        tracing::info!("The store was closed cleanly; skipping the full check.");
+    } else {
+        tracing::warn!("The store was not closed cleanly; reading every record to check it.");
+        tokio::spawn(scrub_in_background(Arc::clone(&lab)));
+    }
     // A store that can no longer make writes durable (a failed barrier, or damage found
     // by the scrub) stops the daemon: an operator must act, and a restart re-checks it.
     let store = lab.store().clone();
@@ -127,11 +141,12 @@ async fn serve(config: Config, lab: Arc<Lab>) -> ExitCode {
     }
 }
 
-/// Reads the whole store once after start-up. sled checks a page's checksum only when
-/// the page is read, so damage in old parts of the log would otherwise surface on some
-/// later request. Done in the background so that a large store does not delay the
-/// lab's start; on damage the store stops acknowledging writes at once and the daemon
-/// stops with the store's exit code.
+/// Reads the whole store once after a start that followed a crash. sled checks a
+/// page's checksum only when the page is read, so damage would otherwise surface on
+/// some later request. Done in the background so that a large store does not delay the
+/// lab's start (a million tubes take seconds, and sled keeps much of what it read in
+/// memory, which is why a clean start skips it); on damage the store stops
+/// acknowledging writes at once and the daemon stops with the store's exit code.
 async fn scrub_in_background(lab: Arc<Lab>) {
     let started = std::time::Instant::now();
     let checked = Arc::clone(&lab);

@@ -70,7 +70,12 @@ pub struct BarrierError(pub String);
 
 impl Barrier {
     /// Starts the sync thread for `db`, whose log file is `db_file`.
-    pub(crate) fn start(db: sled::Db, db_file: File, mark_file: File) -> std::io::Result<Barrier> {
+    pub(crate) fn start(
+        db: sled::Db,
+        db_file: File,
+        mark_file: Arc<File>,
+        head: Vec<u8>,
+    ) -> std::io::Result<Barrier> {
         let (progress, _) = watch::channel(Progress::Durable(0));
         let shared = Arc::new(Shared {
             issued: AtomicU64::new(0),
@@ -78,7 +83,7 @@ impl Barrier {
             wake_cv: Condvar::new(),
             progress,
             stats: BarrierStats::default(),
-            mark: Mutex::new((Vec::new(), false)),
+            mark: Mutex::new((head, false)),
             thread: Mutex::new(None),
         });
         let thread_shared = Arc::clone(&shared);
@@ -154,8 +159,9 @@ impl Barrier {
         ticket
     }
 
-    /// Stops the sync thread after the barriers already requested, and waits for it.
-    pub(crate) fn stop(&self) {
+    /// Stops the sync thread after the barriers already requested, waits for it, and
+    /// returns the newest mark set.
+    pub(crate) fn stop(&self) -> Vec<u8> {
         if let Ok(mut stop) = self.shared.wake.lock() {
             *stop = true;
         }
@@ -164,6 +170,11 @@ impl Barrier {
         if let Some(handle) = handle {
             let _ = handle.join();
         }
+        self.shared
+            .mark
+            .lock()
+            .map(|m| m.0.clone())
+            .unwrap_or_default()
     }
 }
 
@@ -211,6 +222,7 @@ fn sync_loop(shared: &Shared, db: &sled::Db, db_file: &File, mark_file: &File) {
                 durable = target;
                 // The mark only strengthens the check at open; failing to write it is
                 // not a reason to stop acknowledging durable writes.
+                let mark = mark.map(|head| super::mark::Mark { clean: false, head });
                 if let Some(Err(e)) = mark.map(|m| super::mark::write(mark_file, &m)) {
                     tracing::warn!(error = %e, "Could not update the store's high-water mark.");
                 }

@@ -14,6 +14,7 @@ mod mark;
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -106,7 +107,11 @@ pub struct Store {
     barrier: Barrier,
     path: PathBuf,
     /// The high-water mark found at open (see `mark.rs`).
-    opened_mark: Option<Vec<u8>>,
+    opened_mark: Option<mark::Mark>,
+    /// Whether the previous process closed the store cleanly (or it is new).
+    clean_start: bool,
+    /// For the final, clean mark written by `close`.
+    mark_file: Arc<File>,
 }
 
 impl Store {
@@ -155,19 +160,33 @@ impl Store {
         }
         let db_file = File::open(path.join("db")).map_err(unavailable)?;
         let opened_mark = mark::read(&path);
+        let clean_start = !existed || opened_mark.as_ref().is_some_and(|m| m.clean);
         let mark_file = std::fs::OpenOptions::new()
             .create(true)
             .truncate(false)
             .write(true)
             .open(path.join(mark::FILE_NAME))
             .map_err(unavailable)?;
-        let barrier = Barrier::start(db.clone(), db_file, mark_file).map_err(unavailable)?;
+        // From here until `close`, a crash must leave the mark saying so.
+        let open_mark = mark::Mark {
+            clean: false,
+            head: opened_mark
+                .as_ref()
+                .map(|m| m.head.clone())
+                .unwrap_or_default(),
+        };
+        mark::write_synced(&mark_file, &open_mark).map_err(unavailable)?;
+        let mark_file = Arc::new(mark_file);
+        let barrier = Barrier::start(db.clone(), db_file, Arc::clone(&mark_file), open_mark.head)
+            .map_err(unavailable)?;
         let store = Store {
             db,
             trees,
             barrier,
             path: path.clone(),
             opened_mark,
+            clean_start,
+            mark_file,
         };
         if !existed {
             // A new store: its files' directory entries must survive a power cut too.
@@ -207,7 +226,16 @@ impl Store {
     /// run knew to be durable, as set with [`Store::set_mark`]. `None` for a new store
     /// or an unreadable mark.
     pub fn opened_mark(&self) -> Option<&[u8]> {
-        self.opened_mark.as_deref()
+        self.opened_mark
+            .as_ref()
+            .map(|m| m.head.as_slice())
+            .filter(|head| !head.is_empty())
+    }
+
+    /// Whether the previous process closed this store cleanly (true for a new store).
+    /// After a crash, callers should read every record before trusting it.
+    pub fn clean_start(&self) -> bool {
+        self.clean_start
     }
 
     /// Records what the next durability barrier makes durable (at most 64 bytes). Call
@@ -242,9 +270,16 @@ impl Store {
 
     /// Flushes and stops the sync thread. Called on orderly shutdown.
     pub fn close(&self) -> Result<(), StoreError> {
-        self.barrier.stop();
+        let head = self.barrier.stop();
         self.db.flush()?;
-        Ok(())
+        let io = |source| StoreError::Unavailable {
+            path: self.path.clone(),
+            source,
+        };
+        File::open(self.path.join("db"))
+            .and_then(|f| f.sync_data())
+            .map_err(io)?;
+        mark::write_synced(&self.mark_file, &mark::Mark { clean: true, head }).map_err(io)
     }
 }
 
