@@ -197,9 +197,22 @@ enum T {
     Waiting,
     Plates,
     Audit,
-    AuditByTube,
     AuditByPlate,
     Meta,
+}
+
+/// Sequence numbers of the audit entries one draft becomes (a draft listing many
+/// tubes is split into entries of `AUDIT_TUBES_PER_ENTRY`).
+#[derive(Clone, Copy, Debug)]
+struct AuditSeqs {
+    first: u64,
+}
+
+impl AuditSeqs {
+    /// The entry that lists the draft's `index`-th tube.
+    fn of_tube(self, index: usize) -> u64 {
+        self.first + (index / AUDIT_TUBES_PER_ENTRY) as u64
+    }
 }
 
 /// Everything one operation will write.
@@ -207,6 +220,8 @@ enum T {
 struct Changes {
     writes: Vec<(T, Vec<u8>, Option<Vec<u8>>)>,
     audit: Vec<AuditDraft>,
+    /// The sequence number the next audit entry will get.
+    next_seq: u64,
     plate_counter: Option<u64>,
     /// Tubes this change adds to the `tubes` tree.
     tubes_added: u64,
@@ -215,6 +230,12 @@ struct Changes {
 }
 
 impl Changes {
+    fn new(next_seq: u64) -> Changes {
+        Changes {
+            next_seq,
+            ..Changes::default()
+        }
+    }
     fn put<V: Versioned>(&mut self, tree: T, key: impl Into<Vec<u8>>, value: &V) {
         self.writes.push((tree, key.into(), Some(encode(value))));
     }
@@ -224,19 +245,26 @@ impl Changes {
     fn remove(&mut self, tree: T, key: impl Into<Vec<u8>>) {
         self.writes.push((tree, key.into(), None));
     }
+    /// Plans an audit entry (several, for many tubes) and says which sequence numbers
+    /// they will have, so that tube records can point at them in the same transaction.
     fn audit(
         &mut self,
         action: &'static str,
         plate: Option<&PlateId>,
         tubes: Vec<Barcode>,
         detail: String,
-    ) {
+    ) -> AuditSeqs {
+        let seqs = AuditSeqs {
+            first: self.next_seq,
+        };
+        self.next_seq += tubes.len().div_ceil(AUDIT_TUBES_PER_ENTRY).max(1) as u64;
         self.audit.push(AuditDraft {
             action,
             plate: plate.cloned(),
             tubes,
             detail,
         });
+        seqs
     }
     /// Queues a tube for plating.
     fn enqueue(&mut self, tube: &TubeRecord) {
@@ -404,7 +432,7 @@ impl Lab {
                 .writer
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
-            let mut changes = Changes::default();
+            let mut changes = Changes::new(writer.next_seq);
             let at = now();
             let result = op(&lab, &mut writer, &mut changes, at)?;
             lab.commit(&mut writer, changes, &actor, at)?;
@@ -453,9 +481,6 @@ impl Lab {
                 entry.hash = entry.compute_hash();
                 head = entry.hash;
                 let seq_key = seq.to_be_bytes();
-                for tube in &entry.tubes {
-                    changes.put_raw(T::AuditByTube, index_key(tube.as_str(), seq), Vec::new());
-                }
                 if let Some(plate) = &entry.plate {
                     changes.put_raw(T::AuditByPlate, index_key(plate.as_str(), seq), Vec::new());
                 }
@@ -464,6 +489,7 @@ impl Lab {
                 seq += 1;
             }
         }
+        debug_assert_eq!(seq, changes.next_seq, "audit sequence numbers as planned");
         if let Some(counter) = changes.plate_counter {
             changes.put_raw(T::Meta, META_PLATE_COUNTER, counter.to_be_bytes().to_vec());
         }
@@ -497,7 +523,6 @@ impl Lab {
             t.waiting.clone(),
             t.plates.clone(),
             t.audit.clone(),
-            t.audit_by_tube.clone(),
             t.audit_by_plate.clone(),
             t.meta.clone(),
         ];
@@ -607,7 +632,16 @@ impl Lab {
                 return Err(LabError::invalid("filter by plate or by tube, not both"));
             }
             (Some(id), None) => index_seqs(&trees.audit_by_plate, id, before, limit)?,
-            (None, Some(barcode)) => index_seqs(&trees.audit_by_tube, barcode, before, limit)?,
+            (None, Some(barcode)) => {
+                // Like an unknown plate, an unknown tube simply has no entries.
+                let tube = match Barcode::new(barcode.as_str()) {
+                    Ok(barcode) => self.load_tube(&barcode)?,
+                    Err(_) => None,
+                };
+                let history = tube.map(|t| t.history).unwrap_or_default();
+                let older = history.iter().copied().filter(|seq| *seq < before);
+                older.rev().take(limit).collect()
+            }
             (None, None) => {
                 let mut seqs = Vec::new();
                 for item in trees.audit.range(..before.to_be_bytes()).rev().take(limit) {
@@ -661,7 +695,7 @@ impl Lab {
             .waiting
             .iter()
             .try_fold(0u64, |n, item| item.map(|_| n + 1))?;
-        for tree in [&t.audit_by_tube, &t.audit_by_plate, &t.meta] {
+        for tree in [&t.audit_by_plate, &t.meta] {
             for item in tree.iter() {
                 item?;
             }
@@ -775,19 +809,20 @@ impl Lab {
                         LabError::invalid_all(message, problems)
                     });
                 }
-                for tube in fresh.values() {
-                    changes.put_tube(tube);
-                    changes.enqueue(tube);
-                }
-                changes.tubes_added = fresh.len() as u64;
-                outcome.received = fresh.into_keys().collect();
+                outcome.received = fresh.keys().cloned().collect();
                 if !outcome.received.is_empty() {
                     let detail = match outcome.received.as_slice() {
                         [one] => format!("received tube {one}"),
                         many => format!("received {} tubes", many.len()),
                     };
-                    changes.audit("tube.received", None, outcome.received.clone(), detail);
+                    let seqs = changes.audit("tube.received", None, outcome.received.clone(), detail);
+                    for (i, tube) in fresh.values_mut().enumerate() {
+                        tube.history.push(seqs.of_tube(i));
+                        changes.put_tube(tube);
+                        changes.enqueue(tube);
+                    }
                 }
+                changes.tubes_added = fresh.len() as u64;
                 Ok(outcome)
             })
             .await?;
@@ -988,7 +1023,17 @@ impl Lab {
     ) {
         plate.layout = layout.clone();
         changes.put_plate(plate);
-        for (well, barcode) in placed {
+        let detail = match placed {
+            [(well, barcode)] => format!("put tube {barcode} in well {well} of plate {}", plate.id),
+            _ => format!("put {} tubes on plate {}", placed.len(), plate.id),
+        };
+        let seqs = changes.audit(
+            action,
+            Some(&plate.id),
+            placed.iter().map(|(_, b)| b.clone()).collect(),
+            detail,
+        );
+        for (i, (well, barcode)) in placed.iter().enumerate() {
             if let Some(tube) = records.get(barcode) {
                 let mut tube = tube.clone();
                 changes.dequeue(&tube);
@@ -996,19 +1041,10 @@ impl Lab {
                     plate: plate.id.clone(),
                     well: *well,
                 });
+                tube.history.push(seqs.of_tube(i));
                 changes.put_tube(&tube);
             }
         }
-        let detail = match placed {
-            [(well, barcode)] => format!("put tube {barcode} in well {well} of plate {}", plate.id),
-            _ => format!("put {} tubes on plate {}", placed.len(), plate.id),
-        };
-        changes.audit(
-            action,
-            Some(&plate.id),
-            placed.iter().map(|(_, b)| b.clone()).collect(),
-            detail,
-        );
     }
 
     /// Takes samples off an open plate; they wait for a plate again.
@@ -1046,14 +1082,7 @@ impl Lab {
             }
             plate.layout = layout;
             changes.put_plate(&plate);
-            for (_, barcode) in &removed {
-                if let Some(mut tube) = lab.load_tube(barcode)? {
-                    tube.placement = None;
-                    changes.enqueue(&tube);
-                    changes.put_tube(&tube);
-                }
-            }
-            changes.audit(
+            let seqs = changes.audit(
                 "plate.unassigned",
                 Some(&plate.id),
                 removed.iter().map(|(_, b)| b.clone()).collect(),
@@ -1067,6 +1096,14 @@ impl Lab {
                     plate.id
                 ),
             );
+            for (i, (_, barcode)) in removed.iter().enumerate() {
+                if let Some(mut tube) = lab.load_tube(barcode)? {
+                    tube.placement = None;
+                    tube.history.push(seqs.of_tube(i));
+                    changes.enqueue(&tube);
+                    changes.put_tube(&tube);
+                }
+            }
             Ok(removed)
         })
         .await
@@ -1371,6 +1408,7 @@ fn parse_intake(
         received_at: at,
         received_by: user.to_string(),
         placement: None,
+        history: Vec::new(),
     })
 }
 

@@ -66,6 +66,10 @@ pub struct TubeRecord {
     pub received_by: String,
     /// The sample (extraction) plate the tube was put on; `None` while it waits.
     pub placement: Option<Placement>,
+    /// Sequence numbers of the audit entries about this tube, oldest first. Kept in the
+    /// record (rewritten by every change to the tube anyway) rather than in an index
+    /// tree: a million tubes then cost a million fewer keys.
+    pub history: Vec<u64>,
 }
 
 impl Versioned for TubeRecord {
@@ -213,6 +217,7 @@ mod tests {
                 plate: PlateId::new("PL-000001").unwrap(),
                 well: "B3".parse().unwrap(),
             }),
+            history: vec![1, 7],
         };
         let bytes = encode(&tube);
         assert_eq!(bytes[0], TubeRecord::VERSION);
@@ -272,6 +277,7 @@ mod tests {
             received_at: Timestamp::from_millis(received),
             received_by: "t".into(),
             placement: None,
+            history: Vec::new(),
         };
         let mut tubes = [
             tube("ROUT-NODUE", Priority::Routine, None, 1),

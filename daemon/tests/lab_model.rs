@@ -75,7 +75,6 @@ fn snapshot(lab: &Lab) -> Snapshot {
         ("waiting", &t.waiting),
         ("plates", &t.plates),
         ("audit", &t.audit),
-        ("audit_by_tube", &t.audit_by_tube),
         ("audit_by_plate", &t.audit_by_plate),
         ("meta", &t.meta),
     ];
@@ -165,6 +164,20 @@ fn check_invariants(lab: &Lab) {
         .unwrap();
     for (i, entry) in entries.iter().enumerate() {
         assert_eq!(entry.seq, i as u64 + 1, "audit sequence has a gap");
+    }
+    // Each tube's history names exactly the entries that list it, in order.
+    let mut listed: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+    for entry in &entries {
+        for tube in &entry.tubes {
+            listed.entry(tube.to_string()).or_default().push(entry.seq);
+        }
+    }
+    for (barcode, tube) in &tubes {
+        assert_eq!(
+            listed.get(barcode).cloned().unwrap_or_default(),
+            tube.history,
+            "history of {barcode} disagrees with the audit trail"
+        );
     }
     // Every stored tube has its receipt in its own audit trail.
     for barcode in tubes.keys() {

@@ -82,8 +82,6 @@ pub struct Trees {
     pub plates: sled::Tree,
     /// sequence (u64 BE) -> `AuditEntry`
     pub audit: sled::Tree,
-    /// barcode ++ 0x00 ++ sequence (u64 BE) -> empty
-    pub audit_by_tube: sled::Tree,
     /// plate id ++ 0x00 ++ sequence (u64 BE) -> empty
     pub audit_by_plate: sled::Tree,
     /// name -> value (schema version, counters, the audit chain's head)
@@ -134,7 +132,6 @@ impl Store {
             waiting: db.open_tree("waiting")?,
             plates: db.open_tree("plates")?,
             audit: db.open_tree("audit")?,
-            audit_by_tube: db.open_tree("audit_by_tube")?,
             audit_by_plate: db.open_tree("audit_by_plate")?,
             meta: db.open_tree("meta")?,
         };
