@@ -12,7 +12,10 @@
 //!
 //! Every figure is printed as one machine-readable line:
 //! `BENCH <name> <value> <unit> runs=<each run>` (value = median of the runs), and again
-//! in a summary at the end. BENCHMARKS.md records the figures and the commands.
+//! in a summary at the end, followed by `GOAL <name> <value> <op> <target> met|MISSED`
+//! for the goals. Peers (bare sled, pcrd's `Lab` without HTTP) run in child
+//! processes of this binary (`--peer ...`), so each starts with a fresh heap and its
+//! memory can be measured. BENCHMARKS.md records the figures and the commands.
 //!
 //! Without `--bench` (as `cargo test --all-targets` runs it) it only says it was
 //! skipped: it is a benchmark, not a test.
@@ -94,7 +97,7 @@ fn main() -> Result<()> {
         "# summary (median of runs; {:.0} s in all)",
         started.elapsed().as_secs_f64()
     );
-    for line in &report.lines {
+    for line in report.lines.iter().chain(&report.goals) {
         println!("{line}");
     }
     Ok(())
@@ -129,6 +132,7 @@ impl Knobs {
 #[derive(Debug, Default)]
 struct Report {
     lines: Vec<String>,
+    goals: Vec<String>,
 }
 
 impl Report {
@@ -153,6 +157,22 @@ impl Report {
     fn push(&mut self, line: String) {
         println!("{line}");
         self.lines.push(line);
+    }
+
+    /// Checks a figure against the goal: `GOAL <name> <value> <op> <target> met|MISSED`.
+    fn goal(&mut self, name: &str, value: f64, op: &str, target: f64) {
+        let met = match op {
+            ">=" => value >= target,
+            _ => value <= target,
+        };
+        let line = format!(
+            "GOAL {name} {} {op} {} {}",
+            fmt_num(value),
+            fmt_num(target),
+            if met { "met" } else { "MISSED" }
+        );
+        println!("{line}");
+        self.goals.push(line);
     }
 }
 
@@ -200,6 +220,8 @@ fn tube_record(code: &str, at: Timestamp) -> Result<TubeRecord> {
         received_at: at,
         received_by: "tina".into(),
         placement: None,
+        // A received tube's history: its receipt.
+        history: vec![1],
     })
 }
 
@@ -246,6 +268,32 @@ fn disk_usage(path: &Path) -> Result<(u64, u64)> {
     Ok((allocated, apparent))
 }
 
+/// CPU time (user + system) a process (`pid` or "self") has used, in seconds.
+fn cpu_secs(pid: &str) -> Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // After the command name (in parentheses) come field 3 (state) onwards; utime and
+    // stime are fields 14 and 15.
+    let rest = stat.rsplit_once(')').context("/proc stat")?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = fields.get(11).context("utime")?.parse::<f64>()?
+        + fields.get(12).context("stime")?.parse::<f64>()?;
+    Ok(ticks / clock_ticks_per_sec())
+}
+
+/// The kernel's clock ticks per second (`getconf CLK_TCK`; 100 if that fails).
+fn clock_ticks_per_sec() -> f64 {
+    static TICKS: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+    *TICKS.get_or_init(|| {
+        Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8(o.stdout).ok())
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(100.0)
+    })
+}
+
 fn sled_config(path: &Path) -> sled::Config {
     // The same settings pcrd's store uses.
     sled::Config::new()
@@ -263,6 +311,9 @@ struct Daemon {
     child: Option<Child>,
     url: String,
     dir: tempfile::TempDir,
+    /// Length of stderr.log when the current process was spawned.
+    log_offset: usize,
+    spawned_at: Instant,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -298,6 +349,8 @@ impl Daemon {
             child: None,
             url: String::new(),
             dir,
+            log_offset: 0,
+            spawned_at: Instant::now(),
         };
         daemon.spawn()?;
         Ok(daemon)
@@ -314,7 +367,9 @@ impl Daemon {
             .create(true)
             .append(true)
             .open(self.dir.path().join("stderr.log"))?;
+        self.log_offset = self.log().len();
         let started = Instant::now();
+        self.spawned_at = started;
         let mut child = Command::new(pcrd_bin())
             .arg("serve")
             .arg("--config")
@@ -360,6 +415,11 @@ impl Daemon {
         Mem::of(&self.pid()?.to_string())
     }
 
+    /// CPU time (user + system) the daemon has used so far, in seconds.
+    fn cpu_secs(&self) -> Result<f64> {
+        cpu_secs(&self.pid()?.to_string())
+    }
+
     /// Waits until the daemon answers GET /healthz.
     async fn ready(&self) -> Result<()> {
         self.client()?
@@ -385,8 +445,27 @@ impl Daemon {
         Ok(started.elapsed())
     }
 
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("stderr.log")).unwrap_or_default()
+    }
+
+    /// Waits (up to `timeout`) for a log line of the current process containing
+    /// `needle`; returns the time from spawn until it was seen (polled every 10 ms).
+    fn wait_for_log(&self, needle: &str, timeout: Duration) -> Option<Duration> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.log().get(self.log_offset..)?.contains(needle) {
+                return Some(self.spawned_at.elapsed());
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     fn stderr_tail(&self) -> String {
-        let log = std::fs::read_to_string(self.dir.path().join("stderr.log")).unwrap_or_default();
+        let log = self.log();
         let lines: Vec<&str> = log.lines().collect();
         lines[lines.len().saturating_sub(15)..].join("\n")
     }
@@ -539,7 +618,10 @@ fn peer_main(args: &[String]) -> Result<()> {
     let kind = args.first().context("peer kind")?.as_str();
     let mut out: Vec<(&str, f64)> = match kind {
         "apply_batch" => vec![("tubes_per_s", peer_apply_batch(num(1)?, num(2)?)?)],
-        "write_set" => vec![("tubes_per_s", peer_write_set(num(1)?, num(2)?)?)],
+        "write_set" => vec![("tubes_per_s", peer_write_set(num(1)?, num(2)?, true)?)],
+        "write_set_without_audit_by_tube" => {
+            vec![("tubes_per_s", peer_write_set(num(1)?, num(2)?, false)?)]
+        }
         "lab" => {
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
@@ -549,8 +631,17 @@ fn peer_main(args: &[String]) -> Result<()> {
             vec![("tubes_per_s", rate)]
         }
         "single" => {
-            let (rate, p50, p99) = peer_single(num(1)?, Duration::from_secs(num(2)? as u64))?;
-            vec![("records_per_s", rate), ("p50_ms", p50), ("p99_ms", p99)]
+            let cpu_before = cpu_secs("self")?;
+            let duration = Duration::from_secs(num(2)? as u64);
+            let (rate, p50, p99) = peer_single(num(1)?, duration)?;
+            let cpu = cpu_secs("self")? - cpu_before;
+            let cpu_us = cpu / (rate * duration.as_secs_f64()) * 1e6;
+            vec![
+                ("records_per_s", rate),
+                ("p50_ms", p50),
+                ("p99_ms", p99),
+                ("cpu_us_per_record", cpu_us),
+            ]
         }
         "load" => {
             let dir = Path::new(args.get(1).context("dir")?);
@@ -564,6 +655,7 @@ fn peer_main(args: &[String]) -> Result<()> {
         other => bail!("unknown peer {other:?}"),
     };
     let mem = Mem::of("self")?;
+    out.push(("cpu_s", cpu_secs("self")?));
     out.push(("rss_kb", mem.rss_kb as f64));
     out.push(("hwm_kb", mem.hwm_kb as f64));
     let fields: Vec<String> = out.iter().map(|(k, v)| format!("{k}={v}")).collect();
@@ -580,6 +672,7 @@ fn disk(report: &mut Report) -> Result<()> {
     let mut file = File::create(dir.path().join("f"))?;
     let block = vec![7u8; 4096];
     let mut lat = Vec::new();
+    let cpu_before = cpu_secs("self")?;
     let deadline = Instant::now() + Duration::from_secs(3);
     while Instant::now() < deadline {
         let t = Instant::now();
@@ -587,8 +680,14 @@ fn disk(report: &mut Report) -> Result<()> {
         file.sync_data()?;
         lat.push(t.elapsed());
     }
+    let cpu = cpu_secs("self")? - cpu_before;
     lat.sort();
     let secs = lat.iter().sum::<Duration>().as_secs_f64();
+    report.one(
+        "disk.fdatasync_4k.cpu_us_per_op",
+        "us",
+        cpu / lat.len() as f64 * 1e6,
+    );
     report.one(
         "disk.fdatasync_4k.ops_per_s",
         "ops/s",
@@ -615,6 +714,7 @@ fn batch(rt: &tokio::runtime::Runtime, knobs: &Knobs, report: &mut Report) -> Re
         println!("\n# batch: {tubes} tubes in batches of {batch}");
         let (mut sled_runs, mut sled_hwm) = (Vec::new(), Vec::new());
         let (mut set_runs, mut set_hwm) = (Vec::new(), Vec::new());
+        let mut two_key_runs = Vec::new();
         for _ in 0..knobs.runs {
             let p = run_peer(&["apply_batch".into(), tubes.to_string(), batch.to_string()])?;
             sled_runs.push(p.get("tubes_per_s")?);
@@ -622,6 +722,12 @@ fn batch(rt: &tokio::runtime::Runtime, knobs: &Knobs, report: &mut Report) -> Re
             let p = run_peer(&["write_set".into(), tubes.to_string(), batch.to_string()])?;
             set_runs.push(p.get("tubes_per_s")?);
             set_hwm.push(p.get("hwm_kb")? / 1024.0);
+            let p = run_peer(&[
+                "write_set_without_audit_by_tube".into(),
+                tubes.to_string(),
+                batch.to_string(),
+            ])?;
+            two_key_runs.push(p.get("tubes_per_s")?);
         }
         let ceiling = report.runs(
             &format!("batch.b{batch}.peer_sled_apply_batch.tubes_per_s"),
@@ -643,9 +749,14 @@ fn batch(rt: &tokio::runtime::Runtime, knobs: &Knobs, report: &mut Report) -> Re
             "MB",
             &set_hwm,
         );
+        report.runs(
+            &format!("batch.b{batch}.peer_sled_pcrd_write_set_without_audit_by_tube.tubes_per_s"),
+            "tubes/s",
+            &two_key_runs,
+        );
         for clients in [1usize, 2] {
             let (mut api_runs, mut api_hwm, mut sharing) = (Vec::new(), Vec::new(), Vec::new());
-            let (mut lab_runs, mut lab_hwm) = (Vec::new(), Vec::new());
+            let (mut lab_runs, mut lab_hwm, mut cpu) = (Vec::new(), Vec::new(), Vec::new());
             for _ in 0..knobs.runs {
                 let p = run_peer(&[
                     "lab".into(),
@@ -659,6 +770,7 @@ fn batch(rt: &tokio::runtime::Runtime, knobs: &Knobs, report: &mut Report) -> Re
                 api_runs.push(run.tubes_per_s);
                 api_hwm.push(run.hwm_kb as f64 / 1024.0);
                 sharing.push(run.commits_per_barrier);
+                cpu.push(run.cpu_us);
             }
             let lab = report.runs(
                 &format!("batch.b{batch}.c{clients}.lab_in_process.tubes_per_s"),
@@ -670,11 +782,9 @@ fn batch(rt: &tokio::runtime::Runtime, knobs: &Knobs, report: &mut Report) -> Re
                 "MB",
                 &lab_hwm,
             );
-            let api = report.runs(
-                &format!("batch.b{batch}.c{clients}.api.tubes_per_s"),
-                "tubes/s",
-                &api_runs,
-            );
+            let name = format!("batch.b{batch}.c{clients}.api.tubes_per_s");
+            let api = report.runs(&name, "tubes/s", &api_runs);
+            report.goal(&name, api, ">=", 50_000.0);
             report.runs(
                 &format!("batch.b{batch}.c{clients}.api.hwm_mb"),
                 "MB",
@@ -684,6 +794,11 @@ fn batch(rt: &tokio::runtime::Runtime, knobs: &Knobs, report: &mut Report) -> Re
                 &format!("batch.b{batch}.c{clients}.api.commits_per_barrier"),
                 "commits/barrier",
                 &sharing,
+            );
+            report.runs(
+                &format!("batch.b{batch}.c{clients}.api.daemon_cpu_us_per_tube"),
+                "us",
+                &cpu,
             );
             report.one(
                 &format!("batch.b{batch}.c{clients}.ratio_api_to_sled_apply_batch"),
@@ -710,12 +825,16 @@ struct ApiRun {
     tubes_per_s: f64,
     commits_per_barrier: f64,
     hwm_kb: u64,
+    /// Daemon CPU time per tube, in microseconds.
+    cpu_us: f64,
 }
 
 /// One API run on a fresh store.
 async fn api_batch_run(tubes: usize, batch: usize, clients: usize) -> Result<ApiRun> {
     let daemon = Daemon::start()?;
+    let cpu_before = daemon.cpu_secs()?;
     let elapsed = post_tubes(&daemon.url, "BT", 0, tubes, batch, clients).await?;
+    let cpu = daemon.cpu_secs()? - cpu_before;
     let m = daemon.metrics().await?;
     let received = m.get("pcrd_tubes_received_total")?;
     ensure!(
@@ -727,6 +846,7 @@ async fn api_batch_run(tubes: usize, batch: usize, clients: usize) -> Result<Api
         commits_per_barrier: m.get("pcrd_store_barrier_waiters_total")?
             / m.get("pcrd_store_barriers_total")?,
         hwm_kb: daemon.mem()?.hwm_kb,
+        cpu_us: cpu / tubes as f64 * 1e6,
     })
 }
 
@@ -812,8 +932,9 @@ fn peer_apply_batch(tubes: usize, batch: usize) -> Result<f64> {
 /// Bare sled with pcrd's write set: per tube the tube record, the waiting-index key and
 /// the audit-by-tube key; per 1,000 tubes an audit entry and the audit head; all in one
 /// transaction per batch across the trees, then flush + fdatasync. The difference to
-/// the API is validation, hashing, JSON and HTTP.
-fn peer_write_set(tubes: usize, batch: usize) -> Result<f64> {
+/// the API is validation, hashing, JSON and HTTP. Without `audit_by_tube` it leaves out
+/// the audit-by-tube keys, to show what one key less per tube would buy.
+fn peer_write_set(tubes: usize, batch: usize, audit_by_tube: bool) -> Result<f64> {
     let dir = tempfile::tempdir()?;
     let (db, db_file) = peer_db(dir.path())?;
     let names = ["tubes", "waiting", "audit", "audit_by_tube", "meta"];
@@ -835,7 +956,7 @@ fn peer_write_set(tubes: usize, batch: usize) -> Result<f64> {
             writes.push((1, r.waiting_key(), Vec::new()));
         }
         for chunk in records.chunks(AUDIT_TUBES_PER_ENTRY) {
-            for r in chunk {
+            for r in chunk.iter().filter(|_| audit_by_tube) {
                 let mut key = r.barcode.as_str().as_bytes().to_vec();
                 key.push(0);
                 key.extend_from_slice(&seq.to_be_bytes());
@@ -920,14 +1041,15 @@ fn single(rt: &tokio::runtime::Runtime, knobs: &Knobs, report: &mut Report) -> R
         let script = scripts.path().join("receive.lua");
         std::fs::write(&script, WRK_SCRIPT)?;
         for connections in [1usize, 8, 32] {
-            let (mut rps, mut p50, mut p99, mut sharing) =
-                (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+            let (mut rps, mut p50, mut p99, mut sharing, mut cpu) =
+                (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
             for run in 0..knobs.runs {
                 let r = rt.block_on(wrk_run(&script, connections, run, knobs.secs))?;
                 rps.push(r.rps);
                 p50.push(r.p50_ms);
                 p99.push(r.p99_ms);
                 sharing.push(r.commits_per_barrier);
+                cpu.push(r.cpu_us);
             }
             report.runs(
                 &format!("single.c{connections}.api.requests_per_s"),
@@ -941,20 +1063,46 @@ fn single(rt: &tokio::runtime::Runtime, knobs: &Knobs, report: &mut Report) -> R
                 "commits/barrier",
                 &sharing,
             );
+            report.runs(
+                &format!("single.c{connections}.api.daemon_cpu_us_per_request"),
+                "us",
+                &cpu,
+            );
         }
     }
+    // pcrd's Lab in-process, one tube per receive_tubes call: the daemon without HTTP.
+    let tubes = (knobs.secs as usize * 400).max(1_000);
+    for clients in [1usize, 8] {
+        let (mut rates, mut cpu) = (Vec::new(), Vec::new());
+        for _ in 0..knobs.runs {
+            let p = run_peer(&[
+                "lab".into(),
+                tubes.to_string(),
+                "1".into(),
+                clients.to_string(),
+            ])?;
+            rates.push(p.get("tubes_per_s")?);
+            cpu.push(p.get("cpu_s")? / tubes as f64 * 1e6);
+        }
+        let name = format!("single.c{clients}.lab_in_process");
+        report.runs(&format!("{name}.tubes_per_s"), "tubes/s", &rates);
+        report.runs(&format!("{name}.cpu_us_per_tube"), "us", &cpu);
+    }
     for threads in [1usize, 8] {
-        let (mut rates, mut p50, mut p99) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut rates, mut p50, mut p99, mut cpu) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for _ in 0..knobs.runs {
             let p = run_peer(&["single".into(), threads.to_string(), knobs.secs.to_string()])?;
             rates.push(p.get("records_per_s")?);
             p50.push(p.get("p50_ms")?);
             p99.push(p.get("p99_ms")?);
+            cpu.push(p.get("cpu_us_per_record")?);
         }
         let name = format!("single.t{threads}.peer_sled_insert_flush_fdatasync");
         report.runs(&format!("{name}.records_per_s"), "records/s", &rates);
         report.runs(&format!("{name}.p50_ms"), "ms", &p50);
         report.runs(&format!("{name}.p99_ms"), "ms", &p99);
+        report.runs(&format!("{name}.cpu_us_per_record"), "us", &cpu);
     }
     Ok(())
 }
@@ -965,6 +1113,8 @@ struct WrkRun {
     p50_ms: f64,
     p99_ms: f64,
     commits_per_barrier: f64,
+    /// Daemon CPU time per request, in microseconds.
+    cpu_us: f64,
 }
 
 async fn wrk_run(script: &Path, connections: usize, run: usize, secs: u64) -> Result<WrkRun> {
@@ -972,6 +1122,7 @@ async fn wrk_run(script: &Path, connections: usize, run: usize, secs: u64) -> Re
     // wrk needs at least as many connections as threads.
     let threads = connections.min(2);
     let tag = format!("{connections}r{run}");
+    let cpu_before = daemon.cpu_secs()?;
     let out = tokio::process::Command::new("wrk")
         .arg(format!("-t{threads}"))
         .arg(format!("-c{connections}"))
@@ -1021,6 +1172,7 @@ async fn wrk_run(script: &Path, connections: usize, run: usize, secs: u64) -> Re
         !stdout.contains("Non-2xx"),
         "wrk saw non-2xx responses:\n{stdout}"
     );
+    let cpu = daemon.cpu_secs()? - cpu_before;
     let m = daemon.metrics().await?;
     let ok = m.get("pcrd_http_responses_total{class=\"2xx\"}")?;
     let bad = m.get("pcrd_http_responses_total{class=\"4xx\"}")?
@@ -1042,6 +1194,7 @@ async fn wrk_run(script: &Path, connections: usize, run: usize, secs: u64) -> Re
         p50_ms: field("p50_us")? / 1e3,
         p99_ms: field("p99_us")? / 1e3,
         commits_per_barrier: waiters / barriers,
+        cpu_us: cpu / received * 1e6,
     })
 }
 
@@ -1118,11 +1271,9 @@ fn footprint(rt: &tokio::runtime::Runtime, knobs: &Knobs, report: &mut Report) -
         load as f64 / elapsed.as_secs_f64(),
     );
     let loaded = daemon.mem()?;
-    report.one(
-        &format!("footprint.{k}.after_load.rss_mb"),
-        "MB",
-        loaded.rss_kb as f64 / 1024.0,
-    );
+    let name = format!("footprint.{k}.after_load.rss_mb");
+    let rss = report.one(&name, "MB", loaded.rss_kb as f64 / 1024.0);
+    report.goal(&name, rss, "<=", 64.0);
     report.one(
         &format!("footprint.{k}.after_load.hwm_mb"),
         "MB",
@@ -1162,7 +1313,11 @@ fn footprint(rt: &tokio::runtime::Runtime, knobs: &Knobs, report: &mut Report) -
         allocated as f64 / 1e6,
     );
 
+    // pcrd checks the whole store after start-up (in the background since the store
+    // check landed): wait for its log line, then measure memory.
+    const CHECKED: &str = "Store check passed";
     let (mut starts, mut answers, mut rss_start) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut checked, mut rss_checked) = (Vec::new(), Vec::new());
     for i in 0..5 {
         let spawned = Instant::now();
         let took = daemon.spawn()?;
@@ -1170,6 +1325,13 @@ fn footprint(rt: &tokio::runtime::Runtime, knobs: &Knobs, report: &mut Report) -
         starts.push(took.as_secs_f64() * 1e3);
         answers.push(spawned.elapsed().as_secs_f64() * 1e3);
         rss_start.push(daemon.mem()?.rss_kb as f64 / 1024.0);
+        match daemon.wait_for_log(CHECKED, Duration::from_secs(120)) {
+            Some(t) => {
+                checked.push(t.as_secs_f64() * 1e3);
+                rss_checked.push(daemon.mem()?.rss_kb as f64 / 1024.0);
+            }
+            None => println!("# no {CHECKED:?} log line within 120 s"),
+        }
         if i < 4 {
             // SIGTERM right after start-up can land before pcrd installs its handler
             // (see BENCHMARKS.md); give it a moment.
@@ -1177,7 +1339,9 @@ fn footprint(rt: &tokio::runtime::Runtime, knobs: &Knobs, report: &mut Report) -
             daemon.terminate()?;
         }
     }
-    let startup = report.runs(&format!("footprint.{k}.startup_ms"), "ms", &starts);
+    let name = format!("footprint.{k}.startup_ms");
+    let startup = report.runs(&name, "ms", &starts);
+    report.goal(&name, startup, "<=", 2_000.0);
     report.runs(
         &format!("footprint.{k}.startup_to_first_answer_ms"),
         "ms",
@@ -1188,6 +1352,16 @@ fn footprint(rt: &tokio::runtime::Runtime, knobs: &Knobs, report: &mut Report) -
         "MB",
         &rss_start,
     );
+    if !checked.is_empty() {
+        let name = format!("footprint.{k}.startup_to_store_checked_ms");
+        let done = report.runs(&name, "ms", &checked);
+        report.goal(&name, done, "<=", 2_000.0);
+        report.runs(
+            &format!("footprint.{k}.after_restart_and_store_check.rss_mb"),
+            "MB",
+            &rss_checked,
+        );
+    }
     let reads = 20_000;
     let read_rate = rt.block_on(random_reads(&daemon.url, load, reads))?;
     report.one(
@@ -1196,16 +1370,27 @@ fn footprint(rt: &tokio::runtime::Runtime, knobs: &Knobs, report: &mut Report) -
         read_rate,
     );
     let read = daemon.mem()?;
-    report.one(
-        &format!("footprint.{k}.after_restart_and_{reads}_reads.rss_mb"),
-        "MB",
-        read.rss_kb as f64 / 1024.0,
-    );
+    let name = format!("footprint.{k}.after_restart_and_{reads}_reads.rss_mb");
+    let rss = report.one(&name, "MB", read.rss_kb as f64 / 1024.0);
+    report.goal(&name, rss, "<=", 64.0);
     report.one(
         &format!("footprint.{k}.after_restart_and_{reads}_reads.hwm_mb"),
         "MB",
         read.hwm_kb as f64 / 1024.0,
     );
+    daemon.terminate()?;
+    // A stop requested while the start-up store check still runs.
+    daemon.spawn()?;
+    rt.block_on(daemon.ready())?;
+    std::thread::sleep(Duration::from_millis(100));
+    let stop = daemon.terminate()?;
+    report.one(
+        &format!("footprint.{k}.shutdown_during_store_check_ms"),
+        "ms",
+        stop.as_secs_f64() * 1e3,
+    );
+    daemon.spawn()?;
+    rt.block_on(daemon.ready())?;
     daemon.kill9();
     let crash_start = daemon.spawn()?;
     report.one(
@@ -1245,6 +1430,7 @@ fn footprint(rt: &tokio::runtime::Runtime, knobs: &Knobs, report: &mut Report) -
     );
     let (mut open, mut open_rss, mut read_rss, mut read_hwm, mut peer_reads) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut scan, mut scan_rss) = (Vec::new(), Vec::new());
     for _ in 0..5 {
         let p = run_peer(&[
             arg("open"),
@@ -1254,9 +1440,11 @@ fn footprint(rt: &tokio::runtime::Runtime, knobs: &Knobs, report: &mut Report) -
         ])?;
         open.push(p.get("open_ms")?);
         open_rss.push(p.get("open_rss_kb")? / 1024.0);
-        read_rss.push(p.get("rss_kb")? / 1024.0);
-        read_hwm.push(p.get("hwm_kb")? / 1024.0);
+        read_rss.push(p.get("gets_rss_kb")? / 1024.0);
+        read_hwm.push(p.get("gets_hwm_kb")? / 1024.0);
         peer_reads.push(p.get("reads_per_s")?);
+        scan.push(p.get("scan_ms")?);
+        scan_rss.push(p.get("rss_kb")? / 1024.0);
     }
     let peer_open = report.runs(&format!("footprint.peer_sled.{k}.open_ms"), "ms", &open);
     report.runs(
@@ -1278,6 +1466,16 @@ fn footprint(rt: &tokio::runtime::Runtime, knobs: &Knobs, report: &mut Report) -
         &format!("footprint.peer_sled.{k}.after_open_and_{reads}_gets.hwm_mb"),
         "MB",
         &read_hwm,
+    );
+    report.runs(
+        &format!("footprint.peer_sled.{k}.full_scan_ms"),
+        "ms",
+        &scan,
+    );
+    report.runs(
+        &format!("footprint.peer_sled.{k}.after_full_scan.rss_mb"),
+        "MB",
+        &scan_rss,
     );
     report.one(
         &format!("footprint.{k}.ratio_disk_pcrd_to_peer"),
@@ -1368,9 +1566,22 @@ fn peer_open(path: &Path, records: usize, reads: usize) -> Result<Vec<(&'static 
         ensure!(tree.get(code.as_bytes())?.is_some(), "{code} missing");
     }
     let reads_per_s = reads as f64 / started.elapsed().as_secs_f64();
+    let after_gets = Mem::of("self")?;
+    // A full scan, like pcrd's start-up store check (of one tree instead of seven).
+    let started = Instant::now();
+    let mut n = 0;
+    for item in tree.iter() {
+        item?;
+        n += 1;
+    }
+    ensure!(n == records, "peer has {n} records");
+    let scan_ms = started.elapsed().as_secs_f64() * 1e3;
     Ok(vec![
         ("open_ms", open_ms),
         ("open_rss_kb", open_rss as f64),
         ("reads_per_s", reads_per_s),
+        ("gets_rss_kb", after_gets.rss_kb as f64),
+        ("gets_hwm_kb", after_gets.hwm_kb as f64),
+        ("scan_ms", scan_ms),
     ])
 }
