@@ -365,6 +365,44 @@ fn a_bad_config_names_every_problem() {
     assert!(stderr.contains("missing.toml"), "stderr:\n{stderr}");
 }
 
+/// Replaces tube CORRUPT-0-0100's record, through sled, with bytes pcrd cannot
+/// decode, in a stopped daemon's store, and closes the store cleanly.
+fn damage_one_record(daemon: &Daemon) {
+    let store = pcrd::store::Store::open(&pcrd::store::StoreOptions {
+        path: daemon.store_path(),
+        cache_bytes: 4 * 1024 * 1024,
+    })
+    .expect("open the stopped daemon's store");
+    store
+        .trees()
+        .tubes
+        .insert("CORRUPT-0-0100", &[1u8, 0xff, 0xff, 0xff][..])
+        .expect("damage one record");
+    store.close().expect("close");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_request_that_meets_a_damaged_record_stops_the_daemon() {
+    // After a clean stop the daemon does not scrub, so the damage is met by a request:
+    // that request fails, and the daemon stops rather than go on serving a store it
+    // cannot trust.
+    let daemon = stopped_daemon_with_tubes().await;
+    damage_one_record(&daemon);
+    let scratch = tempfile::tempdir().expect("temp dir");
+    let outcome = run_serve(&daemon.config_path(), &daemon.store_path(), scratch.path());
+    let Outcome::Served { url, .. } = &outcome else {
+        panic!("the damage should only be met by a request: {outcome:?}");
+    };
+    let api = Api::connect(url, Some(TECH_TOKEN));
+    let healthy = api.get("/api/v1/tubes/CORRUPT-0-0099").await;
+    assert_eq!(healthy.status, 200, "{healthy:?}");
+    let reply = api.get("/api/v1/tubes/CORRUPT-0-0100").await;
+    assert_eq!(reply.status, 503, "{reply:?}");
+    assert!(reply.message().contains("corrupt record"), "{reply:?}");
+    let stderr = expect_exit(outcome.exited_within(Duration::from_secs(30)), 3);
+    assert!(stderr.contains("CORRUPT-0-0100"), "stderr:\n{stderr}");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn store_check_finds_a_record_that_cannot_be_decoded() {
     // A record sled returns intact but pcrd cannot decode: sled opens the store and the
@@ -391,19 +429,7 @@ async fn store_check_finds_a_record_that_cannot_be_decoded() {
             && stdout.contains("intact"),
         "{stdout}"
     );
-    {
-        let store = pcrd::store::Store::open(&pcrd::store::StoreOptions {
-            path: daemon.store_path(),
-            cache_bytes: 4 * 1024 * 1024,
-        })
-        .expect("open the stopped daemon's store");
-        store
-            .trees()
-            .tubes
-            .insert("CORRUPT-0-0100", &[1u8, 0xff, 0xff, 0xff][..])
-            .expect("damage one record");
-        store.close().expect("close");
-    }
+    damage_one_record(&daemon);
     let damaged = check();
     let stderr = String::from_utf8_lossy(&damaged.stderr);
     assert_eq!(damaged.status.code(), Some(3), "stderr:\n{stderr}");

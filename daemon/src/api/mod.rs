@@ -44,7 +44,15 @@ pub struct ApiError {
     code: &'static str,
     message: String,
     problems: Vec<String>,
+    /// Set when the failure shows the store is damaged (see [`StoreDamage`]).
+    damage: Option<String>,
 }
+
+/// Marks a response whose request ran into a damaged store. The `stop_on_damage`
+/// middleware, which can reach the store, stops it from acknowledging anything more;
+/// the daemon then shuts down with the store's exit code.
+#[derive(Clone, Debug)]
+struct StoreDamage(String);
 
 impl ApiError {
     fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
@@ -53,6 +61,7 @@ impl ApiError {
             code,
             message: message.into(),
             problems: Vec::new(),
+            damage: None,
         }
     }
 }
@@ -67,7 +76,11 @@ impl IntoResponse for ApiError {
                 problems: self.problems,
             },
         };
-        (self.status, Json(body)).into_response()
+        let mut response = (self.status, Json(body)).into_response();
+        if let Some(why) = self.damage {
+            response.extensions_mut().insert(StoreDamage(why));
+        }
+        response
     }
 }
 
@@ -75,27 +88,26 @@ impl From<LabError> for ApiError {
     fn from(e: LabError) -> ApiError {
         match e {
             LabError::Invalid { message, problems } => ApiError {
-                status: StatusCode::UNPROCESSABLE_ENTITY,
-                code: "invalid",
-                message,
                 problems,
+                ..ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid", message)
             },
             LabError::NotFound { message } => {
                 ApiError::new(StatusCode::NOT_FOUND, "not_found", message)
             }
             LabError::Conflict { message, problems } => ApiError {
-                status: StatusCode::CONFLICT,
-                code: "conflict",
-                message,
                 problems,
+                ..ApiError::new(StatusCode::CONFLICT, "conflict", message)
             },
             LabError::Store(e) => {
                 tracing::error!(error = %e, "Store failure; the request was not acknowledged.");
-                ApiError::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "store_failure",
-                    format!("the store failed and nothing was acknowledged: {e}"),
-                )
+                ApiError {
+                    damage: e.is_damage().then(|| e.to_string()),
+                    ..ApiError::new(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "store_failure",
+                        format!("the store failed and nothing was acknowledged: {e}"),
+                    )
+                }
             }
         }
     }
@@ -394,6 +406,10 @@ pub fn router(lab: Arc<Lab>, users: Vec<User>, max_body_bytes: usize) -> Router 
     .route("/metrics", axum::routing::get(metrics_text))
     .layer(DefaultBodyLimit::max(max_body_bytes))
     .layer(axum::middleware::from_fn(json_errors))
+    .layer(axum::middleware::from_fn_with_state(
+        state.clone(),
+        stop_on_damage,
+    ))
     .layer(axum::middleware::from_fn(
         move |req: Request, next: Next| {
             let metrics = Arc::clone(&metrics);
@@ -444,6 +460,15 @@ fn error_code(status: StatusCode) -> &'static str {
         s if s.is_server_error() => "internal",
         _ => "error",
     }
+}
+
+/// Stops the store when a request found it damaged (see [`StoreDamage`]).
+async fn stop_on_damage(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let response = next.run(req).await;
+    if let Some(StoreDamage(why)) = response.extensions().get::<StoreDamage>() {
+        state.lab.store().fail(why.clone());
+    }
+    response
 }
 
 /// Turns every error response that is not already JSON (axum's own rejections of a

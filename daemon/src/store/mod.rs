@@ -69,6 +69,19 @@ pub enum StoreError {
     Barrier(#[from] BarrierError),
 }
 
+impl StoreError {
+    /// Whether the error shows damaged data (as opposed to a busy or missing store, or
+    /// a failed write): the store must not be trusted further.
+    pub fn is_damage(&self) -> bool {
+        matches!(
+            self,
+            StoreError::Corrupt { .. }
+                | StoreError::BadRecord { .. }
+                | StoreError::Sled(sled::Error::Corruption { .. })
+        )
+    }
+}
+
 /// The named trees. Key layouts are documented on each field.
 #[derive(Clone, Debug)]
 pub struct Trees {
