@@ -508,6 +508,7 @@ async fn json_errors(req: Request, next: Next) -> Response {
         (status = 409, description = "A barcode was received before with another pool size or priority", body = ErrorBody),
         (status = 422, description = "Invalid tubes; nothing received", body = ErrorBody),
     ))]
+#[tracing::instrument(name = "tubes", skip_all, fields(user = %caller.user, action = "receive"))]
 async fn receive_tubes(
     State(state): State<AppState>,
     caller: Caller,
@@ -545,7 +546,11 @@ async fn receive_tubes(
         .lab
         .receive_tubes(caller.actor(body.reason), intake)
         .await?;
-    tracing::info!(user = %caller.user, received = outcome.received.len(), retried = outcome.already_received.len(), "Tubes received.");
+    tracing::info!(
+        received = outcome.received.len(),
+        retried = outcome.already_received.len(),
+        "Tubes received."
+    );
     Ok(Json(ReceiveResponse {
         received: outcome.received.iter().map(ToString::to_string).collect(),
         already_received: outcome
@@ -587,6 +592,7 @@ async fn get_tube(
 /// Create an extraction plate with the kit's controls.
 #[utoipa::path(post, path = "/api/v1/plates", tag = "plates", request_body = CreatePlateRequest,
     responses((status = 201, body = PlateView), (status = 409, body = ErrorBody), (status = 422, body = ErrorBody)))]
+#[tracing::instrument(name = "plate", skip_all, fields(user = %caller.user, action = "create"))]
 async fn create_plate(
     State(state): State<AppState>,
     caller: Caller,
@@ -597,7 +603,7 @@ async fn create_plate(
         .lab
         .create_plate(caller.actor(body.reason), body.kit, body.format, body.id)
         .await?;
-    tracing::info!(plate = %plate.id, user = %caller.user, "Plate created.");
+    tracing::info!(plate = %plate.id, "Plate created.");
     Ok((StatusCode::CREATED, Json(PlateView::from(&plate))))
 }
 
@@ -660,6 +666,7 @@ fn wells_changed(
 #[utoipa::path(post, path = "/api/v1/plates/{id}/assign", tag = "plates", request_body = AssignRequest,
     params(("id" = String, Path, description = "Plate id")),
     responses((status = 200, body = WellsChanged), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 422, body = ErrorBody)))]
+#[tracing::instrument(name = "plate", skip_all, fields(plate = %id, user = %caller.user, action = "assign"))]
 async fn assign(
     State(state): State<AppState>,
     caller: Caller,
@@ -681,7 +688,7 @@ async fn assign(
             placements,
         )
         .await?;
-    tracing::info!(plate = %id, user = %caller.user, placed = placed.len(), "Tubes assigned.");
+    tracing::info!(placed = placed.len(), "Tubes assigned.");
     Ok(Json(wells_changed(id, placed)))
 }
 
@@ -689,6 +696,7 @@ async fn assign(
 #[utoipa::path(post, path = "/api/v1/plates/{id}/fill", tag = "plates", request_body = FillRequest,
     params(("id" = String, Path, description = "Plate id")),
     responses((status = 200, body = WellsChanged), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+#[tracing::instrument(name = "plate", skip_all, fields(plate = %id, user = %caller.user, action = "fill"))]
 async fn fill(
     State(state): State<AppState>,
     caller: Caller,
@@ -700,7 +708,7 @@ async fn fill(
         .lab
         .fill(caller.actor(body.reason), id.clone(), body.max)
         .await?;
-    tracing::info!(plate = %id, user = %caller.user, placed = placed.len(), "Plate filled.");
+    tracing::info!(placed = placed.len(), "Plate filled.");
     Ok(Json(wells_changed(id, placed)))
 }
 
@@ -708,6 +716,7 @@ async fn fill(
 #[utoipa::path(post, path = "/api/v1/plates/{id}/unassign", tag = "plates", request_body = UnassignRequest,
     params(("id" = String, Path, description = "Plate id")),
     responses((status = 200, body = WellsChanged), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 422, body = ErrorBody)))]
+#[tracing::instrument(name = "plate", skip_all, fields(plate = %id, user = %caller.user, action = "unassign"))]
 async fn unassign(
     State(state): State<AppState>,
     caller: Caller,
@@ -719,7 +728,7 @@ async fn unassign(
         .lab
         .unassign(caller.actor(body.reason), id.clone(), body.wells)
         .await?;
-    tracing::info!(plate = %id, user = %caller.user, removed = removed.len(), "Tubes removed from plate.");
+    tracing::info!(removed = removed.len(), "Tubes removed from plate.");
     Ok(Json(wells_changed(id, removed)))
 }
 
@@ -727,6 +736,7 @@ async fn unassign(
 #[utoipa::path(post, path = "/api/v1/plates/{id}/seal", tag = "plates", request_body = ReasonRequest,
     params(("id" = String, Path, description = "Plate id")),
     responses((status = 200, body = PlateView), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+#[tracing::instrument(name = "plate", skip_all, fields(plate = %id, user = %caller.user, action = "seal"))]
 async fn seal(
     State(state): State<AppState>,
     caller: Caller,
@@ -736,7 +746,7 @@ async fn seal(
     caller.lab_work("sealing plates")?;
     let reason = body.reason;
     let plate = state.lab.seal(caller.actor(reason), id).await?;
-    tracing::info!(plate = %plate.id, user = %caller.user, "Plate sealed.");
+    tracing::info!("Plate sealed.");
     Ok(Json(PlateView::from(&plate)))
 }
 
@@ -744,6 +754,7 @@ async fn seal(
 #[utoipa::path(post, path = "/api/v1/plates/{id}/transfer", tag = "plates", request_body = TransferRequest,
     params(("id" = String, Path, description = "Source extraction plate")),
     responses((status = 201, body = PlateView), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+#[tracing::instrument(name = "plate", skip_all, fields(plate = %id, user = %caller.user, action = "transfer"))]
 async fn transfer(
     State(state): State<AppState>,
     caller: Caller,
@@ -755,13 +766,14 @@ async fn transfer(
         .lab
         .transfer(caller.actor(body.reason), id.clone(), body.id)
         .await?;
-    tracing::info!(plate = %id, pcr_plate = %pcr.id, user = %caller.user, "Plate transferred.");
+    tracing::info!(pcr_plate = %pcr.id, "Plate transferred.");
     Ok((StatusCode::CREATED, Json(PlateView::from(&pcr))))
 }
 
 /// Combine four sealed 96-well extraction plates into one 384-well PCR plate by quadrant.
 #[utoipa::path(post, path = "/api/v1/plates/combine", tag = "plates", request_body = CombineRequest,
     responses((status = 201, body = PlateView), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 422, body = ErrorBody)))]
+#[tracing::instrument(name = "plate", skip_all, fields(plates = ?body.sources, user = %caller.user, action = "combine"))]
 async fn combine(
     State(state): State<AppState>,
     caller: Caller,
@@ -772,7 +784,7 @@ async fn combine(
         .lab
         .combine(caller.actor(body.reason), body.sources, body.id)
         .await?;
-    tracing::info!(pcr_plate = %pcr.id, user = %caller.user, "Plates combined by quadrant.");
+    tracing::info!(pcr_plate = %pcr.id, "Plates combined by quadrant.");
     Ok((StatusCode::CREATED, Json(PlateView::from(&pcr))))
 }
 
