@@ -191,19 +191,26 @@ fn parse_object<T: serde::de::DeserializeOwned>(
         let status = StatusCode::UNPROCESSABLE_ENTITY;
         ApiError::new(status, error_code(status), message)
     };
-    let value: serde_json::Value = serde_json::from_slice(bytes).map_err(|e| {
-        let status = StatusCode::BAD_REQUEST;
-        ApiError::new(
-            status,
-            "malformed_json",
-            format!("the body is not valid JSON: {e}"),
-        )
-    })?;
-    if !value.is_object() {
+    // serde reads a struct from a JSON array too; the first byte tells them apart
+    // without parsing the body twice.
+    let first = bytes.iter().find(|b| !b.is_ascii_whitespace());
+    if first.is_some_and(|b| *b != b'{')
+        && serde_json::from_slice::<serde::de::IgnoredAny>(bytes).is_ok()
+    {
         return Err(invalid("the body must be a JSON object".into()));
     }
-    serde_json::from_value(value)
-        .map_err(|e| invalid(format!("the body does not fit this request: {e}")))
+    serde_json::from_slice(bytes).map_err(|e| {
+        if e.is_data() {
+            invalid(format!("the body does not fit this request: {e}"))
+        } else {
+            let status = StatusCode::BAD_REQUEST;
+            ApiError::new(
+                status,
+                "malformed_json",
+                format!("the body is not valid JSON: {e}"),
+            )
+        }
+    })
 }
 
 /// The authenticated caller, from `Authorization: Bearer <token>`.
