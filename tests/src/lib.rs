@@ -268,6 +268,20 @@ impl Api {
         }
     }
 
+    /// GET that must answer 200; returns the body.
+    pub async fn get_ok(&self, path: &str) -> serde_json::Value {
+        let reply = self.get(path).await;
+        assert_eq!(reply.status, 200, "GET {path}: {reply:?}");
+        reply.body
+    }
+
+    /// Checks the audit trail's hash chain and returns its length.
+    pub async fn audit_intact(&self) -> u64 {
+        let v = self.get_ok("/api/v1/audit/verify").await;
+        assert_eq!(v["intact"], true, "audit chain broken: {v}");
+        v["entries"].as_u64().expect("entries")
+    }
+
     pub async fn get(&self, path: &str) -> Reply {
         self.send(self.http.get(format!("{}{path}", self.base)))
             .await

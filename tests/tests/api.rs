@@ -54,30 +54,17 @@ async fn create_plate(api: &Api, id: &str) -> Value {
     reply.body
 }
 
-async fn get_ok(api: &Api, path: &str) -> Value {
-    let reply = api.get(path).await;
-    assert_eq!(reply.status, 200, "GET {path}: {reply:?}");
-    reply.body
-}
-
-/// Checks the audit chain and returns its length.
-async fn audit_entries(api: &Api) -> u64 {
-    let v = get_ok(api, "/api/v1/audit/verify").await;
-    assert_eq!(v["intact"], true, "audit chain broken: {v}");
-    v["entries"].as_u64().expect("entries")
-}
-
 /// Everything observable about the lab's state: the audit chain, the waiting list and
 /// every plate in full. Equal snapshots before and after a refused request prove it wrote
 /// nothing.
 async fn snapshot(api: &Api) -> Value {
-    let audit = get_ok(api, "/api/v1/audit/verify").await;
-    let waiting = get_ok(api, "/api/v1/tubes?limit=100000").await;
-    let list = get_ok(api, "/api/v1/plates").await;
+    let audit = api.get_ok("/api/v1/audit/verify").await;
+    let waiting = api.get_ok("/api/v1/tubes?limit=100000").await;
+    let list = api.get_ok("/api/v1/plates").await;
     let mut plates = Vec::new();
     for p in list.as_array().expect("plate list") {
         let id = p["id"].as_str().expect("plate id");
-        plates.push(get_ok(api, &format!("/api/v1/plates/{id}")).await);
+        plates.push(api.get_ok(&format!("/api/v1/plates/{id}")).await);
     }
     json!({ "audit": audit, "waiting": waiting, "plates": plates })
 }
@@ -181,17 +168,17 @@ async fn technician_story_from_tubes_to_pcr_plate() {
     assert_eq!(reply.status, 200, "{reply:?}");
     assert_eq!(reply.body["received"].as_array().map(Vec::len), Some(10));
 
-    let t5 = get_ok(&api, "/api/v1/tubes/SWAB-0005").await;
+    let t5 = api.get_ok("/api/v1/tubes/SWAB-0005").await;
     assert_eq!(t5["pool_size"], 10);
     assert_eq!(t5["priority"], "routine");
     assert_eq!(t5["state"], "waiting");
     assert_eq!(t5["received_by"], "tina");
-    let t4 = get_ok(&api, "/api/v1/tubes/SWAB-0004").await;
+    let t4 = api.get_ok("/api/v1/tubes/SWAB-0004").await;
     assert_eq!(t4["priority"], "urgent");
     assert_eq!(t4["pool_size"], 5);
     assert!(t4["due_at"].is_string(), "{t4}");
 
-    let waiting = get_ok(&api, "/api/v1/tubes?limit=1000").await;
+    let waiting = api.get_ok("/api/v1/tubes?limit=1000").await;
     assert_eq!(waiting["total_waiting"], 94);
     let first10: BTreeSet<String> = waiting["tubes"].as_array().expect("tubes")[..10]
         .iter()
@@ -261,7 +248,7 @@ async fn technician_story_from_tubes_to_pcr_plate() {
         "every tube placed once"
     );
 
-    let plate = get_ok(&api, "/api/v1/plates/EXT-0001").await;
+    let plate = api.get_ok("/api/v1/plates/EXT-0001").await;
     assert_eq!(plate["samples"], 94);
     assert_eq!(plate["controls"], 2);
     assert_eq!(plate["free"], 0);
@@ -279,12 +266,12 @@ async fn technician_story_from_tubes_to_pcr_plate() {
         assert_eq!(layout[well], ("sample".to_string(), bc.to_string()));
     }
     let first = placed_tubes[0].clone();
-    let t = get_ok(&api, &format!("/api/v1/tubes/{first}")).await;
+    let t = api.get_ok(&format!("/api/v1/tubes/{first}")).await;
     assert_eq!(t["state"], "plated");
     assert_eq!(t["plate"], "EXT-0001");
     assert_eq!(t["well"], "A1");
     assert_eq!(
-        get_ok(&api, "/api/v1/tubes").await["total_waiting"],
+        api.get_ok("/api/v1/tubes").await["total_waiting"],
         0,
         "nothing waits any more"
     );
@@ -299,7 +286,7 @@ async fn technician_story_from_tubes_to_pcr_plate() {
     assert_eq!(sealed.status, 200, "{sealed:?}");
     assert_eq!(sealed.body["state"], "sealed");
     assert_eq!(sealed.body["sealed_by"], "tina");
-    let plate = get_ok(&api, "/api/v1/plates/EXT-0001").await;
+    let plate = api.get_ok("/api/v1/plates/EXT-0001").await;
     assert_eq!(plate["state"], "sealed");
     assert!(plate["sealed_at"].is_string());
 
@@ -311,7 +298,7 @@ async fn technician_story_from_tubes_to_pcr_plate() {
         .await;
     assert_eq!(pcr.status, 201, "{pcr:?}");
     assert_eq!(pcr.body["id"], "PCR-0001");
-    let pcr = get_ok(&api, "/api/v1/plates/PCR-0001").await;
+    let pcr = api.get_ok("/api/v1/plates/PCR-0001").await;
     assert_eq!(pcr["kind"], "pcr");
     assert_eq!(pcr["format"], 96);
     assert_eq!(pcr["kit"], KIT);
@@ -320,11 +307,11 @@ async fn technician_story_from_tubes_to_pcr_plate() {
         json!({ "kind": "transfer", "sources": ["EXT-0001"] })
     );
     assert_eq!(wells(&pcr), layout, "a 1:1 transfer keeps every well");
-    let source = get_ok(&api, "/api/v1/plates/EXT-0001").await;
+    let source = api.get_ok("/api/v1/plates/EXT-0001").await;
     assert_eq!(source["children"], json!(["PCR-0001"]));
 
     // The audit trail shows every step, by tina.
-    let plate_audit = get_ok(&api, "/api/v1/audit?plate=EXT-0001").await;
+    let plate_audit = api.get_ok("/api/v1/audit?plate=EXT-0001").await;
     assert_eq!(
         actions(&plate_audit),
         [
@@ -346,11 +333,11 @@ async fn technician_story_from_tubes_to_pcr_plate() {
             .is_some_and(|d| d.contains("PCR-0001")),
         "{plate_audit}"
     );
-    let pcr_audit = get_ok(&api, "/api/v1/audit?plate=PCR-0001").await;
+    let pcr_audit = api.get_ok("/api/v1/audit?plate=PCR-0001").await;
     assert_eq!(actions(&pcr_audit), ["plate.created"]);
     assert_eq!(pcr_audit[0]["user"], "tina");
 
-    let tube_audit = get_ok(&api, &format!("/api/v1/audit?tube={first}")).await;
+    let tube_audit = api.get_ok(&format!("/api/v1/audit?tube={first}")).await;
     assert_eq!(actions(&tube_audit), ["tube.received", "plate.filled"]);
     for e in tube_audit.as_array().expect("entries") {
         assert_eq!(e["user"], "tina", "{e}");
@@ -365,7 +352,7 @@ async fn technician_story_from_tubes_to_pcr_plate() {
     assert_eq!(tube_audit[0]["reason"], "urgent courier");
     assert_eq!(tube_audit[1]["plate"], "EXT-0001");
 
-    let verify = get_ok(&api, "/api/v1/audit/verify").await;
+    let verify = api.get_ok("/api/v1/audit/verify").await;
     assert_eq!(verify["intact"], true, "{verify}");
     assert_eq!(verify["first_broken"], Value::Null);
     // 2 receipts, created, filled, sealed, transferred + PCR plate created
@@ -399,7 +386,7 @@ async fn four_sealed_plates_combine_into_a_384_by_quadrant() {
             .post(&format!("/api/v1/plates/{id}/seal"), json!({}))
             .await;
         assert_eq!(sealed.status, 200, "{sealed:?}");
-        sources.push(get_ok(&api, &format!("/api/v1/plates/{id}")).await);
+        sources.push(api.get_ok(&format!("/api/v1/plates/{id}")).await);
     }
 
     let three = api
@@ -414,7 +401,7 @@ async fn four_sealed_plates_combine_into_a_384_by_quadrant() {
         )
         .await;
     assert_eq!(combined.status, 201, "{combined:?}");
-    let pcr = get_ok(&api, "/api/v1/plates/PCR-384-1").await;
+    let pcr = api.get_ok("/api/v1/plates/PCR-384-1").await;
     assert_eq!(pcr["format"], 384);
     assert_eq!(pcr["kind"], "pcr");
     assert_eq!(pcr["state"], "sealed");
@@ -444,17 +431,17 @@ async fn four_sealed_plates_combine_into_a_384_by_quadrant() {
     assert_eq!(layout, expected);
 
     for id in ids {
-        let source = get_ok(&api, &format!("/api/v1/plates/{id}")).await;
+        let source = api.get_ok(&format!("/api/v1/plates/{id}")).await;
         assert_eq!(source["children"], json!(["PCR-384-1"]));
-        let audit = get_ok(&api, &format!("/api/v1/audit?plate={id}")).await;
+        let audit = api.get_ok(&format!("/api/v1/audit?plate={id}")).await;
         assert_eq!(
             actions(&audit).last().map(String::as_str),
             Some("plate.transferred")
         );
     }
-    let audit = get_ok(&api, "/api/v1/audit?plate=PCR-384-1").await;
+    let audit = api.get_ok("/api/v1/audit?plate=PCR-384-1").await;
     assert_eq!(actions(&audit), ["plate.created"]);
-    audit_entries(&api).await;
+    api.audit_intact().await;
 }
 
 // ----- refused input: each a 4xx with a JSON message, and nothing written -----
@@ -497,10 +484,7 @@ async fn a_barcode_received_twice() {
     )
     .await;
     assert_error(&other, 409, "conflict", &["TWICE-001", "5", "10"]);
-    assert_eq!(
-        get_ok(&api, "/api/v1/tubes/TWICE-001").await["pool_size"],
-        5
-    );
+    assert_eq!(api.get_ok("/api/v1/tubes/TWICE-001").await["pool_size"], 5);
     assert_eq!(api.get("/api/v1/tubes/TWICE-002").await.status, 404);
     assert_eq!(snapshot(&api).await, before);
 }
@@ -581,13 +565,13 @@ async fn placement_conflicts_are_refused_whole() {
         )
         .await;
     assert_error(&twice, 409, "conflict", &["PT-0001", "PLATE-A"]);
-    let t1 = get_ok(&api, "/api/v1/tubes/PT-0001").await;
+    let t1 = api.get_ok("/api/v1/tubes/PT-0001").await;
     assert_eq!(
         (t1["plate"].clone(), t1["well"].clone()),
         (json!("PLATE-A"), json!("A1"))
     );
     assert_eq!(
-        get_ok(&api, "/api/v1/tubes/PT-0002").await["state"],
+        api.get_ok("/api/v1/tubes/PT-0002").await["state"],
         "waiting"
     );
     assert_eq!(snapshot(&api).await, before);
@@ -618,7 +602,7 @@ async fn placement_conflicts_are_refused_whole() {
         )
         .await;
     assert_error(&control, 409, "conflict", &["H12", "control"]);
-    let plate = get_ok(&api, "/api/v1/plates/PLATE-B").await;
+    let plate = api.get_ok("/api/v1/plates/PLATE-B").await;
     assert_eq!(
         wells(&plate)["H12"],
         ("control".into(), "positive_control".into())
@@ -667,7 +651,7 @@ async fn placement_conflicts_are_refused_whole() {
     let resealed = api.post("/api/v1/plates/PLATE-A/seal", json!({})).await;
     assert_error(&resealed, 409, "conflict", &["PLATE-A"]);
     assert_eq!(
-        get_ok(&api, "/api/v1/tubes/PT-0002").await["state"],
+        api.get_ok("/api/v1/tubes/PT-0002").await["state"],
         "waiting"
     );
     assert_eq!(snapshot(&api).await, before);
@@ -683,10 +667,7 @@ async fn unassign_puts_tubes_back_and_an_empty_plate_cannot_be_sealed() {
     let before = snapshot(&api).await;
     let empty = api.post("/api/v1/plates/PLATE-U/seal", json!({})).await;
     assert_error(&empty, 409, "conflict", &["PLATE-U", "no samples"]);
-    assert_eq!(
-        get_ok(&api, "/api/v1/plates/PLATE-U").await["state"],
-        "open"
-    );
+    assert_eq!(api.get_ok("/api/v1/plates/PLATE-U").await["state"], "open");
     assert_eq!(snapshot(&api).await, before);
 
     let assigned = api
@@ -696,7 +677,7 @@ async fn unassign_puts_tubes_back_and_an_empty_plate_cannot_be_sealed() {
         )
         .await;
     assert_eq!(assigned.status, 200, "{assigned:?}");
-    assert_eq!(get_ok(&api, "/api/v1/tubes").await["total_waiting"], 0);
+    assert_eq!(api.get_ok("/api/v1/tubes").await["total_waiting"], 0);
 
     let removed = api
         .post(
@@ -710,16 +691,16 @@ async fn unassign_puts_tubes_back_and_an_empty_plate_cannot_be_sealed() {
         .as_str()
         .expect("barcode")
         .to_string();
-    let t = get_ok(&api, &format!("/api/v1/tubes/{back}")).await;
+    let t = api.get_ok(&format!("/api/v1/tubes/{back}")).await;
     assert_eq!(t["state"], "waiting");
     assert_eq!(t["plate"], Value::Null);
-    let waiting = get_ok(&api, "/api/v1/tubes").await;
+    let waiting = api.get_ok("/api/v1/tubes").await;
     assert_eq!(waiting["total_waiting"], 1);
     assert_eq!(waiting["tubes"][0]["barcode"], back.as_str());
-    let plate = get_ok(&api, "/api/v1/plates/PLATE-U").await;
+    let plate = api.get_ok("/api/v1/plates/PLATE-U").await;
     assert_eq!(plate["samples"], 1);
     assert!(!wells(&plate).contains_key("A1"));
-    let audit = get_ok(&api, &format!("/api/v1/audit?tube={back}")).await;
+    let audit = api.get_ok(&format!("/api/v1/audit?tube={back}")).await;
     assert_eq!(
         actions(&audit),
         ["tube.received", "plate.assigned", "plate.unassigned"]
@@ -989,10 +970,10 @@ async fn more_refusals_write_nothing() {
     }
 
     // Paging: the waiting list's limit, and the audit trail's `before`.
-    let two = get_ok(&api, "/api/v1/tubes?limit=2").await;
+    let two = api.get_ok("/api/v1/tubes?limit=2").await;
     assert_eq!(two["tubes"].as_array().map(Vec::len), Some(2));
     assert_eq!(two["total_waiting"], 5);
-    let all = get_ok(&api, "/api/v1/audit").await;
+    let all = api.get_ok("/api/v1/audit").await;
     let seqs: Vec<u64> = all
         .as_array()
         .expect("entries")
@@ -1004,7 +985,9 @@ async fn more_refusals_write_nothing() {
         "oldest first: {seqs:?}"
     );
     let last = *seqs.last().expect("entries");
-    let page = get_ok(&api, &format!("/api/v1/audit?before={last}&limit=2")).await;
+    let page = api
+        .get_ok(&format!("/api/v1/audit?before={last}&limit=2"))
+        .await;
     let page: Vec<u64> = page
         .as_array()
         .expect("entries")
@@ -1070,9 +1053,9 @@ async fn tokens_and_roles() {
     assert_eq!(filled.status, 200, "{filled:?}");
     let sealed = ada.post("/api/v1/plates/ADA-PLATE/seal", json!({})).await;
     assert_eq!(sealed.status, 200, "{sealed:?}");
-    let audit = get_ok(&ada, "/api/v1/audit?tube=AUTH-003").await;
+    let audit = ada.get_ok("/api/v1/audit?tube=AUTH-003").await;
     assert_eq!(audit[0]["user"], "ada");
-    let t = get_ok(&tina, "/api/v1/tubes/AUTH-003").await;
+    let t = tina.get_ok("/api/v1/tubes/AUTH-003").await;
     assert_eq!(t["received_by"], "ada");
 }
 
@@ -1206,7 +1189,7 @@ async fn concurrent_writers_all_land() {
     for handle in handles {
         handle.await.expect("writer task");
     }
-    let waiting = get_ok(&api, "/api/v1/tubes?limit=100000").await;
+    let waiting = api.get_ok("/api/v1/tubes?limit=100000").await;
     assert_eq!(waiting["total_waiting"], TASKS * PER_TASK);
     let stored: BTreeSet<String> = waiting["tubes"]
         .as_array()
@@ -1219,7 +1202,7 @@ async fn concurrent_writers_all_land() {
             assert!(stored.contains(&format!("CC-{task}-{i:04}")));
         }
     }
-    assert_eq!(audit_entries(&api).await, (TASKS * PER_TASK) as u64);
+    assert_eq!(api.audit_intact().await, (TASKS * PER_TASK) as u64);
 
     let metrics = api.get_text("/metrics").await.text;
     let barriers = metric_value(&metrics, "pcrd_store_barriers_total").expect("barriers");

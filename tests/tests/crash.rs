@@ -34,21 +34,9 @@ impl XorShift {
     }
 }
 
-async fn get_ok(api: &Api, path: &str) -> Value {
-    let reply = api.get(path).await;
-    assert_eq!(reply.status, 200, "GET {path}: {reply:?}");
-    reply.body
-}
-
-async fn assert_audit_intact(api: &Api) -> u64 {
-    let v = get_ok(api, "/api/v1/audit/verify").await;
-    assert_eq!(v["intact"], true, "audit chain broken after restart: {v}");
-    v["entries"].as_u64().expect("entries")
-}
-
 /// Barcodes on the waiting list.
 async fn waiting(api: &Api) -> BTreeSet<String> {
-    let list = get_ok(api, "/api/v1/tubes?limit=100000").await;
+    let list = api.get_ok("/api/v1/tubes?limit=100000").await;
     let tubes: BTreeSet<String> = list["tubes"]
         .as_array()
         .expect("tubes")
@@ -84,10 +72,10 @@ async fn assert_gauges(api: &Api, stored: usize, waiting: usize) {
 async fn assert_consistent(api: &Api, barcodes: &BTreeSet<String>) {
     let waiting = waiting(api).await;
     let mut placed: BTreeMap<String, (String, String)> = BTreeMap::new();
-    let plates = get_ok(api, "/api/v1/plates").await;
+    let plates = api.get_ok("/api/v1/plates").await;
     for summary in plates.as_array().expect("plates") {
         let id = summary["id"].as_str().expect("id");
-        let plate = get_ok(api, &format!("/api/v1/plates/{id}")).await;
+        let plate = api.get_ok(&format!("/api/v1/plates/{id}")).await;
         if plate["kind"] != "extraction" {
             continue;
         }
@@ -114,7 +102,7 @@ async fn assert_consistent(api: &Api, barcodes: &BTreeSet<String>) {
     assert_eq!(&known, barcodes, "tubes waiting or placed");
     assert_gauges(api, barcodes.len(), waiting.len()).await;
     for barcode in barcodes {
-        let tube = get_ok(api, &format!("/api/v1/tubes/{barcode}")).await;
+        let tube = api.get_ok(&format!("/api/v1/tubes/{barcode}")).await;
         match placed.get(barcode) {
             Some((plate, well)) => {
                 assert_eq!(tube["state"], "plated", "{tube}");
@@ -151,7 +139,7 @@ async fn each_acknowledged_step_survives_kill9() {
         let reply = api.post("/api/v1/tubes", json!({ "tubes": tubes })).await;
         assert_eq!(reply.status, 200, "{reply:?}");
     }
-    let entries = assert_audit_intact(&api).await;
+    let entries = api.audit_intact().await;
 
     daemon.kill9();
     daemon.restart();
@@ -162,11 +150,11 @@ async fn each_acknowledged_step_survives_kill9() {
         "every received tube survived"
     );
     assert_eq!(
-        get_ok(&api, "/api/v1/tubes/K9-0030").await["priority"],
+        api.get_ok("/api/v1/tubes/K9-0030").await["priority"],
         "urgent"
     );
-    assert_eq!(get_ok(&api, "/api/v1/tubes/K9-0030").await["pool_size"], 5);
-    assert_eq!(assert_audit_intact(&api).await, entries);
+    assert_eq!(api.get_ok("/api/v1/tubes/K9-0030").await["pool_size"], 5);
+    assert_eq!(api.audit_intact().await, entries);
     assert_consistent(&api, &barcodes).await;
 
     // Create and fill a plate.
@@ -181,42 +169,39 @@ async fn each_acknowledged_step_survives_kill9() {
     assert_eq!(filled.status, 200, "{filled:?}");
     let placed = filled.body["wells"].clone();
     assert_eq!(placed.as_array().map(Vec::len), Some(94));
-    let entries = assert_audit_intact(&api).await;
+    let entries = api.audit_intact().await;
 
     daemon.kill9();
     daemon.restart();
     let api = daemon.client();
-    let plate = get_ok(&api, "/api/v1/plates/K9-PLATE").await;
+    let plate = api.get_ok("/api/v1/plates/K9-PLATE").await;
     assert_eq!(plate["state"], "open");
     assert_eq!(plate["samples"], 94);
     for p in placed.as_array().expect("placed") {
-        let tube = get_ok(
-            &api,
-            &format!("/api/v1/tubes/{}", p["barcode"].as_str().expect("b")),
-        )
-        .await;
+        let barcode = p["barcode"].as_str().expect("b");
+        let tube = api.get_ok(&format!("/api/v1/tubes/{barcode}")).await;
         assert_eq!(tube["plate"], "K9-PLATE");
         assert_eq!(tube["well"], p["well"]);
     }
     assert_eq!(waiting(&api).await.len(), 6);
-    assert_eq!(assert_audit_intact(&api).await, entries);
+    assert_eq!(api.audit_intact().await, entries);
     assert_consistent(&api, &barcodes).await;
 
     // Seal it.
     let sealed = api.post("/api/v1/plates/K9-PLATE/seal", json!({})).await;
     assert_eq!(sealed.status, 200, "{sealed:?}");
-    let entries = assert_audit_intact(&api).await;
+    let entries = api.audit_intact().await;
 
     daemon.kill9();
     daemon.restart();
     let api = daemon.client();
-    let plate = get_ok(&api, "/api/v1/plates/K9-PLATE").await;
+    let plate = api.get_ok("/api/v1/plates/K9-PLATE").await;
     assert_eq!(plate["state"], "sealed");
     assert_eq!(plate["sealed_by"], "tina");
     assert_eq!(plate["samples"], 94);
-    assert_eq!(assert_audit_intact(&api).await, entries);
+    assert_eq!(api.audit_intact().await, entries);
     assert_consistent(&api, &barcodes).await;
-    let audit = get_ok(&api, "/api/v1/audit?plate=K9-PLATE").await;
+    let audit = api.get_ok("/api/v1/audit?plate=K9-PLATE").await;
     let actions: Vec<&str> = audit
         .as_array()
         .expect("audit")
@@ -244,7 +229,7 @@ async fn received_in_audit(api: &Api) -> BTreeSet<String> {
             Some(seq) => format!("/api/v1/audit?limit=10000&before={seq}"),
             None => "/api/v1/audit?limit=10000".to_string(),
         };
-        let page = get_ok(api, &path).await;
+        let page = api.get_ok(&path).await;
         let entries = page.as_array().expect("entries");
         let Some(first) = entries.first() else {
             break;
@@ -325,7 +310,7 @@ async fn kill9_at_random_moments_loses_no_acknowledged_write() {
         // The store opens every time (restart panics otherwise).
         daemon.restart();
         let api = daemon.client();
-        assert_audit_intact(&api).await;
+        api.audit_intact().await;
         let stored = waiting(&api).await;
         let lost: Vec<&String> = acknowledged_so_far.difference(&stored).collect();
         assert!(
@@ -347,14 +332,14 @@ async fn kill9_at_random_moments_loses_no_acknowledged_write() {
             "iteration {iteration}: stored tubes and tube.received audit entries differ"
         );
         for barcode in stored.difference(&stored_so_far) {
-            let entries = get_ok(&api, &format!("/api/v1/audit?tube={barcode}")).await;
+            let entries = api.get_ok(&format!("/api/v1/audit?tube={barcode}")).await;
             assert_eq!(
                 entries.as_array().map(Vec::len),
                 Some(1),
                 "audit of tube {barcode}: {entries}"
             );
             assert_eq!(entries[0]["action"], "tube.received");
-            let tube = get_ok(&api, &format!("/api/v1/tubes/{barcode}")).await;
+            let tube = api.get_ok(&format!("/api/v1/tubes/{barcode}")).await;
             assert_eq!(tube["state"], "waiting");
         }
         println!(
