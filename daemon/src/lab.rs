@@ -517,18 +517,30 @@ impl Lab {
             });
         }
 
+        // A transaction costs per tree it spans, so it spans only the trees written.
         let t = self.store.trees();
-        let trees = [
-            t.tubes.clone(),
-            t.waiting.clone(),
-            t.plates.clone(),
-            t.audit.clone(),
-            t.audit_by_plate.clone(),
-            t.meta.clone(),
+        let all = [
+            &t.tubes,
+            &t.waiting,
+            &t.plates,
+            &t.audit,
+            &t.audit_by_plate,
+            &t.meta,
         ];
+        let mut slot = [usize::MAX; 6];
+        let mut trees = Vec::new();
+        for (tree, _, _) in &changes.writes {
+            if slot[*tree as usize] == usize::MAX {
+                slot[*tree as usize] = trees.len();
+                trees.push(all[*tree as usize].clone());
+            }
+        }
+        if trees.is_empty() {
+            return Ok(());
+        }
         let result: Result<(), TransactionError<()>> = trees[..].transaction(|tx| {
             for (tree, key, value) in &changes.writes {
-                let tree = &tx[*tree as usize];
+                let tree = &tx[slot[*tree as usize]];
                 match value {
                     Some(value) => {
                         tree.insert(key.as_slice(), value.as_slice())?;
