@@ -7,8 +7,9 @@
 //! `cargo bench -p pcrd-tests --bench foundation -- disk batch single footprint`.
 //! Knobs (environment): `PCRD_BENCH_RUNS` (runs per figure, default 3),
 //! `PCRD_BENCH_TUBES` (tubes per batch run, default 200000), `PCRD_BENCH_LOAD` (tubes
-//! stored for the footprint section, default 1000000), `PCRD_BENCH_SECS` (seconds per
-//! wrk / single-record peer run, default 10).
+//! stored for the footprint section, default 1000000), `PCRD_BENCH_LOAD_BATCH` (tubes
+//! per request while loading them, default 5000 like `pcrd tube import`),
+//! `PCRD_BENCH_SECS` (seconds per wrk / single-record peer run, default 10).
 //!
 //! Every figure is printed as one machine-readable line:
 //! `BENCH <name> <value> <unit> runs=<each run>` (value = median of the runs), and again
@@ -108,6 +109,7 @@ struct Knobs {
     runs: usize,
     tubes: usize,
     load: usize,
+    load_batch: usize,
     secs: u64,
 }
 
@@ -123,6 +125,8 @@ impl Knobs {
             runs: var("PCRD_BENCH_RUNS", 3)?.max(1) as usize,
             tubes: var("PCRD_BENCH_TUBES", 200_000)? as usize,
             load: var("PCRD_BENCH_LOAD", 1_000_000)? as usize,
+            // pcrd's CLI import sends 5,000 tubes per request by default.
+            load_batch: var("PCRD_BENCH_LOAD_BATCH", 5_000)?.max(1) as usize,
             secs: var("PCRD_BENCH_SECS", 10)?.max(1),
         })
     }
@@ -211,7 +215,8 @@ fn barcode(prefix: &str, i: usize) -> String {
 }
 
 /// The value pcrd stores for a freshly received tube, exactly as pcrd encodes it.
-fn tube_record(code: &str, at: Timestamp) -> Result<TubeRecord> {
+/// `audit_seq` is the audit entry that records its receipt (the tube's history).
+fn tube_record(code: &str, at: Timestamp, audit_seq: u64) -> Result<TubeRecord> {
     Ok(TubeRecord {
         barcode: Barcode::new(code)?,
         pool_size: PoolSize::new(5)?,
@@ -220,8 +225,7 @@ fn tube_record(code: &str, at: Timestamp) -> Result<TubeRecord> {
         received_at: at,
         received_by: "tina".into(),
         placement: None,
-        // A received tube's history: its receipt.
-        history: vec![1],
+        history: vec![audit_seq],
     })
 }
 
@@ -618,10 +622,7 @@ fn peer_main(args: &[String]) -> Result<()> {
     let kind = args.first().context("peer kind")?.as_str();
     let mut out: Vec<(&str, f64)> = match kind {
         "apply_batch" => vec![("tubes_per_s", peer_apply_batch(num(1)?, num(2)?)?)],
-        "write_set" => vec![("tubes_per_s", peer_write_set(num(1)?, num(2)?, true)?)],
-        "write_set_without_audit_by_tube" => {
-            vec![("tubes_per_s", peer_write_set(num(1)?, num(2)?, false)?)]
-        }
+        "write_set" => vec![("tubes_per_s", peer_write_set(num(1)?, num(2)?)?)],
         "lab" => {
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
@@ -714,7 +715,6 @@ fn batch(rt: &tokio::runtime::Runtime, knobs: &Knobs, report: &mut Report) -> Re
         println!("\n# batch: {tubes} tubes in batches of {batch}");
         let (mut sled_runs, mut sled_hwm) = (Vec::new(), Vec::new());
         let (mut set_runs, mut set_hwm) = (Vec::new(), Vec::new());
-        let mut two_key_runs = Vec::new();
         for _ in 0..knobs.runs {
             let p = run_peer(&["apply_batch".into(), tubes.to_string(), batch.to_string()])?;
             sled_runs.push(p.get("tubes_per_s")?);
@@ -722,12 +722,6 @@ fn batch(rt: &tokio::runtime::Runtime, knobs: &Knobs, report: &mut Report) -> Re
             let p = run_peer(&["write_set".into(), tubes.to_string(), batch.to_string()])?;
             set_runs.push(p.get("tubes_per_s")?);
             set_hwm.push(p.get("hwm_kb")? / 1024.0);
-            let p = run_peer(&[
-                "write_set_without_audit_by_tube".into(),
-                tubes.to_string(),
-                batch.to_string(),
-            ])?;
-            two_key_runs.push(p.get("tubes_per_s")?);
         }
         let ceiling = report.runs(
             &format!("batch.b{batch}.peer_sled_apply_batch.tubes_per_s"),
@@ -748,11 +742,6 @@ fn batch(rt: &tokio::runtime::Runtime, knobs: &Knobs, report: &mut Report) -> Re
             &format!("batch.b{batch}.peer_sled_pcrd_write_set.hwm_mb"),
             "MB",
             &set_hwm,
-        );
-        report.runs(
-            &format!("batch.b{batch}.peer_sled_pcrd_write_set_without_audit_by_tube.tubes_per_s"),
-            "tubes/s",
-            &two_key_runs,
         );
         for clients in [1usize, 2] {
             let (mut api_runs, mut api_hwm, mut sharing) = (Vec::new(), Vec::new(), Vec::new());
@@ -916,7 +905,8 @@ fn peer_apply_batch(tubes: usize, batch: usize) -> Result<f64> {
         let mut b = sled::Batch::default();
         for n in start..(start + batch).min(tubes) {
             let code = barcode("BT", n);
-            b.insert(code.as_bytes(), encode(&tube_record(&code, at)?));
+            let seq = (n / AUDIT_TUBES_PER_ENTRY) as u64 + 1;
+            b.insert(code.as_bytes(), encode(&tube_record(&code, at, seq)?));
         }
         batches.push(b);
     }
@@ -929,15 +919,15 @@ fn peer_apply_batch(tubes: usize, batch: usize) -> Result<f64> {
     Ok(tubes as f64 / started.elapsed().as_secs_f64())
 }
 
-/// Bare sled with pcrd's write set: per tube the tube record, the waiting-index key and
-/// the audit-by-tube key; per 1,000 tubes an audit entry and the audit head; all in one
+/// Bare sled with pcrd's write set for received tubes: per tube its record (whose
+/// history names its audit entry) and its plating-queue key; per 1,000 tubes an audit
+/// entry and the audit head; per batch the stored/waiting counts. All in one
 /// transaction per batch across the trees, then flush + fdatasync. The difference to
-/// the API is validation, hashing, JSON and HTTP. Without `audit_by_tube` it leaves out
-/// the audit-by-tube keys, to show what one key less per tube would buy.
-fn peer_write_set(tubes: usize, batch: usize, audit_by_tube: bool) -> Result<f64> {
+/// the API is validation, hashing, JSON and HTTP.
+fn peer_write_set(tubes: usize, batch: usize) -> Result<f64> {
     let dir = tempfile::tempdir()?;
     let (db, db_file) = peer_db(dir.path())?;
-    let names = ["tubes", "waiting", "audit", "audit_by_tube", "meta"];
+    let names = ["tubes", "waiting", "audit", "meta"];
     let trees = names
         .iter()
         .map(|n| db.open_tree(n))
@@ -948,19 +938,15 @@ fn peer_write_set(tubes: usize, batch: usize, audit_by_tube: bool) -> Result<f64
     let mut batches: Vec<Writes> = Vec::new();
     for start in (0..tubes).step_by(batch) {
         let mut writes = Vec::new();
-        let records = (start..(start + batch).min(tubes))
-            .map(|n| tube_record(&barcode("BT", n), at))
-            .collect::<Result<Vec<_>>>()?;
-        for r in &records {
-            writes.push((0, r.barcode.as_str().as_bytes().to_vec(), encode(r)));
-            writes.push((1, r.waiting_key(), Vec::new()));
-        }
-        for chunk in records.chunks(AUDIT_TUBES_PER_ENTRY) {
-            for r in chunk.iter().filter(|_| audit_by_tube) {
-                let mut key = r.barcode.as_str().as_bytes().to_vec();
-                key.push(0);
-                key.extend_from_slice(&seq.to_be_bytes());
-                writes.push((3, key, Vec::new()));
+        let numbers: Vec<usize> = (start..(start + batch).min(tubes)).collect();
+        for chunk in numbers.chunks(AUDIT_TUBES_PER_ENTRY) {
+            let records = chunk
+                .iter()
+                .map(|n| tube_record(&barcode("BT", *n), at, seq))
+                .collect::<Result<Vec<_>>>()?;
+            for r in &records {
+                writes.push((0, r.barcode.as_str().as_bytes().to_vec(), encode(r)));
+                writes.push((1, r.waiting_key(), Vec::new()));
             }
             let entry = AuditEntry {
                 seq,
@@ -968,8 +954,8 @@ fn peer_write_set(tubes: usize, batch: usize, audit_by_tube: bool) -> Result<f64
                 user: "tina".into(),
                 action: "tube.received".into(),
                 plate: None,
-                tubes: chunk.iter().map(|r| r.barcode.clone()).collect(),
-                detail: format!("received {} tubes", chunk.len()),
+                tubes: records.iter().map(|r| r.barcode.clone()).collect(),
+                detail: format!("received {} tubes", records.len()),
                 reason: None,
                 prev_hash: [1; 32],
                 hash: [2; 32],
@@ -977,9 +963,13 @@ fn peer_write_set(tubes: usize, batch: usize, audit_by_tube: bool) -> Result<f64
             writes.push((2, seq.to_be_bytes().to_vec(), encode(&entry)));
             let mut head = seq.to_be_bytes().to_vec();
             head.extend_from_slice(&[2; 32]);
-            writes.push((4, b"audit_head".to_vec(), head));
+            writes.push((3, b"audit_head".to_vec(), head));
             seq += 1;
         }
+        let stored = (start + numbers.len()) as u64;
+        let mut counts = stored.to_be_bytes().to_vec();
+        counts.extend_from_slice(&stored.to_be_bytes());
+        writes.push((3, b"counts".to_vec(), counts));
         batches.push(writes);
     }
     let started = Instant::now();
@@ -1217,7 +1207,7 @@ fn peer_single(threads: usize, duration: Duration) -> Result<(f64, f64, f64)> {
                     let mut n = 0usize;
                     while !stop.load(Ordering::Relaxed) {
                         let code = barcode(&format!("S{t}-"), n);
-                        let value = encode(&tube_record(&code, at)?);
+                        let value = encode(&tube_record(&code, at, n as u64 + 1)?);
                         let t0 = Instant::now();
                         tree.insert(code.as_bytes(), value)?;
                         db.flush()?;
@@ -1257,14 +1247,16 @@ fn peer_single(threads: usize, duration: Duration) -> Result<(f64, f64, f64)> {
 fn footprint(rt: &tokio::runtime::Runtime, knobs: &Knobs, report: &mut Report) -> Result<()> {
     let load = knobs.load;
     let k = format!("{}k", load / 1000);
-    println!("\n# footprint: {load} tubes through the API (batches of 5000, 2 clients)");
+    let batch = knobs.load_batch;
+    println!("\n# footprint: {load} tubes through the API (batches of {batch}, 2 clients)");
     let mut daemon = Daemon::start()?;
     report.one(
         "footprint.empty.rss_mb",
         "MB",
         daemon.mem()?.rss_kb as f64 / 1024.0,
     );
-    let elapsed = rt.block_on(post_tubes(&daemon.url, "BT", 0, load, 5_000, 2))?;
+    report.one(&format!("footprint.{k}.load_batch"), "tubes", batch as f64);
+    let elapsed = rt.block_on(post_tubes(&daemon.url, "BT", 0, load, batch, 2))?;
     report.one(
         &format!("footprint.{k}.load_api.tubes_per_s"),
         "tubes/s",
@@ -1313,11 +1305,8 @@ fn footprint(rt: &tokio::runtime::Runtime, knobs: &Knobs, report: &mut Report) -
         allocated as f64 / 1e6,
     );
 
-    // pcrd checks the whole store after start-up (in the background since the store
-    // check landed): wait for its log line, then measure memory.
-    const CHECKED: &str = "Store check passed";
+    // Clean restarts: pcrd skips its full store check after a clean stop.
     let (mut starts, mut answers, mut rss_start) = (Vec::new(), Vec::new(), Vec::new());
-    let (mut checked, mut rss_checked) = (Vec::new(), Vec::new());
     for i in 0..5 {
         let spawned = Instant::now();
         let took = daemon.spawn()?;
@@ -1325,13 +1314,6 @@ fn footprint(rt: &tokio::runtime::Runtime, knobs: &Knobs, report: &mut Report) -
         starts.push(took.as_secs_f64() * 1e3);
         answers.push(spawned.elapsed().as_secs_f64() * 1e3);
         rss_start.push(daemon.mem()?.rss_kb as f64 / 1024.0);
-        match daemon.wait_for_log(CHECKED, Duration::from_secs(120)) {
-            Some(t) => {
-                checked.push(t.as_secs_f64() * 1e3);
-                rss_checked.push(daemon.mem()?.rss_kb as f64 / 1024.0);
-            }
-            None => println!("# no {CHECKED:?} log line within 120 s"),
-        }
         if i < 4 {
             // SIGTERM right after start-up can land before pcrd installs its handler
             // (see BENCHMARKS.md); give it a moment.
@@ -1352,16 +1334,6 @@ fn footprint(rt: &tokio::runtime::Runtime, knobs: &Knobs, report: &mut Report) -
         "MB",
         &rss_start,
     );
-    if !checked.is_empty() {
-        let name = format!("footprint.{k}.startup_to_store_checked_ms");
-        let done = report.runs(&name, "ms", &checked);
-        report.goal(&name, done, "<=", 2_000.0);
-        report.runs(
-            &format!("footprint.{k}.after_restart_and_store_check.rss_mb"),
-            "MB",
-            &rss_checked,
-        );
-    }
     let reads = 20_000;
     let read_rate = rt.block_on(random_reads(&daemon.url, load, reads))?;
     report.one(
@@ -1378,8 +1350,34 @@ fn footprint(rt: &tokio::runtime::Runtime, knobs: &Knobs, report: &mut Report) -
         "MB",
         read.hwm_kb as f64 / 1024.0,
     );
-    daemon.terminate()?;
-    // A stop requested while the start-up store check still runs.
+
+    // After a crash pcrd reads every record in the background (its store check).
+    const CHECKED: &str = "Store check passed";
+    daemon.kill9();
+    let crash_start = daemon.spawn()?;
+    report.one(
+        &format!("footprint.{k}.startup_after_kill9_ms"),
+        "ms",
+        crash_start.as_secs_f64() * 1e3,
+    );
+    match daemon.wait_for_log(CHECKED, Duration::from_secs(120)) {
+        Some(t) => {
+            report.one(
+                &format!("footprint.{k}.after_kill9.startup_to_store_checked_ms"),
+                "ms",
+                t.as_secs_f64() * 1e3,
+            );
+            let mem = daemon.mem()?;
+            report.one(
+                &format!("footprint.{k}.after_kill9_and_store_check.rss_mb"),
+                "MB",
+                mem.rss_kb as f64 / 1024.0,
+            );
+        }
+        None => println!("# no {CHECKED:?} log line within 120 s of a restart after kill -9"),
+    }
+    // A stop requested while that check still runs.
+    daemon.kill9();
     daemon.spawn()?;
     rt.block_on(daemon.ready())?;
     std::thread::sleep(Duration::from_millis(100));
@@ -1389,16 +1387,6 @@ fn footprint(rt: &tokio::runtime::Runtime, knobs: &Knobs, report: &mut Report) -
         "ms",
         stop.as_secs_f64() * 1e3,
     );
-    daemon.spawn()?;
-    rt.block_on(daemon.ready())?;
-    daemon.kill9();
-    let crash_start = daemon.spawn()?;
-    report.one(
-        &format!("footprint.{k}.startup_after_kill9_ms"),
-        "ms",
-        crash_start.as_secs_f64() * 1e3,
-    );
-    daemon.kill9();
     drop(daemon);
 
     println!("\n# footprint peer: bare sled, {load} records (barcode -> tube record)");
@@ -1406,7 +1394,12 @@ fn footprint(rt: &tokio::runtime::Runtime, knobs: &Knobs, report: &mut Report) -
     let store = dir.path().join("db");
     let arg = |s: &str| s.to_string();
     let path = store.display().to_string();
-    let p = run_peer(&[arg("load"), path.clone(), load.to_string(), arg("5000")])?;
+    let p = run_peer(&[
+        arg("load"),
+        path.clone(),
+        load.to_string(),
+        batch.to_string(),
+    ])?;
     report.one(
         &format!("footprint.peer_sled.{k}.load.records_per_s"),
         "records/s",
@@ -1541,7 +1534,8 @@ fn peer_load(path: &Path, records: usize, batch: usize) -> Result<(f64, u64)> {
         let mut b = sled::Batch::default();
         for n in start..(start + batch).min(records) {
             let code = barcode("BT", n);
-            b.insert(code.as_bytes(), encode(&tube_record(&code, at)?));
+            let seq = (n / AUDIT_TUBES_PER_ENTRY) as u64 + 1;
+            b.insert(code.as_bytes(), encode(&tube_record(&code, at, seq)?));
         }
         tree.apply_batch(b)?;
         db.flush()?;
