@@ -107,8 +107,9 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:8440";
 /// Large enough for a batch of 100,000 tubes, small enough that a runaway client
 /// cannot make the daemon buffer gigabytes.
 pub const DEFAULT_MAX_BODY_BYTES: u64 = 16 * 1024 * 1024;
-/// sled's page cache. With a million tubes the working set still fits; see BENCHMARKS.md.
-pub const DEFAULT_CACHE_MB: u64 = 16;
+/// sled's page cache. sled's real memory use is several times this figure, and a
+/// larger cache buys little speed for pcrd's access pattern; see BENCHMARKS.md.
+pub const DEFAULT_CACHE_MB: u64 = 4;
 const MIN_TOKEN_LEN: usize = 16;
 
 impl Config {

@@ -721,10 +721,10 @@ impl Lab {
             )));
         }
         report.audit_entries = verification.entries;
-        if waiting + placed != report.tubes
-            || report.tubes != self.tube_count()
-            || waiting != self.waiting_count()
-        {
+        let consistent = waiting + placed == report.tubes
+            && report.tubes == self.tube_count()
+            && waiting == self.waiting_count();
+        if !consistent {
             return Err(corrupt(format!(
                 "{} tubes of which {placed} placed, but {waiting} in the plating queue; counters say {} and {}",
                 report.tubes,
@@ -732,6 +732,7 @@ impl Lab {
                 self.waiting_count()
             )));
         }
+        self.store.checked();
         Ok(report)
     }
 

@@ -485,3 +485,23 @@ async fn after_a_crash_the_daemon_checks_every_record_and_after_a_clean_stop_it_
         checks_so_far
     );
 }
+
+#[test]
+fn sigterm_right_after_start_stops_cleanly() {
+    // The signal handlers are installed before the address is printed, so even a
+    // SIGTERM sent the moment the daemon says it listens closes the store properly.
+    for _ in 0..5 {
+        let mut daemon = Daemon::start();
+        let status = daemon.terminate();
+        assert!(
+            status.success(),
+            "pcrd ended with {status} on an early SIGTERM"
+        );
+        daemon.restart();
+        assert!(
+            daemon.stderr().contains("closed cleanly; skipping"),
+            "the store was not closed cleanly:\n{}",
+            daemon.stderr()
+        );
+    }
+}

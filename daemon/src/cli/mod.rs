@@ -119,8 +119,9 @@ pub enum TubeCommand {
     /// Receive tubes from a CSV file with a header: barcode[,pool_size][,priority][,due_in|due_at].
     Import {
         file: PathBuf,
-        /// Tubes per request.
-        #[arg(long, default_value_t = 5000)]
+        /// Tubes per request. 1,000 is faster than larger batches and keeps the
+        /// daemon's memory low (BENCHMARKS.md).
+        #[arg(long, default_value_t = 1000)]
         batch: usize,
         #[arg(long)]
         reason: Option<String>,

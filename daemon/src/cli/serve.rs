@@ -79,6 +79,9 @@ pub(super) fn run(args: ServeArgs) -> ExitCode {
         "Store opened."
     );
     let code = runtime.block_on(serve(config, Arc::clone(&lab)));
+    // Requests have finished (graceful shutdown waits for them); what may still run is
+    // a post-crash store check, which writes nothing and need not be waited for.
+    runtime.shutdown_timeout(std::time::Duration::from_millis(200));
     if let Err(e) = store.close() {
         eprintln!("pcrd: closing the store: {e}");
         return ExitCode::from(exit::STORE);
@@ -101,6 +104,13 @@ async fn serve(config: Config, lab: Arc<Lab>) -> ExitCode {
             return ExitCode::from(exit::UNAVAILABLE);
         }
     };
+    let shutdown = match shutdown_signal() {
+        Ok(signal) => signal,
+        Err(e) => {
+            eprintln!("pcrd: cannot install signal handlers: {e}");
+            return ExitCode::from(exit::UNAVAILABLE);
+        }
+    };
     // The one line on stdout: scripts and tests read the address from it.
     println!("listening on http://{addr}");
     tracing::info!(%addr, lab = %config.lab_id, "pcrd is serving.");
@@ -116,7 +126,7 @@ async fn serve(config: Config, lab: Arc<Lab>) -> ExitCode {
     let store = lab.store().clone();
     let stop = async move {
         tokio::select! {
-            () = shutdown_signal() => {}
+            () = shutdown => {}
             why = store.failed() => {
                 tracing::error!(error = %why, "The store failed; pcrd stops.");
             }
@@ -163,23 +173,17 @@ async fn scrub_in_background(lab: Arc<Lab>) {
     }
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = ctrl_c => {},
-                    _ = term.recv() => {},
-                }
-            }
-            Err(_) => {
-                let _ = ctrl_c.await;
-            }
+/// Resolves on SIGINT or SIGTERM. The handlers are installed when this is called, not
+/// when the future is first polled, so a signal that arrives right after start-up is
+/// not lost (the default action would kill the daemon without closing the store).
+fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut terminate = signal(SignalKind::terminate())?;
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    Ok(async move {
+        tokio::select! {
+            _ = terminate.recv() => {},
+            _ = interrupt.recv() => {},
         }
-    }
-    #[cfg(not(unix))]
-    let _ = ctrl_c.await;
+    })
 }

@@ -121,6 +121,9 @@ pub struct Store {
     opened_mark: Option<mark::Mark>,
     /// Whether the previous process closed the store cleanly (or it is new).
     clean_start: bool,
+    /// Set while a full check is owed (after an unclean stop, until a check passes):
+    /// closing then does not mark the store clean, so the next start checks again.
+    check_pending: Arc<std::sync::atomic::AtomicBool>,
     /// For the final, clean mark written by `close`.
     mark_file: Arc<File>,
 }
@@ -196,6 +199,7 @@ impl Store {
             path: path.clone(),
             opened_mark,
             clean_start,
+            check_pending: Arc::new(std::sync::atomic::AtomicBool::new(!clean_start)),
             mark_file,
         };
         if !existed {
@@ -248,6 +252,12 @@ impl Store {
         self.clean_start
     }
 
+    /// Records that a full check of the store passed (see `clean_start`).
+    pub fn checked(&self) {
+        self.check_pending
+            .store(false, std::sync::atomic::Ordering::Release);
+    }
+
     /// Records what the next durability barrier makes durable (at most 64 bytes). Call
     /// after the transaction it describes has committed.
     pub fn set_mark(&self, payload: &[u8]) {
@@ -273,12 +283,8 @@ impl Store {
         self.barrier.stats()
     }
 
-    /// Bytes the store occupies on disk (sled's own estimate).
-    pub fn size_on_disk(&self) -> Result<u64, StoreError> {
-        Ok(self.db.size_on_disk()?)
-    }
-
-    /// Flushes and stops the sync thread. Called on orderly shutdown.
+    /// Stops the sync thread, flushes, and marks the store closed cleanly (unless a
+    /// full check is still owed). Called on orderly shutdown.
     pub fn close(&self) -> Result<(), StoreError> {
         let head = self.barrier.stop();
         self.db.flush()?;
@@ -289,7 +295,10 @@ impl Store {
         File::open(self.path.join("db"))
             .and_then(|f| f.sync_data())
             .map_err(io)?;
-        mark::write_synced(&self.mark_file, &mark::Mark { clean: true, head }).map_err(io)
+        let clean = !self
+            .check_pending
+            .load(std::sync::atomic::Ordering::Acquire);
+        mark::write_synced(&self.mark_file, &mark::Mark { clean, head }).map_err(io)
     }
 }
 
@@ -374,4 +383,60 @@ pub fn decode<T: Versioned>(key: &[u8], bytes: &[u8]) -> Result<T, StoreError> {
 /// Maps an i64 to a u64 whose big-endian bytes sort like the signed value.
 pub fn ordered_i64(value: i64) -> [u8; 8] {
     ((value as u64) ^ (1 << 63)).to_be_bytes()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn open(path: &Path) -> Store {
+        Store::open(&StoreOptions {
+            path: path.to_path_buf(),
+            cache_bytes: 1024 * 1024,
+        })
+        .unwrap()
+    }
+
+    /// What a crash leaves behind: the mark as a running process keeps it.
+    fn simulate_crash(path: &Path) {
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(path.join(mark::FILE_NAME))
+            .unwrap();
+        let head = mark::read(path).unwrap().head;
+        mark::write_synced(&file, &mark::Mark { clean: false, head }).unwrap();
+    }
+
+    #[test]
+    fn a_check_is_owed_after_a_crash_until_one_passes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store");
+        let store = open(&path);
+        assert!(store.clean_start(), "a new store needs no check");
+        store.set_mark(b"head-1");
+        store.close().unwrap();
+        drop(store);
+        let store = open(&path);
+        assert!(store.clean_start());
+        assert_eq!(store.opened_mark(), Some(&b"head-1"[..]));
+        store.close().unwrap();
+        drop(store);
+
+        simulate_crash(&path);
+        let store = open(&path);
+        assert!(!store.clean_start(), "a crash must be noticed");
+        // Stopped before the check finished: the next start still owes it.
+        store.close().unwrap();
+        drop(store);
+        let store = open(&path);
+        assert!(!store.clean_start(), "an unfinished check is owed again");
+        store.checked();
+        store.close().unwrap();
+        drop(store);
+        let store = open(&path);
+        assert!(store.clean_start(), "a passed check settles it");
+        assert_eq!(store.opened_mark(), Some(&b"head-1"[..]));
+        store.close().unwrap();
+        drop(store);
+    }
 }
