@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs pcrd's foundation benchmarks (BENCHMARKS.md) and records the machine they ran on.
 #
-#   scripts/bench.sh                      # everything (~5 minutes on 2 cores, plus the build)
+#   scripts/bench.sh                      # everything (~6 minutes on 2 cores, plus the build)
 #   scripts/bench.sh batch single         # only some sections: disk batch single footprint
 #   PCRD_BENCH_RUNS=5 scripts/bench.sh    # more runs per figure (default 3)
 #
