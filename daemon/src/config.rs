@@ -104,7 +104,7 @@ pub struct ConfigError {
 }
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8440";
-/// Large enough for a batch of 100,000 tubes, small enough that a runaway client
+/// Large enough for a batch of 10,000 tubes with room to spare, small enough that a runaway client
 /// cannot make the daemon buffer gigabytes.
 pub const DEFAULT_MAX_BODY_BYTES: u64 = 16 * 1024 * 1024;
 /// sled's page cache. sled's real memory use is several times this figure, and a

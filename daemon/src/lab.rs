@@ -26,7 +26,9 @@ use crate::model::{
 use crate::store::{Store, StoreError, Versioned, decode, encode};
 
 /// Largest number of tubes in one receive request.
-pub const MAX_BATCH: usize = 100_000;
+/// Larger batches are slower per tube in sled and cost memory in proportion
+/// (BENCHMARKS.md §1); 10,000 is ten times what the import tool sends.
+pub const MAX_BATCH: usize = 10_000;
 /// Tubes listed per audit entry. A batch is split so that no stored value grows past
 /// sled's blob threshold (~128 KiB): sled writes larger values to separate blob files
 /// that it never fsyncs, which our barrier would not cover.

@@ -524,6 +524,18 @@ async fn one_bad_barcode_refuses_the_whole_batch() {
     }
     assert_eq!(api.get("/api/v1/tubes/GOOD-101").await.status, 404);
     assert_eq!(snapshot(&api).await, before);
+
+    // A batch over the limit is refused whole, naming the limit.
+    let too_many: Vec<Value> = (0..10_001).map(|i| tube(&format!("MANY-{i:05}"))).collect();
+    let reply = receive(&api, too_many).await;
+    assert_error(
+        &reply,
+        422,
+        "invalid",
+        &["10001 tubes", "the limit is 10000"],
+    );
+    assert_eq!(api.get("/api/v1/tubes/MANY-00000").await.status, 404);
+    assert_eq!(snapshot(&api).await, before);
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -62,7 +62,8 @@ pub struct TubeIn {
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ReceiveRequest {
-    /// Up to 100,000 tubes; all are received or none.
+    /// Up to 10,000 tubes; all are received or none.
+    #[schema(min_items = 1, max_items = 10000)]
     pub tubes: Vec<TubeIn>,
     /// Why, for the audit trail.
     pub reason: Option<String>,

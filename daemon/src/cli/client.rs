@@ -395,7 +395,7 @@ async fn tube(client: &Client, command: TubeCommand) -> Result<(), ClientError> 
             batch,
             reason,
             ..
-        } => import_file(client, &file, batch, reason).await?,
+        } => import_file(client, &file, usize::from(batch), reason).await?,
         TubeCommand::Show { barcode, .. } => {
             let reply = client
                 .send::<TubeView>(client.get(&["tubes", &barcode]))

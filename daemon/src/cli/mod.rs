@@ -121,8 +121,8 @@ pub enum TubeCommand {
         file: PathBuf,
         /// Tubes per request. 1,000 is faster than larger batches and keeps the
         /// daemon's memory low (BENCHMARKS.md).
-        #[arg(long, default_value_t = 1000)]
-        batch: usize,
+        #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u16).range(1..=10_000))]
+        batch: u16,
         #[arg(long)]
         reason: Option<String>,
         #[command(flatten)]
