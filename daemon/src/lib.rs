@@ -11,6 +11,7 @@ pub mod cli;
 pub mod config;
 pub mod kits;
 pub mod lab;
+pub mod metrics;
 pub mod model;
 pub mod store;
 pub mod telemetry;

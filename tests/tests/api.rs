@@ -1176,6 +1176,16 @@ async fn health_and_metrics() {
     assert_eq!(value("pcrd_tubes_received_total"), 5.0);
     assert_eq!(value("pcrd_plates_created_total"), 1.0);
     assert!(value("pcrd_store_barriers_total") >= 1.0);
+    // Every barrier and every request lands in its latency histogram.
+    assert_eq!(
+        value("pcrd_store_barrier_duration_seconds_count"),
+        value("pcrd_store_barriers_total")
+    );
+    assert_eq!(
+        value("pcrd_store_barrier_duration_seconds_bucket{le=\"+Inf\"}"),
+        value("pcrd_store_barriers_total")
+    );
+    assert!(value("pcrd_http_request_duration_seconds_count") >= 3.0);
 }
 
 // ----- concurrency -----

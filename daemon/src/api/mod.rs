@@ -35,6 +35,8 @@ pub struct AppState {
 #[derive(Debug, Default)]
 struct HttpMetrics {
     by_class: [AtomicU64; 6],
+    /// From request to response, acknowledgement barrier included.
+    duration: crate::metrics::Histogram,
 }
 
 /// An error as the API reports it.
@@ -421,9 +423,11 @@ pub fn router(lab: Arc<Lab>, users: Vec<User>, max_body_bytes: usize) -> Router 
         move |req: Request, next: Next| {
             let metrics = Arc::clone(&metrics);
             async move {
+                let started = std::time::Instant::now();
                 let response = next.run(req).await;
                 let class = (response.status().as_u16() / 100).min(5) as usize;
                 metrics.by_class[class].fetch_add(1, Ordering::Relaxed);
+                metrics.duration.observe(started.elapsed());
                 response
             }
         },
@@ -915,14 +919,15 @@ async fn metrics_text(State(state): State<AppState>) -> impl IntoResponse {
         "Commits covered by those barriers (group commit shares one barrier).",
         barrier.tickets.load(Ordering::Relaxed).to_string(),
     );
-    metric(
-        "pcrd_store_barrier_seconds_total",
-        "counter",
-        "Time spent in durability barriers.",
-        format!(
-            "{:.6}",
-            barrier.busy_micros.load(Ordering::Relaxed) as f64 / 1e6
-        ),
+    barrier.duration.render(
+        &mut out,
+        "pcrd_store_barrier_duration_seconds",
+        "Duration of each durability barrier (sled flush + fdatasync).",
+    );
+    state.metrics.duration.render(
+        &mut out,
+        "pcrd_http_request_duration_seconds",
+        "Time from request to response, durability barrier included.",
     );
     let _ = writeln!(
         out,

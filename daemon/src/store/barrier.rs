@@ -35,8 +35,8 @@ pub struct BarrierStats {
     pub barriers: AtomicU64,
     /// Tickets covered by those barriers (>= barriers: the difference is group commit).
     pub tickets: AtomicU64,
-    /// Total time spent in flush + fdatasync, in microseconds.
-    pub busy_micros: AtomicU64,
+    /// How long each barrier (flush + fdatasync) took.
+    pub duration: crate::metrics::Histogram,
 }
 
 #[derive(Debug)]
@@ -216,9 +216,7 @@ fn sync_loop(shared: &Shared, db: &sled::Db, db_file: &File, mark_file: &File) {
                 let stats = &shared.stats;
                 stats.barriers.fetch_add(1, Ordering::Relaxed);
                 stats.tickets.fetch_add(target - durable, Ordering::Relaxed);
-                stats
-                    .busy_micros
-                    .fetch_add(elapsed.as_micros() as u64, Ordering::Relaxed);
+                stats.duration.observe(elapsed);
                 durable = target;
                 // The mark only strengthens the check at open; failing to write it is
                 // not a reason to stop acknowledging durable writes.
