@@ -13,6 +13,7 @@
 //! to be shown to lab technicians as they are: they name the barcode, well or
 //! kit at fault and say what would have been accepted.
 
+pub mod analysis;
 pub mod domain;
 pub mod kit;
 
