@@ -27,7 +27,7 @@
 //! skipped: it is a benchmark, not a test.
 
 use std::fs::File;
-use std::io::{BufRead, BufReader, Write as _};
+use std::io::Write as _;
 use std::os::unix::fs::MetadataExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -374,48 +374,18 @@ impl Daemon {
     /// Starts `pcrd serve`; returns the time from spawn to the `listening on` line.
     fn spawn(&mut self) -> Result<Duration> {
         ensure!(self.child.is_none(), "daemon already running");
-        let stderr = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.path().join("stderr.log"))?;
         self.log_offset = self.log().len();
-        let started = Instant::now();
-        self.spawned_at = started;
-        let mut child = Command::new(pcrd_bin())
-            .arg("serve")
-            .arg("--config")
-            .arg(self.dir.path().join("pcrd.toml"))
-            .arg("--data-dir")
-            .arg(self.store_path())
-            .arg("--listen")
-            .arg("127.0.0.1:0")
-            .stdout(Stdio::piped())
-            .stderr(stderr)
-            .spawn()
-            .context("spawn pcrd serve")?;
-        let stdout = child.stdout.take().context("stdout")?;
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut lines = BufReader::new(stdout).lines();
-            if let Some(Ok(line)) = lines.next() {
-                let _ = tx.send((line, Instant::now()));
-            }
-            for _ in lines {}
-        });
-        let Ok((line, at)) = rx.recv_timeout(Duration::from_secs(120)) else {
-            let _ = child.kill();
-            let _ = child.wait();
-            bail!(
-                "pcrd serve did not report its address; stderr:\n{}",
-                std::fs::read_to_string(self.dir.path().join("stderr.log")).unwrap_or_default()
-            );
-        };
-        self.url = line
-            .strip_prefix("listening on ")
-            .with_context(|| format!("unexpected first line {line:?}"))?
-            .to_string();
-        self.child = Some(child);
-        Ok(at - started)
+        self.spawned_at = Instant::now();
+        let served = pcrd_tests::spawn_serve(
+            &self.dir.path().join("pcrd.toml"),
+            &self.store_path(),
+            &self.dir.path().join("stderr.log"),
+            Duration::from_secs(120),
+        )
+        .map_err(anyhow::Error::msg)?;
+        self.url = served.url;
+        self.child = Some(served.child);
+        Ok(served.startup)
     }
 
     fn pid(&self) -> Result<u32> {

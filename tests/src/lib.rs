@@ -68,6 +68,73 @@ pub fn pcrd_bin() -> PathBuf {
     .clone()
 }
 
+/// A `pcrd serve` that has announced its address.
+#[derive(Debug)]
+pub struct Served {
+    pub child: Child,
+    /// `http://127.0.0.1:PORT`
+    pub url: String,
+    /// From spawning the process to its `listening on` line.
+    pub startup: Duration,
+}
+
+/// Starts `pcrd serve` on `config` and `store`, listening on 127.0.0.1 port 0 with its
+/// stderr appended to `stderr_log`, and waits up to `timeout` for the `listening on`
+/// line. On failure the process is killed and the error carries its stderr.
+pub fn spawn_serve(
+    config: &Path,
+    store: &Path,
+    stderr_log: &Path,
+    timeout: Duration,
+) -> Result<Served, String> {
+    let stderr = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(stderr_log)
+        .map_err(|e| format!("stderr log {}: {e}", stderr_log.display()))?;
+    let started = Instant::now();
+    let mut child = Command::new(pcrd_bin())
+        .arg("serve")
+        .arg("--config")
+        .arg(config)
+        .arg("--data-dir")
+        .arg(store)
+        .arg("--listen")
+        .arg("127.0.0.1:0")
+        .stdout(Stdio::piped())
+        .stderr(stderr)
+        .spawn()
+        .map_err(|e| format!("spawn pcrd serve: {e}"))?;
+    let stdout = child.stdout.take().ok_or("no stdout")?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut lines = BufReader::new(stdout).lines();
+        if let Some(Ok(line)) = lines.next() {
+            let _ = tx.send((line, Instant::now()));
+        }
+        // Keep draining so the daemon never blocks on a full pipe.
+        for _ in lines {}
+    });
+    let Ok((line, at)) = rx.recv_timeout(timeout) else {
+        let _ = child.kill();
+        let _ = child.wait();
+        return Err(format!(
+            "pcrd serve did not report its address; stderr:\n{}",
+            std::fs::read_to_string(stderr_log).unwrap_or_default()
+        ));
+    };
+    let Some(url) = line.strip_prefix("listening on ") else {
+        let _ = child.kill();
+        let _ = child.wait();
+        return Err(format!("unexpected first line from pcrd serve: {line:?}"));
+    };
+    Ok(Served {
+        child,
+        url: url.to_string(),
+        startup: at - started,
+    })
+}
+
 /// A running `pcrd serve` on its own temporary store.
 #[derive(Debug)]
 pub struct Daemon {
@@ -112,47 +179,15 @@ impl Daemon {
     }
 
     fn spawn(&mut self) {
-        let stderr = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.stderr_log)
-            .expect("stderr log");
-        let mut child = Command::new(pcrd_bin())
-            .arg("serve")
-            .arg("--config")
-            .arg(self.config_path())
-            .arg("--data-dir")
-            .arg(self.store_path())
-            .arg("--listen")
-            .arg("127.0.0.1:0")
-            .stdout(Stdio::piped())
-            .stderr(stderr)
-            .spawn()
-            .expect("spawn pcrd serve");
-        let stdout = child.stdout.take().expect("stdout");
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut lines = BufReader::new(stdout).lines();
-            if let Some(Ok(line)) = lines.next() {
-                let _ = tx.send(line);
-            }
-            // Keep draining so the daemon never blocks on a full pipe.
-            for _ in lines {}
-        });
-        let line = rx
-            .recv_timeout(Duration::from_secs(30))
-            .unwrap_or_else(|_| {
-                let _ = child.kill();
-                panic!(
-                    "pcrd serve did not report its address; stderr:\n{}",
-                    self.stderr()
-                )
-            });
-        self.url = line
-            .strip_prefix("listening on ")
-            .unwrap_or_else(|| panic!("unexpected first line from pcrd serve: {line:?}"))
-            .to_string();
-        self.child = Some(child);
+        let served = spawn_serve(
+            &self.config_path(),
+            &self.store_path(),
+            &self.stderr_log,
+            Duration::from_secs(30),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        self.url = served.url;
+        self.child = Some(served.child);
     }
 
     /// Kills the daemon with SIGKILL: no shutdown code runs.
