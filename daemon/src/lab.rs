@@ -133,6 +133,31 @@ pub enum Due {
     In(String),
 }
 
+/// The longest `due_in` accepted: a due time a month out is a typo.
+const MAX_DUE_IN: Duration = Duration::from_secs(30 * 24 * 3600);
+
+impl Due {
+    /// The due time of a tube received at `received_at`, or why the text is not one.
+    /// The CLI's import checks files with this too, so both refuse the same rows.
+    pub fn resolve(&self, received_at: Timestamp) -> Result<Timestamp, String> {
+        match self {
+            Due::At(text) => humantime::parse_rfc3339_weak(text)
+                .map(|t| {
+                    let ms = t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis());
+                    Timestamp::from_millis(ms as i64)
+                })
+                .map_err(|e| format!("due time {text:?} is not an RFC 3339 time: {e}")),
+            Due::In(text) => match humantime::parse_duration(text) {
+                Ok(d) if d > Duration::ZERO && d <= MAX_DUE_IN => {
+                    Ok(received_at.saturating_add_millis(d.as_millis() as i64))
+                }
+                Ok(_) => Err(format!("due in {text:?} must be between 1s and 30 days")),
+                Err(e) => Err(format!("due in {text:?} is not a duration like 4h: {e}")),
+            },
+        }
+    }
+}
+
 /// One tube to receive, as the client gave it; validated by [`Lab::receive_tubes`].
 #[derive(Clone, Debug)]
 pub struct TubeIntake {
@@ -1382,32 +1407,10 @@ fn parse_intake(
     };
     let due_at = match item.due {
         None => None,
-        Some(Due::At(text)) => match humantime::parse_rfc3339_weak(&text) {
-            Ok(t) => Some(Timestamp::from_millis(
-                t.duration_since(UNIX_EPOCH)
-                    .map_or(0, |d| d.as_millis() as i64),
-            )),
+        Some(due) => match due.resolve(at) {
+            Ok(at) => Some(at),
             Err(e) => {
-                problems.push(format!(
-                    "{label}: due time {text:?} is not an RFC 3339 time: {e}"
-                ));
-                None
-            }
-        },
-        Some(Due::In(text)) => match humantime::parse_duration(&text) {
-            Ok(d) if d > Duration::ZERO && d <= Duration::from_secs(30 * 24 * 3600) => {
-                Some(at.saturating_add_millis(d.as_millis() as i64))
-            }
-            Ok(_) => {
-                problems.push(format!(
-                    "{label}: due in {text:?} must be between 1s and 30 days"
-                ));
-                None
-            }
-            Err(e) => {
-                problems.push(format!(
-                    "{label}: due in {text:?} is not a duration like 4h: {e}"
-                ));
+                problems.push(format!("{label}: {e}"));
                 None
             }
         },

@@ -7,17 +7,14 @@
 
 use std::collections::HashMap;
 use std::io::Read;
-use std::time::Duration;
 
-use pcrd_protocol::domain::{Barcode, PoolSize, Priority};
+use pcrd_protocol::domain::{Barcode, PoolSize, Priority, Timestamp};
 
 use crate::api::dto::TubeIn;
+use crate::lab::Due;
 
 /// The columns a tube CSV may have; only `barcode` is required.
 const COLUMNS: [&str; 5] = ["barcode", "pool_size", "priority", "due_in", "due_at"];
-
-/// The longest `due_in` the daemon accepts (see `lab::parse_intake`).
-const MAX_DUE_IN: Duration = Duration::from_secs(30 * 24 * 3600);
 
 /// Where each known column is in the file.
 #[derive(Debug, Default)]
@@ -175,19 +172,15 @@ fn parse_row(
     });
     let due_in = columns.get(record, 3);
     let due_at = columns.get(record, 4);
-    if let Some(text) = due_in {
-        match humantime::parse_duration(text) {
-            Ok(d) if d > Duration::ZERO && d <= MAX_DUE_IN => {}
-            Ok(_) => problems.push(format!("due_in {text:?} must be between 1s and 30 days")),
-            Err(e) => problems.push(format!("due_in {text:?} is not a duration like 4h: {e}")),
+    // The daemon's own rules, so a file that passes here is not refused there.
+    let dues = [
+        due_in.map(|t| Due::In(t.into())),
+        due_at.map(|t| Due::At(t.into())),
+    ];
+    for due in dues.iter().flatten() {
+        if let Err(e) = due.resolve(Timestamp::from_millis(0)) {
+            problems.push(e);
         }
-    }
-    if let Some(text) = due_at
-        && let Err(e) = humantime::parse_rfc3339_weak(text)
-    {
-        problems.push(format!(
-            "due_at {text:?} is not a time like 2026-11-27T15:00:00Z: {e}"
-        ));
     }
     if due_in.is_some() && due_at.is_some() {
         problems.push("give due_in or due_at, not both".into());
