@@ -24,6 +24,9 @@ python_peer() { # python_peer <marker file> <pip requirement>...
 }
 # schemathesis: checks the API against its OpenAPI document (tests/tests/openapi_conformance.rs).
 python_peer schemathesis-4.32.5 "schemathesis==4.32.5"
+# rdmlpython: independent RDML reader/writer and LinRegPCR Cq oracle (issue 3). It breaks
+# on numpy 2 (np.NaN), so numpy is pinned below 2 beside it.
+python_peer rdmlpython-1.7.2 "rdmlpython==1.7.2" "numpy<2"
 
 echo "== cargo fmt"
 cargo fmt --all -- --check
