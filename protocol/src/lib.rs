@@ -15,7 +15,9 @@
 
 pub mod analysis;
 pub mod domain;
+pub mod interpret;
 pub mod kit;
+pub mod rdml;
 
 /// Longest piece of user input echoed back in an error message. A scanner
 /// stuck in a loop or a bad API request can hand us a megabyte of text; the

@@ -40,6 +40,14 @@ role = "admin"
 token = "test-admin-token-0001"
 "#;
 
+/// Where `scripts/test.sh` installs the independent peers the tests talk to
+/// (`$PCRD_PEERS`, else `.peers/` in the workspace); Python peers are in `python/`.
+pub fn peers_dir() -> PathBuf {
+    std::env::var_os("PCRD_PEERS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../.peers"))
+}
+
 /// Path to the `pcrd` binary, built once per test process if cargo has not built it.
 pub fn pcrd_bin() -> PathBuf {
     static BIN: OnceLock<PathBuf> = OnceLock::new();

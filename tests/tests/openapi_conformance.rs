@@ -8,16 +8,9 @@
 //! to succeed; a schema cannot express "this plate exists" or "this tube was already
 //! received", so lab rules rightly refuse some of them.
 
-use std::path::PathBuf;
 use std::process::Command;
 
-use pcrd_tests::{ADMIN_TOKEN, Daemon};
-
-fn peers_dir() -> PathBuf {
-    std::env::var_os("PCRD_PEERS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.peers"))
-}
+use pcrd_tests::{ADMIN_TOKEN, Daemon, peers_dir};
 
 #[test]
 fn the_api_conforms_to_its_openapi_document_under_generated_requests() {
