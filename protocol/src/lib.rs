@@ -1,6 +1,14 @@
 //! pcrd's pure core: the domain model of a SARS-CoV-2 PCR lab (tube barcodes,
-//! plates, wells, layouts, plate lineage) and the kit definitions that say
-//! where each plate format keeps its controls.
+//! plates, wells, layouts, plate lineage), and the path from raw fluorescence
+//! to a call:
+//!
+//! - [`rdml`]: RDML files in and out (bytes, not files);
+//! - [`analysis`]: one amplification curve to a Ct, with curve QC flags;
+//! - [`run_analysis`]: a whole run, one threshold per target, one record per
+//!   reaction and target, and with a kit the calls of a plate;
+//! - [`kit`] and [`interpret`]: kit definitions as data (targets, cut-offs,
+//!   decision table, run-control expectations, control layouts) and their
+//!   application to Ct values, run controls and pools.
 //!
 //! This crate does no I/O and reads no clock. It never opens a file, a socket
 //! or a serial port, and it never asks the system for the time: every instant
@@ -18,6 +26,7 @@ pub mod domain;
 pub mod interpret;
 pub mod kit;
 pub mod rdml;
+pub mod run_analysis;
 
 /// Longest piece of user input echoed back in an error message. A scanner
 /// stuck in a loop or a bad API request can hand us a megabyte of text; the

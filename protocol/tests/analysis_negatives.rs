@@ -1,12 +1,17 @@
 //! Curves that did not amplify must be Undetermined: zero false positives
-//! over thousands of seeded flat, drifting, spiking, noisy and late-creeping
-//! curves, under the automatic threshold (the one noise and drift can fool)
-//! and under a fixed kit threshold.
+//! over 32,500 seeded flat, drifting, bleaching, spiking, noisy and
+//! late-creeping curves (noise SD 0.0005–0.05, i.e. up to T/4 of the kit
+//! threshold T = 0.2 used for positives), each under the automatic
+//! threshold (the one noise and drift can fool), a fixed kit threshold
+//! (where the noise is under T/10), the Cp method, and a fixed baseline
+//! window.
+//!
+//! `cargo test -p pcrd-protocol --release --test analysis_negatives -- --nocapture`
 
 use pcrd_protocol::analysis::model::{CurveModel, LateRise, NoiseRng, Spike};
 use pcrd_protocol::analysis::{AnalysisSettings, Ct, Method, QcFlag, analyze_curve};
 
-const CASES: u64 = 5000;
+const CASES: u64 = 6500;
 
 fn negative(rng: &mut NoiseRng) -> CurveModel {
     CurveModel {
@@ -24,23 +29,33 @@ fn negative(rng: &mut NoiseRng) -> CurveModel {
 /// noisy_baseline and a crossing by noise is the flag's whole point.
 fn assert_undetermined(model: &CurveModel, what: &str) -> Vec<QcFlag> {
     let readings = model.readings();
+    analysed(&readings, model.noise_sd, what, &format!("{model:?}"))
+}
+
+/// As [`assert_undetermined`], for readings built outside the model.
+fn analysed(readings: &[f64], noise_sd: f64, what: &str, model: &str) -> Vec<QcFlag> {
     let mut flags = Vec::new();
-    for method in [Method::Threshold, Method::Cp] {
+    for (method, adaptive_baseline) in [
+        (Method::Threshold, true),
+        (Method::Cp, true),
+        (Method::Threshold, false),
+    ] {
         let mut fixed = vec![None];
-        if model.noise_sd <= 0.02 {
+        if noise_sd <= 0.02 {
             fixed.push(Some(0.2));
         }
         for fixed_threshold in fixed {
             let settings = AnalysisSettings {
                 method,
                 fixed_threshold,
+                adaptive_baseline,
                 ..AnalysisSettings::default()
             };
-            let result = analyze_curve(&readings, &settings).expect("valid curve");
+            let result = analyze_curve(readings, &settings).expect("valid curve");
             assert_eq!(
                 result.ct,
                 Ct::Undetermined,
-                "{what} called positive with {settings:?}: {model:?} -> {result:?}"
+                "{what} called positive with {settings:?}: {model} -> {result:?}"
             );
             flags.extend(result.flags);
         }
@@ -80,6 +95,40 @@ fn drifting_curves_are_undetermined_and_flagged() {
         }
     }
     assert!(flagged > 0, "no drift ever flagged");
+}
+
+/// Photobleaching: the background decays towards a lower level, fast at
+/// first (an exponential, which a straight baseline cannot follow), by 2 to
+/// 15 % of a background of 0.5 to 5, with time constants of 3 to 30 cycles.
+#[test]
+fn bleaching_curves_are_undetermined() {
+    let mut rng = NoiseRng::new(5);
+    let mut drift_flags = 0;
+    for _ in 0..CASES {
+        let model = CurveModel {
+            baseline: rng.range(0.5, 5.0),
+            ..negative(&mut rng)
+        };
+        let depth = rng.range(0.02, 0.15) * model.baseline;
+        let tau = rng.range(3.0, 30.0);
+        let readings: Vec<f64> = model
+            .readings()
+            .iter()
+            .enumerate()
+            .map(|(k, v)| v - depth * (1.0 - (-((k + 1) as f64) / tau).exp()))
+            .collect();
+        let flags = analysed(
+            &readings,
+            model.noise_sd,
+            "bleaching curve",
+            &format!("{model:?} depth {depth} tau {tau}"),
+        );
+        if flags.contains(&QcFlag::Drift) {
+            drift_flags += 1;
+        }
+    }
+    println!("bleaching curves flagged drift: {drift_flags} of {CASES}");
+    assert!(drift_flags > 0);
 }
 
 #[test]

@@ -15,13 +15,17 @@ fn settings() -> impl Strategy<Value = AnalysisSettings> {
         ],
         0usize..20,
         0usize..60,
+        any::<bool>(),
     )
         .prop_map(
-            |(method, fixed_threshold, baseline_start, baseline_end)| AnalysisSettings {
-                method,
-                fixed_threshold,
-                baseline_start,
-                baseline_end,
+            |(method, fixed_threshold, baseline_start, baseline_end, adaptive_baseline)| {
+                AnalysisSettings {
+                    method,
+                    fixed_threshold,
+                    baseline_start,
+                    baseline_end,
+                    adaptive_baseline,
+                }
             },
         )
 }

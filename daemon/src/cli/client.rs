@@ -67,7 +67,10 @@ fn api_args(command: &Command) -> Option<&ApiArgs> {
         ) => Some(api),
         Command::Audit(args) => Some(&args.api),
         Command::Kits(args) => Some(&args.api),
-        Command::Serve(_) | Command::Completions { .. } | Command::Store(_) => None,
+        Command::Serve(_)
+        | Command::Completions { .. }
+        | Command::Store(_)
+        | Command::Analyze(_) => None,
     }
 }
 
@@ -81,9 +84,10 @@ async fn dispatch(client: &Client, command: Command) -> Result<(), ClientError> 
             client.print(&reply, |kits| kits_text(kits));
             Ok(())
         }
-        Command::Serve(_) | Command::Completions { .. } | Command::Store(_) => {
-            Err(ClientError::usage("not a client command"))
-        }
+        Command::Serve(_)
+        | Command::Completions { .. }
+        | Command::Store(_)
+        | Command::Analyze(_) => Err(ClientError::usage("not a client command")),
     }
 }
 

@@ -1,6 +1,7 @@
 //! The `pcrd` command line: `pcrd serve` runs the daemon; the other subcommands are
 //! clients of its HTTP API.
 
+mod analyze;
 mod client;
 mod import;
 mod render;
@@ -49,6 +50,9 @@ pub enum Command {
     Audit(AuditArgs),
     /// List the kits the daemon knows.
     Kits(KitsArgs),
+    /// Ct values (and with --kit, calls and plate validity) from an RDML file;
+    /// no daemon needed.
+    Analyze(analyze::AnalyzeArgs),
     /// Work on the store directly (the daemon must be stopped).
     #[command(subcommand)]
     Store(StoreCommand),
@@ -319,6 +323,7 @@ pub fn main() -> ExitCode {
             data_dir,
             json,
         }) => check_store(&config, data_dir, json),
+        Command::Analyze(args) => analyze::run(args),
         Command::Completions { shell } => {
             clap_complete::generate(shell, &mut Cli::command(), "pcrd", &mut std::io::stdout());
             ExitCode::SUCCESS

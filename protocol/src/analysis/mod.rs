@@ -1,21 +1,32 @@
-//! Ct analysis of one real-time PCR amplification curve (protocols.md §6).
+//! Ct analysis of real-time PCR amplification curves (protocols.md §6).
 //!
 //! Pure functions over `&[f64]`: one fluorescence reading per cycle, cycle 1
 //! first. [`analyze_curve`] fits and subtracts a per-curve baseline, picks a
 //! threshold (fixed from the kit, or automatic), finds the first accepted
 //! crossing (or the second-derivative maximum, Cp) and raises QC flags.
+//! [`common_threshold`] chooses one threshold for all curves of a target in
+//! a run; [`compare_instrument`] checks a Ct against the cycler's own.
 //!
-//! What this module does not do: run-level methods that need every curve of
-//! a target (LinRegPCR's window of linearity), multi-channel crosstalk
-//! correction, or deciding what a flag means for release (the caller does).
+//! The Ct is a threshold-crossing Ct, read off a local fit of the points
+//! around the crossing rather than two readings, over a baseline whose
+//! window ends just before each curve's rise (see the `numeric` module's
+//! documentation for how and why, and `tests/analysis_accuracy.rs` for what
+//! it achieves on a defined synthetic population).
+//!
+//! What this module does not do: LinRegPCR's per-target efficiency and N0,
+//! multi-channel crosstalk correction, or deciding what a flag means for
+//! release (the caller does).
 //!
 //! A curve that did not amplify gives [`Ct::Undetermined`], never 0, 40 or
 //! NaN. Bad input (empty, too short, a NaN reading) is an [`AnalysisError`],
 //! never a panic and never a made-up Ct.
 
 mod numeric;
+mod threshold;
 
 pub mod model;
+
+pub use threshold::common_threshold;
 
 use std::fmt;
 
@@ -99,7 +110,9 @@ pub enum CtError {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Method {
-    /// First accepted threshold crossing, log-linear interpolation.
+    /// First accepted threshold crossing, read off a local fit of the
+    /// readings around it (two-point log-linear interpolation where there
+    /// are too few).
     Threshold,
     /// Second-derivative maximum (Cp): threshold-free but offset from Ct.
     Cp,
@@ -120,9 +133,20 @@ pub struct AnalysisSettings {
     pub fixed_threshold: Option<f64>,
     /// First cycle of the default baseline window (1-based, inclusive).
     pub baseline_start: usize,
-    /// Last cycle of the default baseline window (inclusive). Shortened per
-    /// curve for early risers.
+    /// Last cycle of the default baseline window (inclusive). Used as it is
+    /// for a curve that does not rise; see `adaptive_baseline` for one that
+    /// does.
     pub baseline_end: usize,
+    /// For a rising curve, end the window a little before the rise (where
+    /// the rise, extrapolated back, is an eighth of the threshold: 3–4
+    /// cycles before the crossing), earlier or later than `baseline_end`,
+    /// with what is left of the rise in the window subtracted: the line is
+    /// then fitted over every flat cycle and extrapolated over as few
+    /// cycles as possible. `false` keeps the
+    /// configured end unless the rise reaches into it (early risers: §6
+    /// requires ending the window before the rise either way), for
+    /// comparison with software that used a fixed window.
+    pub adaptive_baseline: bool,
 }
 
 impl Default for AnalysisSettings {
@@ -132,6 +156,7 @@ impl Default for AnalysisSettings {
             fixed_threshold: None,
             baseline_start: 3,
             baseline_end: 15,
+            adaptive_baseline: true,
         }
     }
 }
@@ -144,7 +169,9 @@ pub const AUTO_THRESHOLD_SDS: f64 = 10.0;
 /// of zero (which every rounding error would cross).
 pub const AUTO_THRESHOLD_FLOOR_OF_SPAN: f64 = 0.01;
 
-/// The baseline line fitted to one curve.
+/// The baseline line fitted to one curve. For a rising curve the window is
+/// the one of the last pass, which may end before or after the configured
+/// end (see [`AnalysisSettings::adaptive_baseline`]).
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Baseline {
     /// Fitted value at cycle 0.
@@ -191,6 +218,45 @@ pub enum QcFlag {
     /// [`MIN_BASELINE_POINTS`] cycles, so no baseline can be trusted. Ct is
     /// Undetermined; the well needs a look (or a re-run diluted).
     BaselineError,
+    /// pcrd's Ct and the instrument's differ by more than the validated
+    /// tolerance, or one is Undetermined and the other not (protocols.md
+    /// §6, "pcrd Ct vs instrument Ct beyond a validated tolerance"). Raised
+    /// by [`compare_instrument`], not by [`analyze_curve`].
+    InstrumentDisagreement,
+}
+
+/// Default for [`compare_instrument`]'s tolerance, in cycles: the top of the
+/// 0.2–0.5 range protocols.md §6 suggests (marked unverified there), until
+/// a lab validates its own per instrument and kit.
+pub const DEFAULT_INSTRUMENT_TOLERANCE: f64 = 0.5;
+
+/// Compares pcrd's Ct with the one the instrument reported for the same
+/// well and target, and returns [`QcFlag::InstrumentDisagreement`] if they
+/// differ by more than `tolerance` cycles, or if one is Undetermined and
+/// the other not.
+///
+/// `instrument` is `None` when the instrument reported nothing to compare
+/// (no Cq in the export): that is no disagreement. Both values are compared
+/// as reported, rounded to 2 decimals (§6: "compare cut-offs on the value
+/// rounded as reported"), so that a person checking the flag against the
+/// two printed Cts sees why it was raised. A tolerance that is negative or
+/// not a number is a configuration slip, and [`DEFAULT_INSTRUMENT_TOLERANCE`]
+/// is used instead of silently flagging everything or nothing.
+pub fn compare_instrument(ct: Ct, instrument: Option<Ct>, tolerance: f64) -> Option<QcFlag> {
+    let tolerance = if tolerance.is_finite() && tolerance >= 0.0 {
+        tolerance
+    } else {
+        DEFAULT_INSTRUMENT_TOLERANCE
+    };
+    let round = |v: f64| (v * 100.0).round() / 100.0;
+    let disagree = match (ct, instrument?) {
+        (Ct::Undetermined, Ct::Undetermined) => false,
+        (Ct::Determined(_), Ct::Undetermined) | (Ct::Undetermined, Ct::Determined(_)) => true,
+        // The tiny allowance keeps a difference of exactly the tolerance
+        // (in printed decimals) from flagging through binary rounding.
+        (Ct::Determined(a), Ct::Determined(b)) => (round(a) - round(b)).abs() > tolerance + 1e-9,
+    };
+    disagree.then_some(QcFlag::InstrumentDisagreement)
 }
 
 /// An accepted crossing must reach [`GROWTH_FACTOR`] × threshold within this
@@ -216,8 +282,9 @@ pub struct CurveResult {
     pub threshold_fixed: bool,
     /// Noise SD the automatic threshold is based on: the larger of the
     /// baseline residuals' SD and the robust cycle-to-cycle estimate (which
-    /// a positive's rise inflates a little, so automatic thresholds sit
-    /// somewhat higher on positives than 10 residual SDs).
+    /// a positive's rise inflates, by about 1.8 × on the synthetic positives
+    /// of the accuracy test, so automatic thresholds sit higher on positives
+    /// than 10 residual SDs; [`common_threshold`] avoids that for a run).
     pub noise_sd: f64,
     /// The baseline subtracted.
     pub baseline: Baseline,
@@ -314,6 +381,7 @@ mod tests {
         assert_eq!(s.method, Method::Cp);
         assert_eq!(s.fixed_threshold, Some(0.2));
         assert_eq!((s.baseline_start, s.baseline_end), (3, 15));
+        assert!(s.adaptive_baseline);
         assert!(serde_json::from_str::<AnalysisSettings>(r#"{"treshold":0.2}"#).is_err());
     }
 
@@ -332,11 +400,72 @@ mod tests {
         let ct = result.ct.value().unwrap();
         assert!((ct - expected).abs() < 0.02, "{ct} vs {expected}");
         assert_eq!(result.flags, []);
+        // The window ends about 4 cycles before the crossing (at 24.7), not
+        // at the configured 15.
         assert_eq!(
             (result.baseline.window_start, result.baseline.window_end),
-            (3, 15)
+            (3, 21)
         );
         assert!((result.baseline.intercept - 1.0).abs() < 1e-3);
+    }
+
+    #[test]
+    fn a_fixed_window_is_kept_unless_the_rise_reaches_it() {
+        let settings = AnalysisSettings {
+            adaptive_baseline: false,
+            ..fixed(0.2)
+        };
+        let late = analyze_curve(&CurveModel::default().readings(), &settings).unwrap();
+        assert_eq!(
+            (late.baseline.window_start, late.baseline.window_end),
+            (3, 15)
+        );
+        let early = CurveModel {
+            c_half: 17.0,
+            ..CurveModel::default()
+        };
+        let early = analyze_curve(&early.readings(), &settings).unwrap();
+        assert!(early.baseline.window_end < 12, "{early:?}");
+        let expected = CurveModel {
+            c_half: 17.0,
+            ..CurveModel::default()
+        }
+        .crossing_cycle(0.2)
+        .unwrap();
+        let ct = early.ct.value().unwrap();
+        assert!((ct - expected).abs() < 0.05, "{ct} vs {expected}");
+    }
+
+    #[test]
+    fn instrument_disagreement_is_beyond_the_tolerance_as_reported() {
+        let d = Ct::Determined;
+        let tol = DEFAULT_INSTRUMENT_TOLERANCE;
+        assert_eq!(compare_instrument(d(25.0), None, tol), None);
+        assert_eq!(compare_instrument(Ct::Undetermined, None, tol), None);
+        assert_eq!(
+            compare_instrument(Ct::Undetermined, Some(Ct::Undetermined), tol),
+            None
+        );
+        let flag = Some(QcFlag::InstrumentDisagreement);
+        assert_eq!(
+            compare_instrument(d(38.2), Some(Ct::Undetermined), tol),
+            flag
+        );
+        assert_eq!(
+            compare_instrument(Ct::Undetermined, Some(d(38.2)), tol),
+            flag
+        );
+        assert_eq!(compare_instrument(d(25.0), Some(d(25.5)), tol), None);
+        assert_eq!(compare_instrument(d(25.5), Some(d(25.0)), tol), None);
+        assert_eq!(compare_instrument(d(25.0), Some(d(25.51)), tol), flag);
+        // Compared as reported: 25.004 prints as 25.00, 25.504 as 25.50.
+        assert_eq!(compare_instrument(d(25.004), Some(d(25.504)), tol), None);
+        assert_eq!(compare_instrument(d(25.0), Some(d(25.25)), 0.2), flag);
+        // A broken tolerance falls back to the default, not to "never".
+        assert_eq!(compare_instrument(d(25.0), Some(d(27.0)), f64::NAN), flag);
+        assert_eq!(compare_instrument(d(25.0), Some(d(25.3)), -1.0), None);
+        let json = serde_json::to_string(&QcFlag::InstrumentDisagreement).unwrap();
+        assert_eq!(json, r#""instrument_disagreement""#);
     }
 
     #[test]

@@ -1,0 +1,439 @@
+//! Analysis of a whole run: every reaction and target of one RDML run, one
+//! threshold per target, and one record per reaction and target.
+//!
+//! [`analyze_curve`](crate::analysis::analyze_curve) judges one curve; a run
+//! needs more. Every curve of a target is read at the same threshold (a fixed
+//! one from the kit or the caller, or one chosen from all of that target's
+//! curves by [`common_threshold`]), because replicates read at
+//! per-curve thresholds scatter more than the wells differ (Ruijter et al.
+//! 2013 compare methods at one threshold per target for that reason). The
+//! instrument's own Cq, when the file has one, is kept beside pcrd's and a
+//! disagreement is flagged.
+//!
+//! A reaction whose curve cannot be analysed (empty, too short, a reading
+//! that is not a number) gets a record with `ct` = None and the reason in
+//! `error`: it is reported, never given a made-up Ct, and the rest of the run
+//! is still analysed.
+//!
+//! With a kit, [`judge_run`] turns the records into calls: each reaction is
+//! a well, the kit's layout says which wells are controls, and
+//! [`crate::interpret`] applies the kit's rules.
+//!
+//! What this module does not do: read files (the caller hands it a parsed
+//! [`Document`]), or combine wells: a singleplex layout with one target per
+//! well (the CDC panel as run on a 7500) must be exported with the markers
+//! as targets of one reaction to be judged here.
+
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+
+use crate::analysis::{
+    self, AnalysisSettings, Ct, DEFAULT_INSTRUMENT_TOLERANCE, Method, QcFlag, common_threshold,
+};
+use crate::domain::{PlateFormat, Well};
+use crate::interpret::{PlateJudgement, Reading, Target};
+use crate::kit::KitDefinition;
+use crate::rdml::{Document, Run};
+
+/// How a run is analysed.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RunSettings {
+    /// Method, baseline window and (unless overridden per target) automatic
+    /// threshold.
+    pub curve: AnalysisSettings,
+    /// Per RDML target id: what the kit (or the caller) fixes for it.
+    pub targets: BTreeMap<String, TargetSettings>,
+    /// Largest |pcrd Ct − instrument Cq| accepted without a flag, for
+    /// targets that do not set their own.
+    pub instrument_tolerance: f64,
+}
+
+/// What is fixed for one target; `None` takes the run's setting.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct TargetSettings {
+    /// A fixed threshold on the baseline-corrected curve (the kit's
+    /// validated value). Without one, the target's curves share their
+    /// [`common_threshold`].
+    pub threshold: Option<f64>,
+    /// Threshold crossing or Cp for this target.
+    pub method: Option<Method>,
+    /// Instrument-Ct tolerance for this target.
+    pub instrument_tolerance: Option<f64>,
+}
+
+impl Default for RunSettings {
+    fn default() -> Self {
+        RunSettings {
+            curve: AnalysisSettings::default(),
+            targets: BTreeMap::new(),
+            instrument_tolerance: DEFAULT_INSTRUMENT_TOLERANCE,
+        }
+    }
+}
+
+impl RunSettings {
+    /// Adds what `kit` fixes (threshold, method, instrument tolerance) for
+    /// every target of `doc` that maps to one of the kit's targets (see
+    /// [`kit_target`]). What is already set (by the command line) stays.
+    pub fn with_kit(mut self, kit: &KitDefinition, doc: &Document) -> Self {
+        for target in &doc.targets {
+            let Some(kit_target) = kit_target(kit, &target.id, &target.dye_id) else {
+                continue;
+            };
+            let entry = self.targets.entry(target.id.clone()).or_default();
+            entry.threshold = entry.threshold.or(kit_target.threshold);
+            entry.method = entry.method.or(kit_target.ct_method);
+            entry.instrument_tolerance = entry
+                .instrument_tolerance
+                .or(Some(kit_target.instrument_tolerance));
+        }
+        self
+    }
+}
+
+/// The kit target an RDML target stands for: the one of the same name, else
+/// the one read in its dye's channel (or an alias of it).
+pub fn kit_target<'k>(kit: &'k KitDefinition, target_id: &str, dye: &str) -> Option<&'k Target> {
+    kit.target(target_id)
+        .or_else(|| kit.target_for_channel(dye))
+}
+
+/// The result for one reaction and one target.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct ReactionRecord {
+    /// RDML reaction id (wells numbered row by row from 1).
+    pub reaction: u32,
+    /// Well label ("B3"), from the run's plate format.
+    pub well: String,
+    /// RDML sample id.
+    pub sample: String,
+    /// RDML sample type (unkn, ntc, pos, std, ...).
+    pub sample_type: String,
+    /// RDML target id.
+    pub target: String,
+    /// The target's dye (the channel it was read in).
+    pub dye: String,
+    /// pcrd's Ct: a number, or None when Undetermined or not analysed (see
+    /// `error`).
+    pub ct: Option<f64>,
+    /// Threshold crossing or Cp.
+    pub method: Method,
+    /// Threshold used on the baseline-corrected curve; None when the curve
+    /// was not analysed.
+    pub threshold: Option<f64>,
+    /// Curve QC flags (empty when the curve is clean).
+    pub qc: Vec<QcFlag>,
+    /// The Cq the instrument wrote in the file (None when absent or −1).
+    pub instrument_cq: Option<f64>,
+    /// The file's exclusion note for this reaction, if any.
+    pub excluded: Option<String>,
+    /// Why the curve could not be analysed; `ct` is then None and means
+    /// "no result", not "Undetermined".
+    pub error: Option<String>,
+}
+
+impl ReactionRecord {
+    /// The Ct as analysed, or None when the curve was not analysed.
+    pub fn analysed_ct(&self) -> Option<Ct> {
+        if self.error.is_some() {
+            return None;
+        }
+        Some(self.ct.map_or(Ct::Undetermined, Ct::Determined))
+    }
+}
+
+/// Analyses every reaction of `run` in `doc`. Records come in reaction
+/// order, then in the order of the reaction's data elements.
+pub fn analyze_run(doc: &Document, run: &Run, settings: &RunSettings) -> Vec<ReactionRecord> {
+    let dye_of: BTreeMap<&str, &str> = doc
+        .targets
+        .iter()
+        .map(|t| (t.id.as_str(), t.dye_id.as_str()))
+        .collect();
+    let sample_type: BTreeMap<&str, &str> = doc
+        .samples
+        .iter()
+        .map(|s| (s.id.as_str(), s.kind.as_str()))
+        .collect();
+
+    // One threshold per target: fixed, or chosen from all of its curves
+    // that can be analysed (the others get their error in their record).
+    let mut curves_of: BTreeMap<&str, Vec<&[f64]>> = BTreeMap::new();
+    for reaction in &run.reactions {
+        for data in &reaction.data {
+            let usable = data.fluorescence.len() >= analysis::MIN_CYCLES
+                && data.fluorescence.iter().all(|f| f.is_finite());
+            if !usable {
+                continue;
+            }
+            curves_of
+                .entry(data.target_id.as_str())
+                .or_default()
+                .push(&data.fluorescence);
+        }
+    }
+    let common_of: BTreeMap<&str, Option<f64>> = curves_of
+        .iter()
+        .filter(|(target, _)| {
+            settings
+                .targets
+                .get(**target)
+                .is_none_or(|t| t.threshold.is_none())
+        })
+        .map(|(target, curves)| {
+            let curve = AnalysisSettings {
+                method: settings
+                    .targets
+                    .get(*target)
+                    .and_then(|t| t.method)
+                    .unwrap_or(settings.curve.method),
+                ..settings.curve.clone()
+            };
+            (*target, common_threshold(curves, &curve).ok().flatten())
+        })
+        .collect();
+
+    let mut records = Vec::new();
+    for reaction in &run.reactions {
+        let well = run
+            .format
+            .well_label(reaction.id)
+            .unwrap_or_else(|| format!("#{}", reaction.id));
+        for data in &reaction.data {
+            let target = data.target_id.as_str();
+            let fixed = settings.targets.get(target);
+            let method = fixed
+                .and_then(|t| t.method)
+                .unwrap_or(settings.curve.method);
+            let tolerance = fixed
+                .and_then(|t| t.instrument_tolerance)
+                .unwrap_or(settings.instrument_tolerance);
+            let curve_settings = AnalysisSettings {
+                method,
+                fixed_threshold: fixed
+                    .and_then(|t| t.threshold)
+                    .or_else(|| common_of.get(target).copied().flatten())
+                    .or(settings.curve.fixed_threshold),
+                ..settings.curve.clone()
+            };
+            let mut record = ReactionRecord {
+                reaction: reaction.id,
+                well: well.clone(),
+                sample: reaction.sample_id.clone(),
+                sample_type: sample_type
+                    .get(reaction.sample_id.as_str())
+                    .map_or_else(String::new, |s| (*s).to_owned()),
+                target: data.target_id.clone(),
+                dye: dye_of
+                    .get(target)
+                    .map_or_else(String::new, |d| (*d).to_owned()),
+                ct: None,
+                method,
+                threshold: None,
+                qc: Vec::new(),
+                instrument_cq: data.cq,
+                excluded: data.excluded.clone(),
+                error: None,
+            };
+            match analysis::analyze_curve(&data.fluorescence, &curve_settings) {
+                Ok(result) => {
+                    record.ct = result.ct.value();
+                    record.threshold = Some(result.threshold);
+                    record.qc = result.flags;
+                    let instrument = data.cq.map(Ct::Determined);
+                    if let Some(flag) =
+                        analysis::compare_instrument(result.ct, instrument, tolerance)
+                    {
+                        record.qc.push(flag);
+                        record.qc.sort_unstable();
+                        record.qc.dedup();
+                    }
+                }
+                Err(e) => {
+                    record.error = Some(format!(
+                        "reaction {} ({well}) target {:?}: {e}",
+                        reaction.id, data.target_id
+                    ));
+                }
+            }
+            records.push(record);
+        }
+    }
+    records
+}
+
+/// Why a run could not be judged with a kit. A failed control or a bad
+/// specimen is a call, not an error; these are mismatches between the file
+/// and the kit.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+#[non_exhaustive]
+pub enum JudgeError {
+    /// The run's plate is neither 8 × 12 nor 16 × 24, so the kit's control
+    /// layout cannot be placed on it.
+    #[error("run {run:?}: a {rows} x {columns} plate has no kit layout (96 or 384 wells only)")]
+    UnsupportedFormat {
+        /// RDML run id.
+        run: String,
+        /// Rows in the run's pcrFormat.
+        rows: u32,
+        /// Columns in the run's pcrFormat.
+        columns: u32,
+    },
+    /// A kit target has no data in the run, by name or by channel.
+    #[error(
+        "run {run:?}: kit {kit} needs target {target:?} (channel {channel}), \
+         but the run has no such target or dye; the run has: {present}"
+    )]
+    MissingTarget {
+        /// RDML run id.
+        run: String,
+        /// "id@version".
+        kit: String,
+        /// The kit's target name.
+        target: String,
+        /// The kit's channel for it.
+        channel: String,
+        /// The run's targets and dyes, as "target (dye)".
+        present: String,
+    },
+    /// A reaction's well label is not a well of the plate.
+    #[error("run {run:?}: reaction {reaction}: {source}")]
+    BadWell {
+        /// RDML run id.
+        run: String,
+        /// RDML reaction id.
+        reaction: u32,
+        /// Why.
+        source: crate::domain::WellError,
+    },
+    /// The kit refused the readings (names the well).
+    #[error("run {run:?}: {source}")]
+    Interpret {
+        /// RDML run id.
+        run: String,
+        /// Why.
+        source: crate::interpret::InterpretError,
+    },
+}
+
+/// A well the kit could not judge because one of its curves could not be
+/// analysed: reported as such, never given a call.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct UnjudgedWell {
+    /// Well label.
+    pub well: String,
+    /// RDML sample id.
+    pub sample: String,
+    /// Why (the analysis errors of its curves).
+    pub reason: String,
+}
+
+/// A run judged with a kit.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct RunJudgement {
+    /// Controls, validity and the call of every specimen well.
+    pub plate: PlateJudgement,
+    /// Specimen wells with a curve that could not be analysed.
+    pub unjudged: Vec<UnjudgedWell>,
+}
+
+/// Judges the records of one run (from [`analyze_run`]) with `kit`: each
+/// reaction is one well; a record belongs to the kit target of the same name,
+/// else to the kit target read in its dye's channel; records of other
+/// targets (a passive reference dye) are ignored. The kit's control wells
+/// for the run's format are its controls. A control well whose curve could
+/// not be analysed counts as missing, so the plate is invalid.
+pub fn judge_run(
+    kit: &KitDefinition,
+    run: &Run,
+    records: &[ReactionRecord],
+) -> Result<RunJudgement, JudgeError> {
+    let format = match (run.format.rows, run.format.columns) {
+        (8, 12) => PlateFormat::Wells96,
+        (16, 24) => PlateFormat::Wells384,
+        (rows, columns) => {
+            return Err(JudgeError::UnsupportedFormat {
+                run: run.id.clone(),
+                rows,
+                columns,
+            });
+        }
+    };
+    let kit_target_of = |record: &ReactionRecord| {
+        kit_target(kit, &record.target, &record.dye).map(|t| t.name.clone())
+    };
+    for target in kit.targets() {
+        if !records
+            .iter()
+            .any(|r| kit_target_of(r).as_deref() == Some(target.name.as_str()))
+        {
+            let mut present: Vec<String> = records
+                .iter()
+                .map(|r| format!("{} ({})", r.target, r.dye))
+                .collect();
+            present.sort();
+            present.dedup();
+            return Err(JudgeError::MissingTarget {
+                run: run.id.clone(),
+                kit: kit.key(),
+                target: target.name.clone(),
+                channel: target.channel.clone(),
+                present: present.join(", "),
+            });
+        }
+    }
+
+    let template = kit.template(format);
+    let mut wells: BTreeMap<Well, BTreeMap<String, Reading>> = BTreeMap::new();
+    let mut errors: BTreeMap<Well, (String, Vec<String>)> = BTreeMap::new();
+    for record in records {
+        let Some(target) = kit_target_of(record) else {
+            continue;
+        };
+        let well = Well::parse_in(&record.well, format).map_err(|source| JudgeError::BadWell {
+            run: run.id.clone(),
+            reaction: record.reaction,
+            source,
+        })?;
+        match (record.analysed_ct(), &record.error) {
+            (Some(ct), _) => {
+                wells.entry(well).or_default().insert(
+                    target,
+                    Reading {
+                        ct,
+                        qc_flags: record.qc.clone(),
+                    },
+                );
+            }
+            (None, error) => {
+                errors
+                    .entry(well)
+                    .or_insert_with(|| (record.sample.clone(), Vec::new()))
+                    .1
+                    .push(error.clone().unwrap_or_default());
+            }
+        }
+    }
+    // A well with an unanalysable curve is left out whole: half a well must
+    // not be judged as if the missing target were negative.
+    let mut unjudged = Vec::new();
+    for (well, (sample, reasons)) in errors {
+        wells.remove(&well);
+        let is_control = template.is_some_and(|t| t.controls.contains_key(&well));
+        if !is_control {
+            unjudged.push(UnjudgedWell {
+                well: well.to_string(),
+                sample,
+                reason: reasons.join("; "),
+            });
+        }
+    }
+    let plate = kit
+        .judge_plate(format, &wells)
+        .map_err(|source| JudgeError::Interpret {
+            run: run.id.clone(),
+            source,
+        })?;
+    Ok(RunJudgement { plate, unjudged })
+}
