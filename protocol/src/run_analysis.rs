@@ -437,3 +437,183 @@ pub fn judge_run(
         })?;
     Ok(RunJudgement { plate, unjudged })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::analysis::model::CurveModel;
+    use crate::rdml::{Dye, Experiment, PcrFormat, Reaction, ReactionData, Sample, Target};
+
+    /// One run of `wells` reactions with targets N (FAM) and IC (CY5); N's
+    /// curve per reaction from `n_curve`, IC always positive.
+    fn doc(wells: u32, n_curve: impl Fn(u32) -> (Vec<f64>, Option<f64>)) -> Document {
+        let data = |target: &str, fluorescence: Vec<f64>, cq: Option<f64>| ReactionData {
+            target_id: target.to_owned(),
+            cq,
+            excluded: None,
+            threshold: None,
+            background: None,
+            background_slope: None,
+            fluorescence,
+        };
+        let reactions = (1..=wells)
+            .map(|id| {
+                let (n, cq) = n_curve(id);
+                Reaction {
+                    id,
+                    sample_id: "S".to_owned(),
+                    data: vec![
+                        data("N", n, cq),
+                        data("IC", CurveModel::default().readings(), None),
+                    ],
+                }
+            })
+            .collect();
+        Document {
+            version: "1.3".to_owned(),
+            dyes: ["FAM", "CY5"].map(|id| Dye { id: id.to_owned() }).to_vec(),
+            samples: vec![Sample {
+                id: "S".to_owned(),
+                kind: "unkn".to_owned(),
+                quantity: None,
+            }],
+            targets: [("N", "FAM"), ("IC", "CY5")]
+                .map(|(id, dye)| Target {
+                    id: id.to_owned(),
+                    dye_id: dye.to_owned(),
+                    kind: "toi".to_owned(),
+                })
+                .to_vec(),
+            experiments: vec![Experiment {
+                id: "e".to_owned(),
+                runs: vec![Run {
+                    id: "r".to_owned(),
+                    instrument: None,
+                    cq_detection_method: None,
+                    format: PcrFormat::plate_96(),
+                    reactions,
+                }],
+            }],
+        }
+    }
+
+    fn positive(c_half: f64, seed: u64) -> Vec<f64> {
+        CurveModel {
+            c_half,
+            noise_sd: 0.002,
+            seed,
+            ..CurveModel::default()
+        }
+        .readings()
+    }
+
+    #[test]
+    fn one_threshold_per_target_fixed_or_common() {
+        let doc = doc(6, |id| {
+            (positive(20.0 + f64::from(id), u64::from(id)), None)
+        });
+        let run = &doc.experiments[0].runs[0];
+        let mut settings = RunSettings::default();
+        settings.targets.insert(
+            "N".to_owned(),
+            TargetSettings {
+                threshold: Some(0.3),
+                ..TargetSettings::default()
+            },
+        );
+        let records = analyze_run(&doc, run, &settings);
+        assert_eq!(records.len(), 12);
+        let thresholds = |target: &str| -> Vec<Option<f64>> {
+            records
+                .iter()
+                .filter(|r| r.target == target)
+                .map(|r| r.threshold)
+                .collect()
+        };
+        assert!(thresholds("N").iter().all(|t| *t == Some(0.3)));
+        let ic = thresholds("IC");
+        assert!(ic[0].is_some() && ic.iter().all(|t| *t == ic[0]), "{ic:?}");
+        // Ct follows the curves' shift, one cycle per reaction (each Ct within
+        // the accuracy test's 0.15 of its own truth, so steps within 0.1).
+        let cts: Vec<f64> = records
+            .iter()
+            .filter(|r| r.target == "N")
+            .map(|r| r.ct.unwrap())
+            .collect();
+        for pair in cts.windows(2) {
+            assert!((pair[1] - pair[0] - 1.0).abs() < 0.1, "{cts:?}");
+        }
+    }
+
+    #[test]
+    fn unanalysable_curves_get_an_error_naming_the_reaction_and_no_ct() {
+        let doc = doc(3, |id| match id {
+            2 => (vec![1.0, f64::NAN, 1.0], None),
+            3 => (Vec::new(), None),
+            _ => (positive(25.0, 1), None),
+        });
+        let run = &doc.experiments[0].runs[0];
+        let records = analyze_run(&doc, run, &RunSettings::default());
+        let n: Vec<&ReactionRecord> = records.iter().filter(|r| r.target == "N").collect();
+        assert!(n[0].error.is_none() && n[0].ct.is_some());
+        for record in &n[1..] {
+            let error = record.error.as_deref().unwrap();
+            assert!(
+                error.contains(&format!("reaction {}", record.reaction)),
+                "{error}"
+            );
+            assert_eq!(record.ct, None);
+            assert_eq!(record.analysed_ct(), None, "not Undetermined");
+        }
+    }
+
+    #[test]
+    fn instrument_cq_far_from_pcrds_is_flagged() {
+        let curve = positive(25.0, 7);
+        let doc0 = doc(1, |_| (curve.clone(), None));
+        let run = &doc0.experiments[0].runs[0];
+        let ours = analyze_run(&doc0, run, &RunSettings::default())[0]
+            .ct
+            .unwrap();
+        for (offset, flagged) in [(0.1, false), (1.0, true)] {
+            let doc = doc(1, |_| (curve.clone(), Some(ours + offset)));
+            let run = &doc.experiments[0].runs[0];
+            let record = &analyze_run(&doc, run, &RunSettings::default())[0];
+            assert_eq!(record.instrument_cq, Some(ours + offset));
+            assert_eq!(
+                record.qc.contains(&QcFlag::InstrumentDisagreement),
+                flagged,
+                "{offset}: {record:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_plate_that_is_not_96_or_384_cannot_be_judged() {
+        let mut doc = doc(1, |_| (positive(25.0, 1), None));
+        doc.experiments[0].runs[0].format = PcrFormat {
+            rows: 4,
+            columns: 6,
+            row_label: "ABC".to_owned(),
+            column_label: "123".to_owned(),
+        };
+        let run = &doc.experiments[0].runs[0];
+        let records = analyze_run(&doc, run, &RunSettings::default());
+        let kits = crate::kit::KitDefinition::from_toml_str(include_str!(
+            "../../kits/sarscov2-orf1ab-n-ic.toml"
+        ))
+        .unwrap();
+        let err = judge_run(&kits, run, &records).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                JudgeError::UnsupportedFormat {
+                    rows: 4,
+                    columns: 6,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+    }
+}
