@@ -518,13 +518,37 @@ fn kits_are_listed() {
         .find(|l| l.starts_with(KIT))
         .unwrap_or_else(|| panic!("{text}"));
     assert!(row.contains("96,384"), "{row}");
-    let json = pcrd(&daemon, &["kits", "--json"]).ok().json();
     assert!(
-        json.as_array()
-            .expect("kits")
-            .iter()
-            .any(|k| k["id"] == KIT)
+        row.contains("ORF1ab FAM <=40.00"),
+        "targets and cut-offs: {row}"
     );
+    let json = pcrd(&daemon, &["kits", "--json"]).ok().json();
+    let kit = json
+        .as_array()
+        .expect("kits")
+        .iter()
+        .find(|k| k["id"] == KIT)
+        .expect("the kit");
+    let targets: Vec<&str> = kit["targets"]
+        .as_array()
+        .expect("targets")
+        .iter()
+        .map(|t| t["name"].as_str().expect("name"))
+        .collect();
+    assert_eq!(targets, ["ORF1ab", "N", "IC"], "channel order");
+    assert_eq!(kit["targets"][1]["loinc"], "94510-5");
+    assert_eq!(kit["result_loinc"], "94500-6");
+    // All three shipped kits are there.
+    for id in [
+        "cdc-n1-n2-rp",
+        "sarscov2-orf1ab-n-ic",
+        "sarscov2-orf1ab-n-s-ms2",
+    ] {
+        assert!(
+            json.as_array().expect("kits").iter().any(|k| k["id"] == id),
+            "{id}"
+        );
+    }
 }
 
 #[test]

@@ -380,6 +380,23 @@ pub struct KitView {
     pub version: String,
     pub name: String,
     pub formats: Vec<u16>,
+    /// The kit's targets in channel order.
+    pub targets: Vec<KitTargetView>,
+    /// LOINC code of the overall result.
+    pub result_loinc: String,
+}
+
+/// One target of a kit, as a technician checks it against the IFU.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct KitTargetView {
+    pub name: String,
+    pub channel: String,
+    /// viral, internal_control or human_control.
+    pub kind: String,
+    /// Positive when the reported Ct passes this, e.g. "<= 40.00".
+    pub cutoff: String,
+    /// LOINC code of the target's Ct observation, if any.
+    pub loinc: Option<String>,
 }
 
 #[derive(Debug, Serialize, Deserialize, ToSchema)]

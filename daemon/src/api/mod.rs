@@ -843,6 +843,18 @@ async fn kits(State(state): State<AppState>, _caller: Caller) -> Json<Vec<KitVie
                 version: k.version.clone(),
                 name: k.name.clone(),
                 formats: k.formats().map(u16::from).collect(),
+                targets: k
+                    .targets()
+                    .iter()
+                    .map(|t| KitTargetView {
+                        name: t.name.clone(),
+                        channel: t.channel.clone(),
+                        kind: t.kind.to_string(),
+                        cutoff: t.cutoff.to_string(),
+                        loinc: t.loinc.clone(),
+                    })
+                    .collect(),
+                result_loinc: k.result_loinc().to_owned(),
             })
             .collect(),
     )

@@ -892,15 +892,21 @@ fn kits_text(kits: &[KitView]) -> String {
         .iter()
         .map(|k| {
             let formats: Vec<String> = k.formats.iter().map(u16::to_string).collect();
+            let targets: Vec<String> = k
+                .targets
+                .iter()
+                .map(|t| format!("{} {} {}", t.name, t.channel, t.cutoff.replace(' ', "")))
+                .collect();
             vec![
                 k.id.clone(),
                 k.version.clone(),
                 formats.join(","),
+                targets.join(", "),
                 k.name.clone(),
             ]
         })
         .collect();
-    render::table(&["KIT", "VERSION", "WELLS", "NAME"], &rows)
+    render::table(&["KIT", "VERSION", "WELLS", "TARGETS", "NAME"], &rows)
 }
 
 #[cfg(test)]
