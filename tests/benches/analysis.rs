@@ -82,6 +82,64 @@ fn main() -> Result<()> {
         std::hint::black_box(parsed);
     }
 
+    // Where pcrd's time goes: the curves alone, each analysed once at the
+    // threshold analyze_run chose for its target.
+    let chosen: Vec<(Vec<f64>, pcrd_protocol::analysis::AnalysisSettings)> = run
+        .reactions
+        .iter()
+        .flat_map(|r| r.data.iter())
+        .zip(&records)
+        .map(|(data, record)| {
+            let settings = pcrd_protocol::analysis::AnalysisSettings {
+                fixed_threshold: record.threshold,
+                ..Default::default()
+            };
+            (data.fluorescence.clone(), settings)
+        })
+        .collect();
+    let mut curves_ms = Vec::new();
+    for _ in 0..200 {
+        let started = Instant::now();
+        for (curve, settings) in &chosen {
+            std::hint::black_box(pcrd_protocol::analysis::analyze_curve(curve, settings).ok());
+        }
+        curves_ms.push(started.elapsed().as_secs_f64() * 1e3);
+    }
+    // The curves of each target (channel), as analyze_run groups them.
+    let by_target: Vec<Vec<&[f64]>> = (0..CHANNELS.len())
+        .map(|channel| {
+            chosen
+                .iter()
+                .skip(channel)
+                .step_by(CHANNELS.len())
+                .map(|(c, _)| c.as_slice())
+                .collect()
+        })
+        .collect();
+    let mut thresholds_ms = Vec::new();
+    for _ in 0..200 {
+        let started = Instant::now();
+        for target in &by_target {
+            std::hint::black_box(
+                pcrd_protocol::analysis::common_threshold(target, &Default::default()).ok(),
+            );
+        }
+        thresholds_ms.push(started.elapsed().as_secs_f64() * 1e3);
+    }
+    println!(
+        "# pcrd: whole run {:.3} ms = 1,536 curves at their thresholds {:.3} ms + choosing the 4 common thresholds {:.3} ms + grouping and records",
+        median(&analyse_ms),
+        median(&curves_ms),
+        median(&thresholds_ms)
+    );
+    if python_runs == 0 {
+        println!(
+            "BENCH analysis.pcrd_plate_ms {:.3} ms (PCRD_BENCH_RUNS=0: rdmlpython not run)",
+            median(&analyse_ms)
+        );
+        return Ok(());
+    }
+
     // rdmlpython: load and LinRegPCR on the same file, timed inside Python.
     let python = peers_dir().join("python");
     ensure!(
