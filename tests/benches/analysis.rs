@@ -19,11 +19,9 @@ use std::time::Instant;
 
 use anyhow::{Context as _, Result, bail, ensure};
 use pcrd_protocol::analysis::model::{CurveModel, NoiseRng};
-use pcrd_protocol::rdml::{
-    Document, Dye, Experiment, PcrFormat, Reaction, ReactionData, Run, Sample, Target,
-};
+use pcrd_protocol::rdml::{Document, PcrFormat};
 use pcrd_protocol::run_analysis::{RunSettings, analyze_run};
-use pcrd_tests::peers_dir;
+use pcrd_tests::{peers_dir, plate_document};
 
 const ROWS: u32 = 16;
 const COLUMNS: u32 = 24;
@@ -153,7 +151,7 @@ import rdmlpython.rdml as rdml
 t0 = time.perf_counter()
 doc = rdml.Rdml(sys.argv[1])
 t1 = time.perf_counter()
-run = doc.get_experiment(byid="bench").get_run(byid="plate")
+run = doc.get_experiment(byid="exp").get_run(byid="plate-1")
 res = run.linRegPCR(updateRDML=True, saveResultsList=True)
 t2 = time.perf_counter()
 print("TIMES", (t1 - t0) * 1e3, (t2 - t1) * 1e3)
@@ -228,78 +226,32 @@ print("TIMES", (t1 - t0) * 1e3, (t2 - t1) * 1e3)
 /// MS2 (the internal control) is positive everywhere.
 fn plate() -> Document {
     let mut rng = NoiseRng::new(2026);
-    let mut reactions = Vec::new();
-    for id in 1..=ROWS * COLUMNS {
-        let data = CHANNELS
-            .iter()
-            .enumerate()
-            .map(|(channel, (_, target))| {
-                let positive = channel == 3 || rng.uniform() < 0.67;
-                let model = CurveModel {
-                    cycles: CYCLES,
-                    baseline: rng.range(0.5, 2.0),
-                    drift: rng.range(-0.002, 0.004),
-                    amplitude: if positive { rng.range(1.0, 3.0) } else { 0.0 },
-                    c_half: rng.range(18.0, 41.0),
-                    slope: rng.range(1.3, 1.8),
-                    noise_sd: rng.range(0.002, 0.01),
-                    seed: rng.next_u64(),
-                    ..CurveModel::default()
-                };
-                ReactionData {
-                    target_id: (*target).to_owned(),
-                    cq: None,
-                    excluded: None,
-                    threshold: None,
-                    background: None,
-                    background_slope: None,
-                    fluorescence: model.readings(),
-                }
-            })
-            .collect();
-        reactions.push(Reaction {
-            id,
-            sample_id: "S".to_owned(),
-            data,
-        });
-    }
-    Document {
-        version: "1.3".to_owned(),
-        dyes: CHANNELS
-            .iter()
-            .map(|(dye, _)| Dye {
-                id: (*dye).to_owned(),
-            })
-            .collect(),
-        samples: vec![Sample {
-            id: "S".to_owned(),
-            kind: "unkn".to_owned(),
-            quantity: None,
-        }],
-        targets: CHANNELS
-            .iter()
-            .map(|(dye, target)| Target {
-                id: (*target).to_owned(),
-                dye_id: (*dye).to_owned(),
-                kind: "toi".to_owned(),
-            })
-            .collect(),
-        experiments: vec![Experiment {
-            id: "bench".to_owned(),
-            runs: vec![Run {
-                id: "plate".to_owned(),
-                instrument: None,
-                cq_detection_method: None,
-                format: PcrFormat {
-                    rows: ROWS,
-                    columns: COLUMNS,
-                    row_label: "ABC".to_owned(),
-                    column_label: "123".to_owned(),
-                },
-                reactions,
-            }],
-        }],
-    }
+    let format = PcrFormat {
+        rows: ROWS,
+        columns: COLUMNS,
+        row_label: "ABC".to_owned(),
+        column_label: "123".to_owned(),
+    };
+    plate_document(
+        format,
+        &CHANNELS.map(|(dye, target)| (target, dye)),
+        |_| "S".to_owned(),
+        |_, channel| {
+            let positive = channel == 3 || rng.uniform() < 0.67;
+            CurveModel {
+                cycles: CYCLES,
+                baseline: rng.range(0.5, 2.0),
+                drift: rng.range(-0.002, 0.004),
+                amplitude: if positive { rng.range(1.0, 3.0) } else { 0.0 },
+                c_half: rng.range(18.0, 41.0),
+                slope: rng.range(1.3, 1.8),
+                noise_sd: rng.range(0.002, 0.01),
+                seed: rng.next_u64(),
+                ..CurveModel::default()
+            }
+            .readings()
+        },
+    )
 }
 
 fn median(values: &[f64]) -> f64 {

@@ -417,3 +417,75 @@ pub fn metric_value(text: &str, name: &str) -> Option<f64> {
             (metric == name).then(|| value.trim().parse().ok())?
         })
 }
+
+/// A one-run RDML document of a whole plate for tests and benchmarks: `targets` as
+/// (target id, dye id) pairs, every well of `format` filled (reactions numbered row
+/// by row), reaction `id`'s sample called `sample(id)` (type unkn) and its curve for
+/// target `k` given by `curve(id, k)`. Experiment "exp", run "plate-1".
+pub fn plate_document(
+    format: pcrd_protocol::rdml::PcrFormat,
+    targets: &[(&str, &str)],
+    sample: impl Fn(u32) -> String,
+    mut curve: impl FnMut(u32, usize) -> Vec<f64>,
+) -> pcrd_protocol::rdml::Document {
+    use pcrd_protocol::rdml::{
+        Document, Dye, Experiment, Reaction, ReactionData, Run, Sample, Target,
+    };
+    let wells = format.rows * format.columns;
+    let reactions = (1..=wells)
+        .map(|id| Reaction {
+            id,
+            sample_id: sample(id),
+            data: targets
+                .iter()
+                .enumerate()
+                .map(|(k, (target, _))| ReactionData {
+                    target_id: (*target).to_owned(),
+                    cq: None,
+                    excluded: None,
+                    threshold: None,
+                    background: None,
+                    background_slope: None,
+                    fluorescence: curve(id, k),
+                })
+                .collect(),
+        })
+        .collect();
+    let mut samples: Vec<Sample> = (1..=wells)
+        .map(|id| Sample {
+            id: sample(id),
+            kind: "unkn".to_owned(),
+            quantity: None,
+        })
+        .collect();
+    samples.sort_by(|a, b| a.id.cmp(&b.id));
+    samples.dedup_by(|a, b| a.id == b.id);
+    Document {
+        version: "1.3".to_owned(),
+        dyes: targets
+            .iter()
+            .map(|(_, dye)| Dye {
+                id: (*dye).to_owned(),
+            })
+            .collect(),
+        samples,
+        targets: targets
+            .iter()
+            .map(|(target, dye)| Target {
+                id: (*target).to_owned(),
+                dye_id: (*dye).to_owned(),
+                kind: "toi".to_owned(),
+            })
+            .collect(),
+        experiments: vec![Experiment {
+            id: "exp".to_owned(),
+            runs: vec![Run {
+                id: "plate-1".to_owned(),
+                instrument: None,
+                cq_detection_method: None,
+                format,
+                reactions,
+            }],
+        }],
+    }
+}

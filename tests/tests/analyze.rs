@@ -9,10 +9,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use pcrd_protocol::analysis::model::CurveModel;
-use pcrd_protocol::rdml::{
-    self, Document, Dye, Experiment, PcrFormat, Reaction, ReactionData, Run, Sample, Target,
-};
-use pcrd_tests::pcrd_bin;
+use pcrd_protocol::rdml::{self, Document, PcrFormat};
+use pcrd_tests::{pcrd_bin, plate_document};
 use serde_json::Value;
 
 fn vermeulen(name: &str) -> PathBuf {
@@ -80,63 +78,13 @@ fn kit_plate(well_cts: impl Fn(&str) -> [Option<f64>; 3]) -> Document {
         row_label: "ABC".to_owned(),
         column_label: "123".to_owned(),
     };
-    let mut reactions = Vec::new();
-    for id in 1..=96u32 {
-        let well = format.well_label(id).unwrap();
-        let cts = well_cts(&well);
-        reactions.push(Reaction {
-            id,
-            sample_id: format!("S-{well}"),
-            data: TARGETS
-                .iter()
-                .zip(cts)
-                .enumerate()
-                .map(|(i, ((target, _), ct))| ReactionData {
-                    target_id: (*target).to_owned(),
-                    cq: None,
-                    excluded: None,
-                    threshold: None,
-                    background: None,
-                    background_slope: None,
-                    fluorescence: curve(ct, u64::from(id) * 10 + i as u64),
-                })
-                .collect(),
-        });
-    }
-    Document {
-        version: "1.3".to_owned(),
-        dyes: TARGETS
-            .iter()
-            .map(|(_, dye)| Dye {
-                id: (*dye).to_owned(),
-            })
-            .collect(),
-        samples: (1..=96u32)
-            .map(|id| Sample {
-                id: format!("S-{}", format.well_label(id).unwrap()),
-                kind: "unkn".to_owned(),
-                quantity: None,
-            })
-            .collect(),
-        targets: TARGETS
-            .iter()
-            .map(|(target, dye)| Target {
-                id: (*target).to_owned(),
-                dye_id: (*dye).to_owned(),
-                kind: "toi".to_owned(),
-            })
-            .collect(),
-        experiments: vec![Experiment {
-            id: "exp".to_owned(),
-            runs: vec![Run {
-                id: "plate-1".to_owned(),
-                instrument: None,
-                cq_detection_method: None,
-                format,
-                reactions,
-            }],
-        }],
-    }
+    let label = |id: u32| format.well_label(id).unwrap();
+    plate_document(
+        format.clone(),
+        &TARGETS,
+        |id| format!("S-{}", label(id)),
+        |id, k| curve(well_cts(&label(id))[k], u64::from(id) * 10 + k as u64),
+    )
 }
 
 /// The usual plate: PC H12 positive everywhere, NTC G12 flat, A1 positive, B1 one
