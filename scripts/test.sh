@@ -27,6 +27,10 @@ python_peer schemathesis-4.32.5 "schemathesis==4.32.5"
 # rdmlpython: independent RDML reader/writer and LinRegPCR Cq oracle (issue 3). It breaks
 # on numpy 2 (np.NaN), so numpy is pinned below 2 beside it.
 python_peer rdmlpython-1.7.2 "rdmlpython==1.7.2" "numpy<2"
+# pymodbus: independent Modbus TCP server and client for the extractor driver and
+# simulator (issue 4; tests/tests/modbus_interop.rs, benches/modbus.rs). 3.16.1 installs
+# and runs on Python 3.11; its SimDevice API is what the tests' server is written with.
+python_peer pymodbus-3.16.1 "pymodbus==3.16.1"
 
 echo "== cargo fmt"
 cargo fmt --all -- --check

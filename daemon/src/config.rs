@@ -6,7 +6,11 @@
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
 
+use pcrd_drivers::modbus::{BusConfig, LinkConfig, Parity, SerialConfig, StopBits};
+use pcrd_protocol::extractor::Profile;
 use serde::Deserialize;
 
 use crate::store::StoreOptions;
@@ -44,6 +48,26 @@ struct RawConfig {
     kits: RawKits,
     #[serde(default)]
     users: Vec<RawUser>,
+    #[serde(default)]
+    extractors: Vec<RawExtractor>,
+}
+
+#[derive(Debug, Deserialize)]
+struct RawExtractor {
+    name: String,
+    profile: PathBuf,
+    unit: Option<u8>,
+    tcp: Option<String>,
+    serial: Option<RawSerial>,
+    timeout_ms: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+struct RawSerial {
+    path: String,
+    baud: u32,
+    parity: Option<String>,
+    stop_bits: Option<u8>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -85,7 +109,28 @@ pub struct Config {
     pub store: StoreOptions,
     pub kits_dir: Option<PathBuf>,
     pub users: Vec<User>,
+    /// Extraction instruments over Modbus (`[[extractors]]`).
+    pub extractors: Vec<ExtractorConfig>,
 }
+
+/// One extractor: where it is and the register-map profile it is read with.
+#[derive(Clone, Debug)]
+pub struct ExtractorConfig {
+    pub name: String,
+    /// Modbus unit id (RTU address 1–247; for TCP usually 1 or 255).
+    pub unit: u8,
+    pub profile_path: PathBuf,
+    pub profile: Arc<Profile>,
+    /// Link and timing for the driver's bus task.
+    pub bus: BusConfig,
+}
+
+/// Per-request timeout when the config gives none: above the 5–45 ms turnaround
+/// of real devices plus ~20 ms of an Ethernet–serial bridge (field-notes §4), with
+/// room for a busy PLC.
+pub const DEFAULT_EXTRACTOR_TIMEOUT_MS: u64 = 500;
+/// Baud rates an RS-485 extractor line runs at (issue 4: 9600..115200).
+const SERIAL_BAUDS: std::ops::RangeInclusive<u32> = 9600..=115_200;
 
 /// A user allowed to call the API.
 #[derive(Clone, Debug)]
@@ -220,6 +265,8 @@ impl Config {
             }
         }
 
+        let extractors = parse_extractors(raw.extractors, base, &mut problems);
+
         if !problems.is_empty() {
             return Err(problems);
         }
@@ -233,8 +280,136 @@ impl Config {
             },
             kits_dir,
             users,
+            extractors,
         })
     }
+}
+
+/// Validates `[[extractors]]` and loads each one's profile (relative to `base`).
+fn parse_extractors(
+    raw: Vec<RawExtractor>,
+    base: &Path,
+    problems: &mut Vec<String>,
+) -> Vec<ExtractorConfig> {
+    let mut names = BTreeSet::new();
+    let mut out = Vec::new();
+    for (i, x) in raw.into_iter().enumerate() {
+        let at = format!("extractors[{i}] ({:?})", x.name);
+        let before = problems.len();
+        if x.name.trim().is_empty() {
+            problems.push(format!("extractors[{i}].name must not be empty"));
+        }
+        if !names.insert(x.name.clone()) {
+            problems.push(format!("{at}: extractor name appears twice"));
+        }
+        let timeout_ms = x.timeout_ms.unwrap_or(DEFAULT_EXTRACTOR_TIMEOUT_MS);
+        if !(10..=10_000).contains(&timeout_ms) {
+            problems.push(format!(
+                "{at}: timeout_ms {timeout_ms} is outside 10..=10000"
+            ));
+        }
+        let on_serial_line = x.serial.is_some();
+        let link = match (x.tcp, x.serial) {
+            (Some(addr), None) => match addr.parse::<SocketAddr>() {
+                Ok(addr) => Some(LinkConfig::Tcp { addr }),
+                Err(e) => {
+                    problems.push(format!(
+                        "{at}: tcp {addr:?} is not an address like 192.168.1.50:502: {e}"
+                    ));
+                    None
+                }
+            },
+            (None, Some(serial)) => parse_serial(serial, &at, problems).map(LinkConfig::Rtu),
+            (Some(_), Some(_)) => {
+                problems.push(format!("{at}: give tcp or serial, not both"));
+                None
+            }
+            (None, None) => {
+                problems.push(format!("{at}: needs tcp = \"HOST:PORT\" or a serial table"));
+                None
+            }
+        };
+        let unit = x.unit.unwrap_or(1);
+        if on_serial_line && !(1..=247).contains(&unit) {
+            // Modbus over Serial Line v1.02 §2.2: 0 is broadcast, 248–255 reserved.
+            problems.push(format!(
+                "{at}: unit {unit} is outside 1..=247 for a serial line"
+            ));
+        }
+        let profile_path = base.join(&x.profile);
+        let profile = match std::fs::read_to_string(&profile_path) {
+            Ok(text) => match Profile::from_toml_str(&text) {
+                Ok(p) => Some(Arc::new(p)),
+                Err(e) => {
+                    problems.push(format!("{at}: profile {}: {e}", profile_path.display()));
+                    None
+                }
+            },
+            Err(e) => {
+                problems.push(format!("{at}: profile {}: {e}", profile_path.display()));
+                None
+            }
+        };
+        if problems.len() != before {
+            continue;
+        }
+        if let (Some(link), Some(profile)) = (link, profile) {
+            let mut bus = BusConfig::new(x.name.clone(), link);
+            bus.timeout = Duration::from_millis(timeout_ms);
+            // Wait out a late reply as long as one could take.
+            bus.settle = bus.timeout;
+            out.push(ExtractorConfig {
+                name: x.name,
+                unit,
+                profile_path,
+                profile,
+                bus,
+            });
+        }
+    }
+    out
+}
+
+fn parse_serial(raw: RawSerial, at: &str, problems: &mut Vec<String>) -> Option<SerialConfig> {
+    let before = problems.len();
+    if !SERIAL_BAUDS.contains(&raw.baud) {
+        problems.push(format!(
+            "{at}: serial.baud {} is outside {}..={}",
+            raw.baud,
+            SERIAL_BAUDS.start(),
+            SERIAL_BAUDS.end()
+        ));
+    }
+    // Modbus over Serial Line v1.02 §2.5.1: even parity is the default.
+    let parity = match raw.parity.as_deref().unwrap_or("even") {
+        "none" => Parity::None,
+        "even" => Parity::Even,
+        "odd" => Parity::Odd,
+        other => {
+            problems.push(format!(
+                "{at}: serial.parity {other:?} is not none, even or odd"
+            ));
+            Parity::Even
+        }
+    };
+    let stop_bits = match raw.stop_bits.unwrap_or(1) {
+        1 => StopBits::One,
+        2 => StopBits::Two,
+        other => {
+            problems.push(format!("{at}: serial.stop_bits {other} is not 1 or 2"));
+            StopBits::One
+        }
+    };
+    if raw.path.trim().is_empty() {
+        problems.push(format!("{at}: serial.path must not be empty"));
+    }
+    (problems.len() == before).then_some(SerialConfig {
+        path: raw.path,
+        baud: raw.baud,
+        parity,
+        stop_bits,
+        exclusive: true,
+    })
 }
 
 #[cfg(test)]
@@ -323,6 +498,46 @@ mod tests {
             text.insert_str(at, &junk);
             let _ = parse(&text);
         }
+    }
+
+    #[test]
+    fn extractors_are_validated_with_their_profiles() {
+        let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let env = |_: &str| Some("from-the-environment-0001".to_string());
+        let text = format!(
+            "{GOOD}\n[[extractors]]\nname = \"ext-1\"\nprofile = \"profiles/sim-extractor.toml\"\ntcp = \"127.0.0.1:1502\"\n\n[[extractors]]\nname = \"ext-2\"\nprofile = \"profiles/sim-extractor.toml\"\nunit = 3\nserial = {{ path = \"/dev/ttyUSB0\", baud = 19200, parity = \"none\", stop_bits = 2 }}\n"
+        );
+        let config = Config::parse(&text, &repo, env).unwrap();
+        assert_eq!(config.extractors.len(), 2);
+        assert_eq!(config.extractors[0].profile.name, "pcrd-sim-extractor");
+        let LinkConfig::Rtu(serial) = &config.extractors[1].bus.link else {
+            panic!("serial expected");
+        };
+        assert_eq!(serial.parity, Parity::None);
+        assert_eq!(config.extractors[1].unit, 3);
+
+        let bad = text
+            .replace("baud = 19200", "baud = 300")
+            .replace("unit = 3", "unit = 0\nport = 1")
+            .replace("tcp = \"127.0.0.1:1502\"", "tcp = \"nowhere\"");
+        let problems = Config::parse(&bad, &repo, env).unwrap_err();
+        for needle in [
+            "extractors.1.port",
+            "serial.baud 300",
+            "unit 0",
+            "tcp \"nowhere\"",
+        ] {
+            assert!(
+                problems.iter().any(|p| p.contains(needle)),
+                "{needle}: {problems:?}"
+            );
+        }
+        let missing = text.replace(
+            "profiles/sim-extractor.toml\"\ntcp",
+            "profiles/none.toml\"\ntcp",
+        );
+        let problems = Config::parse(&missing, &repo, env).unwrap_err();
+        assert!(problems[0].contains("none.toml"), "{problems:?}");
     }
 
     #[test]

@@ -2,5 +2,11 @@
 //! instrument socket. Drivers own timeouts, retries and reconnects; protocol
 //! logic lives in `pcrd-protocol`, state lives in the daemon.
 //!
-//! The foundation has no drivers yet: extractors (Modbus), cyclers (SCPI-style
-//! lines) and result sources (ASTM, watched folders) arrive with their issues.
+//! - [`modbus`]: nucleic-acid extractors over Modbus RTU and TCP, described
+//!   by register-map profiles (`pcrd_protocol::extractor`).
+//! - `sim` (feature "sim"): simulators that speak the real wire protocols,
+//!   with fault injection, for the tests and `pcrd demo`.
+
+pub mod modbus;
+#[cfg(feature = "sim")]
+pub mod sim;

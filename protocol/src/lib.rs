@@ -23,6 +23,7 @@
 
 pub mod analysis;
 pub mod domain;
+pub mod extractor;
 pub mod interpret;
 pub mod kit;
 pub mod rdml;

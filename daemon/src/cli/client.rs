@@ -70,6 +70,7 @@ fn api_args(command: &Command) -> Option<&ApiArgs> {
         Command::Serve(_)
         | Command::Completions { .. }
         | Command::Store(_)
+        | Command::Instrument(_)
         | Command::Analyze(_) => None,
     }
 }
@@ -87,6 +88,7 @@ async fn dispatch(client: &Client, command: Command) -> Result<(), ClientError> 
         Command::Serve(_)
         | Command::Completions { .. }
         | Command::Store(_)
+        | Command::Instrument(_)
         | Command::Analyze(_) => Err(ClientError::usage("not a client command")),
     }
 }

@@ -4,6 +4,7 @@
 mod analyze;
 mod client;
 mod import;
+mod instrument;
 mod render;
 mod serve;
 
@@ -53,6 +54,9 @@ pub enum Command {
     /// Ct values (and with --kit, calls and plate validity) from an RDML file;
     /// no daemon needed.
     Analyze(analyze::AnalyzeArgs),
+    /// Talk to an instrument directly (no daemon needed).
+    #[command(subcommand)]
+    Instrument(instrument::InstrumentCommand),
     /// Work on the store directly (the daemon must be stopped).
     #[command(subcommand)]
     Store(StoreCommand),
@@ -324,6 +328,7 @@ pub fn main() -> ExitCode {
             json,
         }) => check_store(&config, data_dir, json),
         Command::Analyze(args) => analyze::run(args),
+        Command::Instrument(command) => instrument::run(command),
         Command::Completions { shell } => {
             clap_complete::generate(shell, &mut Cli::command(), "pcrd", &mut std::io::stdout());
             ExitCode::SUCCESS
