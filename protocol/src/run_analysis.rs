@@ -4,11 +4,11 @@
 //! [`analyze_curve`](crate::analysis::analyze_curve) judges one curve; a run
 //! needs more. Every curve of a target is read at the same threshold (a fixed
 //! one from the kit or the caller, or one chosen from all of that target's
-//! curves by [`common_threshold`]), because replicates read at
-//! per-curve thresholds scatter more than the wells differ (Ruijter et al.
-//! 2013 compare methods at one threshold per target for that reason). The
-//! instrument's own Cq, when the file has one, is kept beside pcrd's and a
-//! disagreement is flagged.
+//! curves by [`common_threshold`](analysis::common_threshold)), because
+//! replicates read at per-curve thresholds scatter more than the wells
+//! differ (Ruijter et al. 2013 compare methods at one threshold per target
+//! for that reason). The instrument's own Cq, when the file has one, is
+//! kept beside pcrd's and a disagreement is flagged.
 //!
 //! A reaction whose curve cannot be analysed (empty, too short, a reading
 //! that is not a number) gets a record with `ct` = None and the reason in
@@ -29,7 +29,8 @@ use std::collections::BTreeMap;
 use serde::Serialize;
 
 use crate::analysis::{
-    self, AnalysisSettings, Ct, DEFAULT_INSTRUMENT_TOLERANCE, Method, QcFlag, common_threshold,
+    self, AnalysisError, AnalysisSettings, Chooser, Ct, DEFAULT_INSTRUMENT_TOLERANCE, Method, Need,
+    Prepared, QcFlag,
 };
 use crate::domain::{PlateFormat, Well};
 use crate::interpret::{PlateJudgement, Reading, Target};
@@ -54,7 +55,7 @@ pub struct RunSettings {
 pub struct TargetSettings {
     /// A fixed threshold on the baseline-corrected curve (the kit's
     /// validated value). Without one, the target's curves share their
-    /// [`common_threshold`].
+    /// [`common_threshold`](analysis::common_threshold).
     pub threshold: Option<f64>,
     /// Threshold crossing or Cp for this target.
     pub method: Option<Method>,
@@ -157,50 +158,55 @@ pub fn analyze_run(doc: &Document, run: &Run, settings: &RunSettings) -> Vec<Rea
         .map(|s| (s.id.as_str(), s.kind.as_str()))
         .collect();
 
-    // One threshold per target: fixed, or chosen from all of its curves
-    // that can be analysed (the others get their error in their record).
-    let mut curves_of: BTreeMap<&str, Vec<&[f64]>> = BTreeMap::new();
-    for reaction in &run.reactions {
-        for data in &reaction.data {
-            let usable = data.fluorescence.len() >= analysis::MIN_CYCLES
-                && data.fluorescence.iter().all(|f| f.is_finite());
-            if !usable {
-                continue;
-            }
-            curves_of
-                .entry(data.target_id.as_str())
-                .or_default()
-                .push(&data.fluorescence);
-        }
-    }
-    let common_of: BTreeMap<&str, Option<f64>> = curves_of
+    // Each curve's threshold-free part (checks, spikes, robust noise, first
+    // baseline fit) once, in record order: both the common threshold and
+    // the reading at it start from there, so no curve is analysed twice.
+    let prepared: Vec<Result<Prepared, AnalysisError>> = run
+        .reactions
         .iter()
-        .filter(|(target, _)| {
-            settings
-                .targets
-                .get(**target)
-                .is_none_or(|t| t.threshold.is_none())
-        })
-        .map(|(target, curves)| {
-            let curve = AnalysisSettings {
-                method: settings
-                    .targets
-                    .get(*target)
-                    .and_then(|t| t.method)
-                    .unwrap_or(settings.curve.method),
-                ..settings.curve.clone()
-            };
-            (*target, common_threshold(curves, &curve).ok().flatten())
-        })
+        .flat_map(|reaction| &reaction.data)
+        .map(|data| analysis::prepare(&data.fluorescence, &settings.curve))
         .collect();
 
-    let mut records = Vec::new();
+    // One threshold per target: fixed, or chosen from all of its curves
+    // that can be analysed (the others get their error in their record).
+    let mut choosers: BTreeMap<&str, Chooser> = BTreeMap::new();
+    if settings.curve.fixed_threshold.is_none() {
+        let data = run.reactions.iter().flat_map(|reaction| &reaction.data);
+        for (data, prepared) in data.zip(&prepared) {
+            let target = data.target_id.as_str();
+            if settings
+                .targets
+                .get(target)
+                .is_some_and(|t| t.threshold.is_some())
+            {
+                continue;
+            }
+            choosers
+                .entry(target)
+                .or_insert_with(|| Chooser::new(&settings.curve, run.reactions.len()))
+                .add(&data.fluorescence, prepared);
+        }
+    }
+    let common_of: BTreeMap<&str, Option<f64>> = choosers
+        .into_iter()
+        .map(|(target, chooser)| (target, chooser.threshold().ok().flatten()))
+        .collect();
+
+    let mut records = Vec::with_capacity(prepared.len());
+    let mut prepared = prepared.iter();
+    // Scratch for the corrected curves, reused from curve to curve.
+    let mut corrected = Vec::new();
     for reaction in &run.reactions {
         let well = run
             .format
             .well_label(reaction.id)
             .unwrap_or_else(|| format!("#{}", reaction.id));
         for data in &reaction.data {
+            // One per data element, in the same order.
+            let Some(prepared) = prepared.next() else {
+                break;
+            };
             let target = data.target_id.as_str();
             let fixed = settings.targets.get(target);
             let method = fixed
@@ -236,7 +242,13 @@ pub fn analyze_run(doc: &Document, run: &Run, settings: &RunSettings) -> Vec<Rea
                 excluded: data.excluded.clone(),
                 error: None,
             };
-            match analysis::analyze_curve(&data.fluorescence, &curve_settings) {
+            let readings = &data.fluorescence;
+            let analysed = analysis::admit(prepared, readings.len(), &curve_settings).map(|p| {
+                corrected.clear();
+                corrected.resize(readings.len(), 0.0);
+                analysis::finish(readings, p, &curve_settings, &mut corrected, Need::Full)
+            });
+            match analysed {
                 Ok(result) => {
                     record.ct = result.ct.value();
                     record.threshold = Some(result.threshold);

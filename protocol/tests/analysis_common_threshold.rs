@@ -216,3 +216,158 @@ fn edge_cases() {
     .expect("valid");
     assert_eq!(result.ct, Ct::Undetermined);
 }
+
+/// `analyze_run` prepares each curve once and reads it at both the
+/// automatic threshold (to choose the common one) and the chosen one; that
+/// must give exactly what `common_threshold` and `analyze_curve` give on
+/// their own, for spiky, early, late, negative, drifting and broken curves
+/// alike, with either method.
+#[test]
+fn a_run_reads_every_curve_as_analyze_curve_does_at_the_common_threshold() {
+    use pcrd_protocol::analysis::Method;
+    use pcrd_protocol::analysis::model::Spike;
+    use pcrd_protocol::rdml::{
+        Document, Dye, Experiment, PcrFormat, Reaction, ReactionData, Run as RdmlRun, Sample,
+        Target,
+    };
+    use pcrd_protocol::run_analysis::{RunSettings, TargetSettings, analyze_run};
+
+    let mut rng = NoiseRng::new(11);
+    let mut curve = |k: u32| -> Vec<f64> {
+        match k % 23 {
+            0 => vec![1.0; 5],
+            1 => vec![1.0, f64::NAN, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0],
+            2 => Vec::new(),
+            _ => CurveModel {
+                cycles: if k.is_multiple_of(17) { 80 } else { 45 },
+                baseline: rng.range(0.3, 2.0),
+                drift: rng.range(-0.01, 0.01),
+                amplitude: if k.is_multiple_of(4) {
+                    0.0
+                } else {
+                    rng.range(1.0, 3.0)
+                },
+                c_half: rng.range(8.0, 46.0),
+                slope: rng.range(1.2, 2.0),
+                noise_sd: rng.range(0.0, 0.03),
+                seed: rng.next_u64(),
+                spikes: if k.is_multiple_of(9) {
+                    vec![Spike {
+                        cycle: 10,
+                        height: 0.5,
+                    }]
+                } else {
+                    Vec::new()
+                },
+                ..CurveModel::default()
+            }
+            .readings(),
+        }
+    };
+    let targets = ["A", "B", "C"];
+    let reactions: Vec<Reaction> = (1..=96)
+        .map(|id| Reaction {
+            id,
+            sample_id: "S".to_owned(),
+            data: targets
+                .iter()
+                .enumerate()
+                .map(|(t, target)| ReactionData {
+                    target_id: (*target).to_owned(),
+                    cq: None,
+                    excluded: None,
+                    threshold: None,
+                    background: None,
+                    background_slope: None,
+                    fluorescence: curve(id * 3 + t as u32),
+                })
+                .collect(),
+        })
+        .collect();
+    let doc = Document {
+        version: "1.3".to_owned(),
+        dyes: vec![Dye {
+            id: "FAM".to_owned(),
+        }],
+        samples: vec![Sample {
+            id: "S".to_owned(),
+            kind: "unkn".to_owned(),
+            quantity: None,
+        }],
+        targets: targets
+            .iter()
+            .map(|t| Target {
+                id: (*t).to_owned(),
+                dye_id: "FAM".to_owned(),
+                kind: "toi".to_owned(),
+            })
+            .collect(),
+        experiments: vec![Experiment {
+            id: "e".to_owned(),
+            runs: vec![RdmlRun {
+                id: "r".to_owned(),
+                instrument: None,
+                cq_detection_method: None,
+                format: PcrFormat::plate_96(),
+                reactions,
+            }],
+        }],
+    };
+    let run = &doc.experiments[0].runs[0];
+    let mut settings = RunSettings::default();
+    // B: Cp at its common threshold; C: a fixed threshold.
+    settings.targets.insert(
+        "B".to_owned(),
+        TargetSettings {
+            method: Some(Method::Cp),
+            ..TargetSettings::default()
+        },
+    );
+    settings.targets.insert(
+        "C".to_owned(),
+        TargetSettings {
+            threshold: Some(0.2),
+            ..TargetSettings::default()
+        },
+    );
+    for adaptive_baseline in [true, false] {
+        settings.curve.adaptive_baseline = adaptive_baseline;
+        let records = analyze_run(&doc, run, &settings);
+        for (t, target) in targets.iter().enumerate() {
+            let curves: Vec<&[f64]> = run
+                .reactions
+                .iter()
+                .map(|r| r.data[t].fluorescence.as_slice())
+                .collect();
+            let fixed = settings.targets.get(*target).and_then(|s| s.threshold);
+            let threshold = match fixed {
+                Some(t) => Some(t),
+                None => common_threshold(&curves, &settings.curve).unwrap(),
+            };
+            let curve_settings = AnalysisSettings {
+                fixed_threshold: threshold,
+                method: settings
+                    .targets
+                    .get(*target)
+                    .and_then(|s| s.method)
+                    .unwrap_or(Method::Threshold),
+                ..settings.curve.clone()
+            };
+            let mine = records.iter().filter(|r| r.target == *target);
+            for (record, curve) in mine.zip(&curves) {
+                match analyze_curve(curve, &curve_settings) {
+                    Ok(result) => {
+                        assert_eq!(record.ct, result.ct.value(), "{record:?}");
+                        assert_eq!(record.threshold, Some(result.threshold));
+                        assert_eq!(record.qc, result.flags);
+                        assert_eq!(record.error, None);
+                    }
+                    Err(e) => {
+                        assert_eq!(record.ct, None);
+                        assert!(record.error.as_deref().unwrap().ends_with(&e.to_string()));
+                    }
+                }
+            }
+        }
+    }
+}

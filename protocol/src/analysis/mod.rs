@@ -28,6 +28,10 @@ pub mod model;
 
 pub use threshold::common_threshold;
 
+// For `run_analysis`, which prepares each curve once for both thresholds.
+pub(crate) use numeric::{Need, Prepared, admit, finish, prepare};
+pub(crate) use threshold::Chooser;
+
 use std::fmt;
 
 use serde::{Deserialize, Serialize};

@@ -26,13 +26,24 @@
 //!
 //! # Speed
 //!
-//! A 1,536-curve plate must take well under 2 ms on one core (about 0.7 µs
-//! for a curve that does not rise, 1.4 µs for one that does, on the machine
-//! this was written on). Curves of up to [`STACK_CYCLES`] cycles use stack
-//! buffers; medians select over integer keys; every fit is a closed-form
-//! least-squares solution over a few points, never an iterative optimiser;
-//! a curve that does not rise costs one baseline fit, and one whose rise
-//! did not reach the first window two.
+//! A 1,536-curve plate should take under 2 ms on one core (issue 3; on the
+//! machine this was written on it takes about 2.9 ms with common
+//! thresholds, 1.1 µs per curve at a fixed threshold). Curves of up to
+//! [`STACK_CYCLES`] cycles use stack buffers; medians select over integer
+//! keys; every fit is a closed-form least-squares solution over a few
+//! points, never an iterative optimiser; a curve that does not rise costs
+//! one baseline fit, and one whose rise did not reach the first window two.
+//!
+//! A run reads each curve twice, at the automatic threshold (to choose the
+//! common one) and at the chosen one. What does not depend on the
+//! threshold (checks, spikes and robust SD, pass 1's line) is done once
+//! per curve by [`prepare`]; [`finish`] does the rest per threshold, and
+//! for choosing the threshold skips the final crossing fit
+//! ([`Need::Acceptance`]). The baseline windows of passes 2 and 3 do
+//! depend on the threshold (they end where the rise is [`WINDOW_TAIL`] of
+//! it), so they are not shared: a window that ignored the threshold would
+//! change every Ct, and the window's placement was tuned on the accuracy
+//! population.
 
 use super::{
     AUTO_THRESHOLD_FLOOR_OF_SPAN, AUTO_THRESHOLD_SDS, AnalysisError, AnalysisSettings, Baseline,
@@ -129,23 +140,48 @@ const RATE_MAX: f64 = 1.39;
 /// 95.02 % with, at 10 % more time per plate.
 const LOCATE_PRECISE: bool = false;
 
-pub(super) fn analyze(
+/// What analysing one curve at any threshold shares: the checks on the
+/// readings, their range, the spikes and the robust noise SD, and the
+/// first pass's baseline line over the configured window.
+///
+/// None of this depends on the threshold or the method, so a run analyses
+/// each curve's readings once ([`prepare`]) and then reads the curve at
+/// as many thresholds as it needs ([`finish`]): once at the automatic
+/// threshold for [`super::common_threshold`], once at the threshold chosen
+/// for its target. The spike search (two medians) and the first fit were
+/// about a third of analysing a curve, paid twice per curve before.
+#[derive(Clone, Debug)]
+pub(crate) struct Prepared {
+    /// Lowest and highest reading.
+    low: f64,
+    high: f64,
+    /// Robust SD of one reading (see [`find_spikes`]).
+    robust_sd: f64,
+    /// Spike marks, one per reading; empty when there are none (most
+    /// curves: no allocation).
+    spikes: Vec<bool>,
+    /// The configured window, clamped to the curve (1-based, inclusive).
+    start: usize,
+    configured_end: usize,
+    /// Pass 1's line over the configured window.
+    first: Line,
+}
+
+/// [`prepare`] for a run: the checks that depend on neither the threshold
+/// nor the method are done here, those that do in [`admit`].
+pub(crate) fn prepare(
     readings: &[f64],
     settings: &AnalysisSettings,
-) -> Result<CurveResult, AnalysisError> {
+) -> Result<Prepared, AnalysisError> {
     let n = readings.len();
     if n == 0 {
         return Err(AnalysisError::Empty);
     }
-    let min = match settings.method {
-        Method::Threshold => MIN_CYCLES,
-        Method::Cp => MIN_CYCLES_CP,
-    };
-    if n < min {
+    if n < MIN_CYCLES {
         return Err(AnalysisError::TooFewCycles {
             cycles: n,
-            min,
-            method: settings.method,
+            min: MIN_CYCLES,
+            method: Method::Threshold,
         });
     }
     // One pass for validity and the readings' range.
@@ -164,12 +200,6 @@ pub(super) fn analyze(
             high = value;
         }
     }
-    let magnitude = low.abs().max(high.abs());
-    if let Some(t) = settings.fixed_threshold
-        && !(t.is_finite() && t > 0.0)
-    {
-        return Err(AnalysisError::BadThreshold { value: t });
-    }
     // Leave at least two cycles after the window: a crossing needs F(i) and
     // F(i + 1).
     let start = settings.baseline_start;
@@ -181,26 +211,125 @@ pub(super) fn analyze(
             cycles: n,
         });
     }
-    let minimal_end = start + MIN_BASELINE_POINTS - 1;
-
     let mut spike_stack = [false; STACK_CYCLES];
-    let mut value_stack = [0.0; STACK_CYCLES];
-    let (mut spike_heap, mut value_heap);
-    let (spikes, corrected): (&mut [bool], &mut [f64]) = if n <= STACK_CYCLES {
-        (&mut spike_stack[..n], &mut value_stack[..n])
+    let mut spike_heap;
+    let marks: &mut [bool] = if n <= STACK_CYCLES {
+        &mut spike_stack[..n]
     } else {
         spike_heap = vec![false; n];
-        value_heap = vec![0.0; n];
-        (&mut spike_heap, &mut value_heap)
+        &mut spike_heap
     };
+    let robust_sd = find_spikes(readings, high - low, marks);
+    let spikes = if marks.contains(&true) {
+        marks.to_vec()
+    } else {
+        Vec::new()
+    };
+    let (first, _) = fit_line(readings, start, configured_end, &spikes, None);
+    Ok(Prepared {
+        low,
+        high,
+        robust_sd,
+        spikes,
+        start,
+        configured_end,
+        first,
+    })
+}
 
-    let mut flags = Vec::new();
-    let robust_sd = find_spikes(readings, high - low, spikes);
-    let spiky = spikes.contains(&true);
-    if spiky {
-        flags.push(QcFlag::Spike);
+/// The error [`analyze`] gives for `settings` on a curve of `n` readings
+/// that [`prepare`] (with the same window) turned into `prepared`: the
+/// checks run in the order they always have (empty, too few cycles for the
+/// method, a reading that is not a number, a bad fixed threshold, a window
+/// that does not fit), so a run reports exactly what `analyze_curve` would.
+pub(crate) fn admit<'p>(
+    prepared: &'p Result<Prepared, AnalysisError>,
+    n: usize,
+    settings: &AnalysisSettings,
+) -> Result<&'p Prepared, AnalysisError> {
+    if n == 0 {
+        return Err(AnalysisError::Empty);
     }
-    let spikes: &[bool] = if spiky { spikes } else { &[] };
+    let min = match settings.method {
+        Method::Threshold => MIN_CYCLES,
+        Method::Cp => MIN_CYCLES_CP,
+    };
+    if n < min {
+        return Err(AnalysisError::TooFewCycles {
+            cycles: n,
+            min,
+            method: settings.method,
+        });
+    }
+    if let Err(e @ (AnalysisError::NonFinite { .. } | AnalysisError::Empty)) = prepared {
+        return Err(e.clone());
+    }
+    if let Some(t) = settings.fixed_threshold
+        && !(t.is_finite() && t > 0.0)
+    {
+        return Err(AnalysisError::BadThreshold { value: t });
+    }
+    prepared.as_ref().map_err(Clone::clone)
+}
+
+/// How much of the answer [`finish`] must give.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Need {
+    /// Everything `analyze_curve` returns.
+    Full,
+    /// Whether a crossing is accepted, not where: an accepted curve's Ct is
+    /// the cycle of its first reading at or above T instead of the local
+    /// fit's, and no flags are raised (what [`super::common_threshold`]
+    /// needs: the final fit is about a fifth of a rising curve's time).
+    Acceptance,
+}
+
+pub(super) fn analyze(
+    readings: &[f64],
+    settings: &AnalysisSettings,
+) -> Result<CurveResult, AnalysisError> {
+    let prepared = prepare(readings, settings);
+    let prepared = admit(&prepared, readings.len(), settings)?;
+    let mut stack = [0.0; STACK_CYCLES];
+    let mut heap;
+    let corrected: &mut [f64] = if readings.len() <= STACK_CYCLES {
+        &mut stack[..readings.len()]
+    } else {
+        heap = vec![0.0; readings.len()];
+        &mut heap
+    };
+    Ok(finish(readings, prepared, settings, corrected, Need::Full))
+}
+
+/// Reads one prepared curve at `settings`' threshold: baseline passes 2
+/// and 3, threshold, crossing and flags. `readings` and `prepared` belong
+/// together (and to `settings`' window, which [`admit`] has checked);
+/// `corrected` is scratch of the curve's length and holds the corrected
+/// curve afterwards.
+pub(crate) fn finish(
+    readings: &[f64],
+    prepared: &Prepared,
+    settings: &AnalysisSettings,
+    corrected: &mut [f64],
+    need: Need,
+) -> CurveResult {
+    let n = readings.len();
+    let Prepared {
+        low,
+        high,
+        robust_sd,
+        start,
+        configured_end,
+        first,
+        ..
+    } = *prepared;
+    let magnitude = low.abs().max(high.abs());
+    let minimal_end = start + MIN_BASELINE_POINTS - 1;
+    let mut flags = Vec::new();
+    let spikes: &[bool] = &prepared.spikes;
+    if !spikes.is_empty() {
+        raise(&mut flags, need, QcFlag::Spike);
+    }
     // An early rise inside the window inflates the residual SD and so the
     // automatic threshold, which would then hide the very rise we are
     // looking for. Locate the rise with a threshold from the robust noise
@@ -211,7 +340,6 @@ pub(super) fn analyze(
             .min(AUTO_THRESHOLD_SDS * robust_sd)
             .max(f64::MIN_POSITIVE),
     };
-
     let mut end = configured_end;
     let mut tail: Option<Tail> = None;
     // Whether this pass measures the tail's size itself (see `rescale`).
@@ -219,7 +347,12 @@ pub(super) fn analyze(
     let mut baseline_error = false;
     let mut pass = 1;
     let (fit, threshold, noise_sd, shape) = loop {
-        let (mut fit, tail_line) = fit_line(readings, start, end, spikes, tail);
+        // Pass 1's line is the prepared one.
+        let (mut fit, tail_line) = if pass == 1 {
+            (first, None)
+        } else {
+            fit_line(readings, start, end, spikes, tail)
+        };
         let mut shape = correct(readings, &fit, spikes, corrected);
         // The SD of 13 residuals can easily come out at half the true noise,
         // and a threshold at 5 SDs lets noise and creep through; the robust
@@ -304,30 +437,34 @@ pub(super) fn analyze(
     };
 
     if settings.fixed_threshold.is_some() && AUTO_THRESHOLD_SDS * fit.residual_sd > threshold {
-        flags.push(QcFlag::NoisyBaseline);
+        raise(&mut flags, need, QcFlag::NoisyBaseline);
     }
     if (fit.slope * n as f64).abs() > threshold {
-        flags.push(QcFlag::Drift);
+        raise(&mut flags, need, QcFlag::Drift);
     }
-    if corrected.iter().any(|&v| v >= threshold)
+    if need == Need::Full
+        && corrected.iter().any(|&v| v >= threshold)
         && readings.iter().filter(|&&v| v == high).count() >= 3
     {
-        flags.push(QcFlag::Saturation);
+        raise(&mut flags, need, QcFlag::Saturation);
     }
 
     let mut ct = Ct::Undetermined;
     if baseline_error {
-        flags.push(QcFlag::BaselineError);
+        raise(&mut flags, need, QcFlag::BaselineError);
     } else if threshold.is_finite() {
-        match accepted_crossing(corrected, readings, (start, end), &shape, threshold) {
+        match accepted_crossing(corrected, readings, (start, end), threshold) {
             Crossing::None => {}
             Crossing::Weak => {
-                flags.push(QcFlag::LateWeakRise);
+                raise(&mut flags, need, QcFlag::LateWeakRise);
             }
-            Crossing::At(estimate) => {
-                ct = match settings.method {
-                    Method::Threshold => Ct::Determined(estimate.ct),
-                    Method::Cp => cp(corrected, start, fit.residual_sd)
+            Crossing::At(k) => {
+                ct = match (settings.method, need) {
+                    (Method::Threshold, Need::Full) => {
+                        Ct::Determined(estimate(corrected, &shape, k, threshold, true).ct)
+                    }
+                    (Method::Threshold, Need::Acceptance) => Ct::Determined((k + 1) as f64),
+                    (Method::Cp, _) => cp(corrected, start, fit.residual_sd)
                         .map_or(Ct::Undetermined, Ct::Determined),
                 };
             }
@@ -340,12 +477,12 @@ pub(super) fn analyze(
         ct = Ct::Undetermined;
     }
     if ct != Ct::Undetermined && !shape.levelled {
-        flags.push(QcFlag::NoPlateau);
+        raise(&mut flags, need, QcFlag::NoPlateau);
     }
     flags.sort_unstable();
     flags.dedup();
 
-    Ok(CurveResult {
+    CurveResult {
         ct,
         method: settings.method,
         threshold,
@@ -353,7 +490,15 @@ pub(super) fn analyze(
         noise_sd,
         baseline,
         flags,
-    })
+    }
+}
+
+/// Adds `flag`, unless only acceptance is needed (then there are no flags
+/// to report, and no allocation for them).
+fn raise(flags: &mut Vec<QcFlag>, need: Need, flag: QcFlag) {
+    if need == Need::Full {
+        flags.push(flag);
+    }
 }
 
 /// A least-squares line and the SD of its residuals.
@@ -535,16 +680,21 @@ fn rescale(
 /// mean of its neighbours (`spikes` is empty when there are none). Returns
 /// the corrected curve's [`Shape`].
 fn correct(readings: &[f64], line: &Line, spikes: &[bool], out: &mut [f64]) -> Shape {
-    if spikes.is_empty() {
-        let mut shape = Shape::new(*line);
-        for (k, (o, &v)) in out.iter_mut().zip(readings).enumerate() {
-            *o = v - (line.intercept + line.slope * (k + 1) as f64);
-            shape.add(*o);
+    // Subtraction first, the shape after, each in a loop of its own: mixed
+    // in one loop, the shape's running comparisons kept the subtraction from
+    // vectorising, and this is called two to five times per reading of a
+    // rising curve.
+    let (intercept, slope) = (line.intercept, line.slope);
+    if out.len() <= STACK_CYCLES {
+        // The cycle numbers from a table: converting the index costs more
+        // than the rest of the loop.
+        for ((o, &v), &c) in out.iter_mut().zip(readings).zip(&CYCLE_NUMBERS) {
+            *o = v - (intercept + slope * c);
         }
-        return shape.finish(out);
-    }
-    for (k, (o, &v)) in out.iter_mut().zip(readings).enumerate() {
-        *o = v - (line.intercept + line.slope * (k + 1) as f64);
+    } else {
+        for (k, (o, &v)) in out.iter_mut().zip(readings).enumerate() {
+            *o = v - (intercept + slope * (k + 1) as f64);
+        }
     }
     for k in 1..spikes.len().min(out.len()).saturating_sub(1) {
         if spikes[k] {
@@ -555,62 +705,104 @@ fn correct(readings: &[f64], line: &Line, spikes: &[bool], out: &mut [f64]) -> S
 }
 
 /// What the threshold and the crossing fit need to know about a corrected
-/// curve, gathered while it is computed.
+/// curve.
 #[derive(Clone, Copy, Debug)]
 struct Shape {
     /// The baseline subtracted.
     line: Line,
     low: f64,
     top: f64,
-    /// See [`Shape::finish`].
+    /// See [`Shape::of`].
     levelled: bool,
-    steepest: f64,
-    previous: f64,
 }
 
+/// 1.0, 2.0, ...: `CYCLE_NUMBERS[k]` is `(k + 1) as f64`.
+const CYCLE_NUMBERS: [f64; STACK_CYCLES] = {
+    let mut numbers = [0.0; STACK_CYCLES];
+    let mut k = 0;
+    while k < STACK_CYCLES {
+        numbers[k] = (k + 1) as f64;
+        k += 1;
+    }
+    numbers
+};
+
+/// Independent running minima and maxima in [`Shape::of`]: one chain of
+/// comparisons per lane instead of one for the whole curve, so that they
+/// run side by side.
+const LANES: usize = 4;
+
 impl Shape {
-    fn new(line: Line) -> Self {
+    /// Lowest and highest value, and whether the curve has stopped rising
+    /// steeply: the last cycle's increase (mean of the last two) is at most
+    /// half the steepest one.
+    ///
+    /// Plain comparisons, not `f64::min` and `max`, which handle NaN on
+    /// every call: a NaN here just never wins. Taken lane by lane and then
+    /// across the lanes, the extremes are the same numbers as in one pass
+    /// (at most a zero's sign could differ, which nothing here can tell).
+    fn of(values: &[f64], line: Line) -> Self {
+        let mut low = [f64::INFINITY; LANES];
+        let mut top = [f64::NEG_INFINITY; LANES];
+        let mut steepest = [f64::NEG_INFINITY; LANES];
+        let mut chunks = values.chunks_exact(LANES);
+        for chunk in &mut chunks {
+            for j in 0..LANES {
+                let v = chunk[j];
+                if v < low[j] {
+                    low[j] = v;
+                }
+                if v > top[j] {
+                    top[j] = v;
+                }
+            }
+        }
+        for &v in chunks.remainder() {
+            if v < low[0] {
+                low[0] = v;
+            }
+            if v > top[0] {
+                top[0] = v;
+            }
+        }
+        let n = values.len();
+        if n >= 2 {
+            let (earlier, later) = (&values[..n - 1], &values[1..]);
+            let mut pairs = earlier.chunks_exact(LANES).zip(later.chunks_exact(LANES));
+            for (e, l) in &mut pairs {
+                for j in 0..LANES {
+                    let rise = l[j] - e[j];
+                    if rise > steepest[j] {
+                        steepest[j] = rise;
+                    }
+                }
+            }
+            let done = (n - 1) / LANES * LANES;
+            for (e, l) in earlier[done..].iter().zip(&later[done..]) {
+                let rise = l - e;
+                if rise > steepest[0] {
+                    steepest[0] = rise;
+                }
+            }
+        }
+        for j in 1..LANES {
+            if low[j] < low[0] {
+                low[0] = low[j];
+            }
+            if top[j] > top[0] {
+                top[0] = top[j];
+            }
+            if steepest[j] > steepest[0] {
+                steepest[0] = steepest[j];
+            }
+        }
+        let levelled = n < 3 || (values[n - 1] - values[n - 3]) / 2.0 <= steepest[0] / 2.0;
         Shape {
             line,
-            low: f64::INFINITY,
-            top: f64::NEG_INFINITY,
-            levelled: true,
-            steepest: f64::NEG_INFINITY,
-            previous: f64::NAN,
+            low: low[0],
+            top: top[0],
+            levelled,
         }
-    }
-
-    /// One more value. (Plain comparisons: `f64::min` and `max` handle NaN
-    /// on every call, which made this a hot spot; a NaN here just never
-    /// wins.)
-    fn add(&mut self, v: f64) {
-        if v < self.low {
-            self.low = v;
-        }
-        if v > self.top {
-            self.top = v;
-        }
-        let rise = v - self.previous;
-        if rise > self.steepest {
-            self.steepest = rise;
-        }
-        self.previous = v;
-    }
-
-    /// Whether the curve has stopped rising steeply: the last cycle's
-    /// increase (mean of the last two) is at most half the steepest one.
-    fn finish(mut self, values: &[f64]) -> Self {
-        let n = values.len();
-        self.levelled = n < 3 || (values[n - 1] - values[n - 3]) / 2.0 <= self.steepest / 2.0;
-        self
-    }
-
-    fn of(values: &[f64], line: Line) -> Self {
-        let mut shape = Shape::new(line);
-        for &v in values {
-            shape.add(v);
-        }
-        shape.finish(values)
     }
 }
 
@@ -671,8 +863,8 @@ enum Crossing {
     None,
     /// Crossed and stayed up, but never grew to GROWTH_FACTOR × T in time.
     Weak,
-    /// Accepted.
-    At(Estimate),
+    /// Accepted, at this index (the Ct is read off there only if needed).
+    At(usize),
 }
 
 /// The first crossing that stays up (every later reading ≥ T/2: a two-cycle
@@ -688,7 +880,6 @@ fn accepted_crossing(
     corrected: &[f64],
     raw: &[f64],
     (start, end): (usize, usize),
-    shape: &Shape,
     threshold: f64,
 ) -> Crossing {
     let window = &raw[start.saturating_sub(1).min(end)..end.min(raw.len())];
@@ -703,7 +894,7 @@ fn accepted_crossing(
         if !grows(corrected, k, threshold) {
             return Crossing::Weak;
         }
-        return Crossing::At(estimate(corrected, shape, k, threshold, true));
+        return Crossing::At(k);
     }
     Crossing::None
 }
@@ -752,36 +943,40 @@ struct Estimate {
 /// come from the readings only (one fit instead of two), which is enough
 /// for placing a baseline window.
 fn estimate(corrected: &[f64], shape: &Shape, k: usize, threshold: f64, precise: bool) -> Estimate {
-    let (before, at) = (corrected[k - 1], corrected[k]);
-    let two_point = if before > 0.0 {
-        // Log-linear: exact for exponential growth.
-        k as f64 + (threshold.ln() - before.ln()) / (at.ln() - before.ln())
-    } else {
-        k as f64 + (threshold - before) / (at - before)
-    };
-    let fallback_rate = if before > 0.0 {
-        (at / before).ln()
-    } else {
-        corrected
-            .get(k + 1)
-            .map_or(f64::NAN, |&next| (next / at).ln())
-    };
-    let fallback = Estimate {
-        index: k,
-        ct: two_point,
-        tail: if before > 0.0 {
-            Tail {
-                cycle: k as f64,
-                value: before,
-                rate: clamp_rate(fallback_rate),
-            }
+    // The two-point answer, only worked out when the fit cannot be used
+    // (its four logarithms were a tenth of a rising curve's time).
+    let fallback = || {
+        let (before, at) = (corrected[k - 1], corrected[k]);
+        let two_point = if before > 0.0 {
+            // Log-linear: exact for exponential growth.
+            k as f64 + (threshold.ln() - before.ln()) / (at.ln() - before.ln())
         } else {
-            Tail {
-                cycle: two_point,
-                value: threshold,
-                rate: clamp_rate(fallback_rate),
-            }
-        },
+            k as f64 + (threshold - before) / (at - before)
+        };
+        let fallback_rate = if before > 0.0 {
+            (at / before).ln()
+        } else {
+            corrected
+                .get(k + 1)
+                .map_or(f64::NAN, |&next| (next / at).ln())
+        };
+        Estimate {
+            index: k,
+            ct: two_point,
+            tail: if before > 0.0 {
+                Tail {
+                    cycle: k as f64,
+                    value: before,
+                    rate: clamp_rate(fallback_rate),
+                }
+            } else {
+                Tail {
+                    cycle: two_point,
+                    value: threshold,
+                    rate: clamp_rate(fallback_rate),
+                }
+            },
+        }
     };
 
     let (top, levelled) = (shape.top, shape.levelled);
@@ -805,7 +1000,7 @@ fn estimate(corrected: &[f64], shape: &Shape, k: usize, threshold: f64, precise:
     let points = &corrected[lo..=hi];
     let m = points.len();
     let degree = match m {
-        0..=2 => return fallback,
+        0..=2 => return fallback(),
         3 => 1,
         _ => 2,
     };
@@ -824,14 +1019,14 @@ fn estimate(corrected: &[f64], shape: &Shape, k: usize, threshold: f64, precise:
     let mut ws = [0.0; FIT_MAX_POINTS];
     for (j, &f) in points.iter().enumerate() {
         if !(f > 0.0 && f < plateau) {
-            return fallback;
+            return fallback();
         }
         qs[j] = odds(f);
         ys[j] = qs[j].ln();
         ws[j] = weight(f);
     }
     let Some(first) = weighted_poly(&ys[..m], &ws[..m], u0, degree) else {
-        return fallback;
+        return fallback();
     };
     let p = if precise {
         // Reweight from the fit: q̂ = q·exp(ŷ − y), the exponential by its
@@ -843,7 +1038,7 @@ fn estimate(corrected: &[f64], shape: &Shape, k: usize, threshold: f64, precise:
             ws[j] = weight(f);
         }
         let Some(p) = weighted_poly(&ys[..m], &ws[..m], u0, degree) else {
-            return fallback;
+            return fallback();
         };
         p
     } else {
@@ -855,12 +1050,12 @@ fn estimate(corrected: &[f64], shape: &Shape, k: usize, threshold: f64, precise:
     let d = odds(threshold).ln() - a;
     let disc = b * b + 4.0 * c * d;
     if disc.is_nan() || disc <= 0.0 {
-        return fallback;
+        return fallback();
     }
     let rate_at_t = disc.sqrt();
     let u = 2.0 * d / (b + rate_at_t);
     if u.is_nan() || u.abs() > 1.5 {
-        return fallback;
+        return fallback();
     }
     // Growth rate of the tail below the fitted points. In the logit the
     // slope at the lowest point is already close to the rate at the bottom
@@ -875,7 +1070,7 @@ fn estimate(corrected: &[f64], shape: &Shape, k: usize, threshold: f64, precise:
     let q0 = eval(&p, u0).exp();
     let value = q0 / (1.0 + q0 / plateau);
     if !(value > 0.0 && value.is_finite()) {
-        return fallback;
+        return fallback();
     }
     Estimate {
         index: k,
@@ -960,16 +1155,31 @@ pub(super) fn cp(corrected: &[f64], start: usize, residual_sd: f64) -> Option<f6
     if n < SG_D2.len() {
         return None;
     }
-    let d2: Vec<f64> = (0..=n - SG_D2.len())
-        .map(|j| {
-            SG_D2
-                .iter()
-                .zip(&corrected[j..])
-                .map(|(w, f)| w * f)
-                .sum::<f64>()
-                / SG_NORM
-        })
-        .collect();
+    // On the stack for curves of up to STACK_CYCLES cycles: a run takes
+    // the Cp of every amplifying curve to choose its thresholds.
+    let len = n - SG_D2.len() + 1;
+    let mut stack = [0.0; STACK_CYCLES];
+    let mut heap;
+    let d2: &mut [f64] = if len <= STACK_CYCLES {
+        &mut stack[..len]
+    } else {
+        heap = vec![0.0; len];
+        &mut heap
+    };
+    // Tap by tap over all positions rather than position by position: the
+    // same sums in the same order (so the same bits), but the inner loop
+    // runs across positions and vectorises. -0.0 is where `Iterator::sum`
+    // starts.
+    d2.fill(-0.0);
+    for (t, w) in SG_D2.iter().enumerate() {
+        for (d, f) in d2.iter_mut().zip(&corrected[t..]) {
+            *d += w * f;
+        }
+    }
+    for d in d2.iter_mut() {
+        *d /= SG_NORM;
+    }
+    let d2: &[f64] = d2;
     // d2[j] is centred on index j + 4.
     let first = start.saturating_sub(1).saturating_sub(4);
     let (peak, &value) = d2

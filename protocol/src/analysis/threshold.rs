@@ -10,8 +10,8 @@
 //! upper limit). Ruijter et al. 2013 compare quantification methods at one
 //! threshold per target for the same reason.
 
-use super::numeric::cp;
-use super::{AUTO_THRESHOLD_SDS, AnalysisError, AnalysisSettings, Ct, Method, analyze_curve};
+use super::numeric::{self, Need, Prepared, cp};
+use super::{AUTO_THRESHOLD_SDS, AnalysisError, AnalysisSettings, Ct, Method};
 
 /// The exponential-phase candidate is this share of the median corrected
 /// fluorescence at the amplifying curves' second-derivative maximum as the
@@ -33,8 +33,9 @@ use super::{AUTO_THRESHOLD_SDS, AnalysisError, AnalysisSettings, Ct, Method, ana
 const KNEE_SHARE: f64 = 1.0;
 
 /// A threshold common to all `curves` of one target in a run, on the
-/// baseline-corrected scale of [`analyze_curve`]: pass it back as
-/// [`AnalysisSettings::fixed_threshold`] to analyse each curve.
+/// baseline-corrected scale of [`analyze_curve`](super::analyze_curve):
+/// pass it back as [`AnalysisSettings::fixed_threshold`] to analyse each
+/// curve.
 ///
 /// The threshold is the larger of two candidates:
 ///
@@ -73,54 +74,99 @@ pub fn common_threshold(
         }
         return Ok(Some(t));
     }
-    let auto = AnalysisSettings {
-        method: Method::Threshold,
-        fixed_threshold: None,
-        ..settings.clone()
-    };
-    let mut noise = Vec::with_capacity(curves.len());
-    let mut knees = Vec::new();
-    let mut first_error = None;
-    let mut corrected = Vec::new();
+    let mut chooser = Chooser::new(settings, curves.len());
     for &curve in curves {
-        let result = match analyze_curve(curve, &auto) {
-            Ok(result) => result,
+        let prepared = numeric::prepare(curve, &chooser.auto);
+        chooser.add(curve, &prepared);
+    }
+    chooser.threshold()
+}
+
+/// [`common_threshold`] one curve at a time, on curves already prepared
+/// (`numeric::prepare`), so that a run that goes on to read every curve at
+/// the chosen threshold prepares each curve once, not twice.
+pub(crate) struct Chooser {
+    /// The automatic-threshold settings each curve is read at.
+    auto: AnalysisSettings,
+    noise: Vec<f64>,
+    knees: Vec<f64>,
+    first_error: Option<AnalysisError>,
+    /// Scratch, reused from curve to curve.
+    corrected: Vec<f64>,
+}
+
+impl Chooser {
+    /// For curves of one target analysed with `settings` (its fixed
+    /// threshold and method are not used: curves are read at their
+    /// automatic threshold).
+    pub(crate) fn new(settings: &AnalysisSettings, curves: usize) -> Self {
+        Chooser {
+            auto: AnalysisSettings {
+                method: Method::Threshold,
+                fixed_threshold: None,
+                ..settings.clone()
+            },
+            noise: Vec::with_capacity(curves),
+            knees: Vec::new(),
+            first_error: None,
+            corrected: Vec::new(),
+        }
+    }
+
+    /// One more curve: its baseline noise, and its knee if it amplified.
+    /// `prepared` must come from `numeric::prepare` with the same baseline
+    /// window as `settings` in [`Chooser::new`].
+    pub(crate) fn add(&mut self, curve: &[f64], prepared: &Result<Prepared, AnalysisError>) {
+        let prepared = match numeric::admit(prepared, curve.len(), &self.auto) {
+            Ok(prepared) => prepared,
             Err(e) => {
-                first_error.get_or_insert(e);
-                continue;
+                self.first_error.get_or_insert(e);
+                return;
             }
         };
+        self.corrected.clear();
+        self.corrected.resize(curve.len(), 0.0);
+        // Only whether the curve amplified counts here, not its Ct.
+        let result = numeric::finish(
+            curve,
+            prepared,
+            &self.auto,
+            &mut self.corrected,
+            Need::Acceptance,
+        );
         let line = result.baseline;
         if line.residual_sd.is_finite() {
-            noise.push(line.residual_sd);
+            self.noise.push(line.residual_sd);
         }
         if let Ct::Determined(_) = result.ct {
-            corrected.clear();
-            corrected.extend(
-                curve
-                    .iter()
-                    .enumerate()
-                    .map(|(k, &v)| v - line.intercept - line.slope * (k + 1) as f64),
-            );
-            if let Some(knee) = cp(&corrected, line.window_start, line.residual_sd)
-                .and_then(|cycle| value_at(&corrected, cycle))
+            // The knee is read off the curve less its line alone (spikes
+            // left in), as it always has been.
+            for (k, (c, &v)) in self.corrected.iter_mut().zip(curve).enumerate() {
+                *c = v - line.intercept - line.slope * (k + 1) as f64;
+            }
+            if let Some(knee) = cp(&self.corrected, line.window_start, line.residual_sd)
+                .and_then(|cycle| value_at(&self.corrected, cycle))
                 .filter(|v| v.is_finite() && *v > 0.0)
             {
-                knees.push(knee);
+                self.knees.push(knee);
             }
         }
     }
-    if noise.is_empty() {
-        return first_error.map_or(Ok(None), Err);
+
+    /// The threshold (see [`common_threshold`]).
+    pub(crate) fn threshold(mut self) -> Result<Option<f64>, AnalysisError> {
+        if self.noise.is_empty() {
+            return self.first_error.map_or(Ok(None), Err);
+        }
+        let above_noise = AUTO_THRESHOLD_SDS * median(&mut self.noise);
+        let in_exponential_phase = if self.knees.is_empty() {
+            0.0
+        } else {
+            KNEE_SHARE * median(&mut self.knees)
+        };
+        let threshold = above_noise.max(in_exponential_phase);
+        Ok((threshold.is_finite() && threshold > 0.0).then_some(threshold))
     }
-    let above_noise = AUTO_THRESHOLD_SDS * median(&mut noise);
-    let in_exponential_phase = if knees.is_empty() {
-        0.0
-    } else {
-        KNEE_SHARE * median(&mut knees)
-    };
-    let threshold = above_noise.max(in_exponential_phase);
-    Ok((threshold.is_finite() && threshold > 0.0).then_some(threshold))
 }
 
 /// The corrected curve at a real (1-based) cycle, linearly interpolated.
