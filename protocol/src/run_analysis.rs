@@ -29,8 +29,8 @@ use std::collections::BTreeMap;
 use serde::Serialize;
 
 use crate::analysis::{
-    self, AnalysisError, AnalysisSettings, Chooser, Ct, DEFAULT_INSTRUMENT_TOLERANCE, Method, Need,
-    Prepared, QcFlag,
+    self, AnalysisError, AnalysisSettings, Baseline, Chooser, Ct, DEFAULT_INSTRUMENT_TOLERANCE,
+    Method, Need, Prepared, QcFlag,
 };
 use crate::domain::{PlateFormat, Well};
 use crate::interpret::{PlateJudgement, Reading, Target};
@@ -123,6 +123,10 @@ pub struct ReactionRecord {
     /// Threshold used on the baseline-corrected curve; None when the curve
     /// was not analysed.
     pub threshold: Option<f64>,
+    /// The baseline line subtracted and the window it was fitted over
+    /// (protocols.md §6: store threshold, window and method with the Ct);
+    /// None when the curve was not analysed.
+    pub baseline: Option<Baseline>,
     /// Curve QC flags (empty when the curve is clean).
     pub qc: Vec<QcFlag>,
     /// The Cq the instrument wrote in the file (None when absent or −1).
@@ -237,6 +241,7 @@ pub fn analyze_run(doc: &Document, run: &Run, settings: &RunSettings) -> Vec<Rea
                 ct: None,
                 method,
                 threshold: None,
+                baseline: None,
                 qc: Vec::new(),
                 instrument_cq: data.cq,
                 excluded: data.excluded.clone(),
@@ -252,6 +257,7 @@ pub fn analyze_run(doc: &Document, run: &Run, settings: &RunSettings) -> Vec<Rea
                 Ok(result) => {
                     record.ct = result.ct.value();
                     record.threshold = Some(result.threshold);
+                    record.baseline = Some(result.baseline);
                     record.qc = result.flags;
                     let instrument = data.cq.map(Ct::Determined);
                     if let Some(flag) =
@@ -273,6 +279,44 @@ pub fn analyze_run(doc: &Document, run: &Run, settings: &RunSettings) -> Vec<Rea
         }
     }
     records
+}
+
+/// `run` with pcrd's results in place of the instrument's, to be written as
+/// RDML (`rdml::write`) so the analysis can be checked or redone elsewhere:
+/// each data element's `cq` becomes pcrd's Ct (absent when Undetermined or
+/// not analysed: RDML has no "undetermined" value), `quantFluor` the
+/// threshold and `bgFluor` / `bgFluorSlp` the baseline line; the run's
+/// `cqDetectionMethod` says how. Curves, samples and targets are unchanged.
+/// `records` are [`analyze_run`]'s for this run.
+pub fn run_with_results(run: &Run, records: &[ReactionRecord]) -> Run {
+    let mut out = run.clone();
+    let mut by_key: BTreeMap<(u32, &str), &ReactionRecord> = BTreeMap::new();
+    for record in records {
+        by_key.insert((record.reaction, record.target.as_str()), record);
+    }
+    let mut methods = Vec::new();
+    for reaction in &mut out.reactions {
+        for data in &mut reaction.data {
+            let Some(record) = by_key.get(&(reaction.id, data.target_id.as_str())) else {
+                continue;
+            };
+            data.cq = record.ct;
+            data.threshold = record.threshold;
+            data.background = record.baseline.map(|b| b.intercept);
+            data.background_slope = record.baseline.map(|b| b.slope);
+            methods.push(record.method);
+        }
+    }
+    methods.dedup();
+    out.cq_detection_method = Some(
+        match methods.as_slice() {
+            [Method::Cp] => "second derivative maximum",
+            [Method::Threshold] => "automated threshold and baseline settings",
+            _ => "other",
+        }
+        .to_owned(),
+    );
+    out
 }
 
 /// Why a run could not be judged with a kit. A failed control or a bad

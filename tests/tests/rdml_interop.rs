@@ -20,7 +20,7 @@ use pcrd_tests::peers_dir;
 use serde_json::Value;
 
 const EXPERIMENT: &str = "biomarker_set";
-/// Two runs (genes) for LinRegPCR: each takes rdmlpython about 1.5 s.
+/// Runs (genes) for LinRegPCR: each takes rdmlpython about 1.5 s.
 const LINREG_RUNS: [&str; 3] = ["AHCY_20080229", "BIRC5_20080229", "PRAME_20080310"];
 
 /// Loads an RDML file with rdmlpython, validates it against its schema, and prints
@@ -370,4 +370,59 @@ fn pcrd_reads_what_rdmlpython_linregpcr_writes() {
 
     // And what rdmlpython wrote survives pcrd's own round trip.
     assert_eq!(rdml::read(&rdml::write(&analysed)).unwrap(), analysed);
+}
+
+#[test]
+fn rdmlpython_reads_pcrds_results_written_by_pcrd_analyze() {
+    let input = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../shared/data/vermeulen/data_vermeulen_std_150000_150000.rdml");
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("with-pcrd-cq.rdml");
+    let run = Command::new(pcrd_tests::pcrd_bin())
+        .args(["analyze", input.to_str().unwrap(), "--rdml-out"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let ours: Vec<Value> = String::from_utf8(run.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(ours.len(), 192);
+
+    let dump = rdmlpython_dump(&out);
+    assert_eq!(dump["version"], "1.3");
+    let theirs = by_reaction(&dump);
+    assert_eq!(theirs.len(), ours.len());
+    for record in &ours {
+        let key = (
+            record["run"].as_str().unwrap().to_owned(),
+            u32::try_from(record["reaction"].as_u64().unwrap()).unwrap(),
+            record["target"].as_str().unwrap().to_owned(),
+        );
+        // pcrd prints two decimals; the file carries the Ct in full.
+        let (ct, cq) = (record["ct"].as_f64(), theirs[&key]["cq"].as_f64());
+        match (ct, cq) {
+            (Some(ct), Some(cq)) => assert!((ct - cq).abs() <= 0.005, "{key:?}: {ct} vs {cq}"),
+            (None, None) => {}
+            // rdmlpython reads an absent cq as -1 ("not available").
+            (None, Some(cq)) => assert_eq!(cq, -1.0, "{key:?}"),
+            (Some(ct), None) => panic!("{key:?}: pcrd {ct}, file none"),
+        }
+    }
+    // And pcrd reads back the threshold and baseline it wrote.
+    let back = rdml::read(&std::fs::read(&out).unwrap()).unwrap();
+    let run = &back.experiments[0].runs[0];
+    assert_eq!(
+        run.cq_detection_method.as_deref(),
+        Some("automated threshold and baseline settings")
+    );
+    let data = &run.reactions[0].data[0];
+    assert!(data.threshold.is_some_and(|t| t > 0.0));
+    assert!(data.background.is_some() && data.background_slope.is_some());
 }

@@ -11,7 +11,7 @@ use pcrd_protocol::analysis::{AnalysisSettings, Method};
 use pcrd_protocol::kit::KitDefinition;
 use pcrd_protocol::rdml;
 use pcrd_protocol::run_analysis::{
-    ReactionRecord, RunJudgement, RunSettings, analyze_run, judge_run,
+    ReactionRecord, RunJudgement, RunSettings, analyze_run, judge_run, run_with_results,
 };
 use serde::Serialize;
 
@@ -45,6 +45,10 @@ pub struct AnalyzeArgs {
     /// json: one object per line; csv: a header and one row per record.
     #[arg(long, value_enum, default_value_t = Format::Json)]
     pub format: Format,
+    /// Also write the file as RDML 1.3 with pcrd's Cq, threshold and baseline in
+    /// place of the instrument's (for the runs analysed), to re-analyse elsewhere.
+    #[arg(long, value_name = "FILE")]
+    pub rdml_out: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -198,8 +202,18 @@ pub(super) fn run(args: AnalyzeArgs) -> ExitCode {
     }
     let mut failed = 0usize;
     let mut invalid_plates = 0usize;
+    let mut annotated = args.rdml_out.as_ref().map(|_| doc.clone());
     for (experiment, run) in selected {
         let records = analyze_run(&doc, run, &settings);
+        if let Some(out) = &mut annotated
+            && let Some(slot) = out
+                .experiments
+                .iter_mut()
+                .find(|e| e.id == experiment.id)
+                .and_then(|e| e.runs.iter_mut().find(|r| r.id == run.id))
+        {
+            *slot = run_with_results(run, &records);
+        }
         for record in &records {
             if let Some(error) = &record.error {
                 eprintln!("pcrd analyze: run {:?}: {error}", run.id);
@@ -252,6 +266,12 @@ pub(super) fn run(args: AnalyzeArgs) -> ExitCode {
     if let Err(e) = sink.flush() {
         return output_failed(&e);
     }
+    if let (Some(path), Some(out)) = (&args.rdml_out, &annotated)
+        && let Err(e) = write_whole(path, &rdml::write(out))
+    {
+        eprintln!("pcrd analyze: cannot write {}: {e}", path.display());
+        return ExitCode::from(exit::REJECTED);
+    }
     if invalid_plates > 0 {
         eprintln!(
             "pcrd analyze: {invalid_plates} plate(s) failed their run controls: every call on them is invalid"
@@ -262,6 +282,26 @@ pub(super) fn run(args: AnalyzeArgs) -> ExitCode {
         return ExitCode::from(exit::REJECTED);
     }
     ExitCode::SUCCESS
+}
+
+/// Writes `bytes` to a temporary file beside `path`, syncs it and renames it
+/// over `path`, so a reader never sees half a file.
+fn write_whole(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write as _;
+    let mut tmp_name = path.as_os_str().to_owned();
+    tmp_name.push(format!(".tmp-{}", std::process::id()));
+    let tmp = PathBuf::from(tmp_name);
+    let written = std::fs::File::create(&tmp).and_then(|mut file| {
+        file.write_all(bytes)?;
+        file.sync_all()
+    });
+    match written.and_then(|()| std::fs::rename(&tmp, path)) {
+        Ok(()) => Ok(()),
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            Err(e)
+        }
+    }
 }
 
 fn two_decimals(ct: f64) -> f64 {
