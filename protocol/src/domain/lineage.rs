@@ -144,7 +144,7 @@ pub fn transfer_layout(source: &Layout) -> Layout {
     source.clone()
 }
 
-/// Four 96-well layouts -> one 384-well layout by quadrant (sources[0] is Q1). Errors: NotA96WellPlate { index }, ...
+/// Four 96-well layouts -> one 384-well layout by quadrant (`sources[0]` is Q1). Errors: NotA96WellPlate { index }, ...
 ///
 /// Samples and controls keep their content and move to [`Quadrant::map`] of
 /// their well. Errors: [`LineageError::NotA96WellPlate`] (with the quadrant
