@@ -124,7 +124,8 @@ pub enum TubeCommand {
         #[command(flatten)]
         api: ApiArgs,
     },
-    /// Receive tubes from a CSV file with a header: barcode[,pool_size][,priority][,due_in|due_at].
+    /// Receive tubes from a CSV file with a header: barcode, and optionally pool_size,
+    /// priority, due_in or due_at.
     Import {
         file: PathBuf,
         /// Tubes per request. 1,000 is faster than larger batches and keeps the

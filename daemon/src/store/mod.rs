@@ -341,8 +341,9 @@ fn open_without_panicking(config: &sled::Config, path: &Path) -> Result<sled::Db
     }
 }
 
-/// A record kind with its current format version. Older versions are decoded by
-/// [`Versioned::upgrade`] when a later change needs them.
+/// A record kind with its current format version. When a later change needs to
+/// read older versions, it adds their decoding here; until then any other
+/// version byte is an error.
 pub trait Versioned: Serialize + DeserializeOwned {
     /// The tree this record lives in (for error messages).
     const TREE: &'static str;
