@@ -22,6 +22,7 @@
 //! kit at fault and say what would have been accepted.
 
 pub mod analysis;
+pub mod astm;
 pub mod domain;
 pub mod extractor;
 pub mod interpret;
