@@ -406,3 +406,93 @@ pub struct Health {
     pub lab: String,
     pub version: String,
 }
+
+/// An instrument the daemon follows, as the last polls showed it.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct InstrumentView {
+    /// The name in the config (`[[extractors]] name`).
+    pub name: String,
+    /// `extractor`.
+    pub kind: String,
+    /// Modbus unit id.
+    pub unit: u8,
+    /// The register-map profile's name and version.
+    pub profile: String,
+    pub profile_version: String,
+    /// `tcp HOST:PORT` or `serial /dev/...`.
+    pub link: String,
+    /// Whether the last status poll was answered.
+    pub online: bool,
+    /// `connecting` (no poll finished yet), `online` or `offline`.
+    pub connection: String,
+    /// Why it is offline; absent when online.
+    pub offline_reason: Option<String>,
+    /// When `connection` last changed (RFC 3339).
+    pub since: String,
+    /// The last status read; absent before the first answered poll. Kept while
+    /// offline (it is then the last known one).
+    pub status: Option<InstrumentStatusView>,
+    /// The run in progress, if any.
+    pub run: Option<InstrumentRunView>,
+    /// The last run that ended, if one was seen.
+    pub last_run: Option<InstrumentRunView>,
+    /// Status polls sent since the daemon started.
+    pub polls: u64,
+    /// Polls that failed.
+    pub poll_errors: u64,
+    /// Times the link was opened again after being lost.
+    pub reconnects: u64,
+}
+
+/// An extractor's status registers, decoded by its profile.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct InstrumentStatusView {
+    /// idle, loaded, running, paused, completed, error, aborted, or
+    /// `unknown(CODE)` for a code the profile does not list.
+    pub state: String,
+    pub step: u32,
+    /// Percent, 0–100.
+    pub progress: f64,
+    /// Seconds left, as the device estimates.
+    pub remaining_s: f64,
+    pub temperature_c: f64,
+    /// Loaded protocol number (0: none).
+    pub protocol: u32,
+    /// Plate barcode of the current or last run; empty when none.
+    pub plate_barcode: String,
+    pub error: Option<DeviceErrorView>,
+    /// Values that cannot be right, in words.
+    pub anomalies: Vec<String>,
+}
+
+/// A device error code and its reason from the profile's error table.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct DeviceErrorView {
+    pub code: u32,
+    pub reason: Option<String>,
+}
+
+/// A run on an instrument as the daemon followed it.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct InstrumentRunView {
+    pub protocol: u32,
+    pub plate_barcode: String,
+    /// The device's state for this run (see [`InstrumentStatusView::state`]).
+    pub state: String,
+    pub step: u32,
+    /// Percent, 0–100.
+    pub progress: f64,
+    pub remaining_s: f64,
+    /// When the daemon first saw it running (RFC 3339).
+    pub seen_at: String,
+    /// When it ended (RFC 3339); absent while in progress.
+    pub ended_at: Option<String>,
+    /// How it ended: `completed`, `device_error`, `aborted`, `unconfirmed` (the
+    /// device said completed but its values cannot be right) or `ended`; absent
+    /// while in progress.
+    pub outcome: Option<String>,
+    pub error: Option<DeviceErrorView>,
+    /// Progress stood still longer than the stall limit.
+    pub stalled: bool,
+    pub anomalies: Vec<String>,
+}

@@ -21,6 +21,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use crate::config::{Role, User};
+use crate::instruments::Instruments;
 use crate::lab::{Actor, AuditQuery, Due, Lab, LabError, TubeIntake};
 use dto::*;
 
@@ -28,6 +29,7 @@ use dto::*;
 #[derive(Clone, Debug)]
 pub struct AppState {
     pub lab: Arc<Lab>,
+    pub instruments: Arc<Instruments>,
     users: Arc<Vec<User>>,
     metrics: Arc<HttpMetrics>,
 }
@@ -310,7 +312,7 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     modifiers(&BearerAuth),
     components(schemas(ErrorBody)),
     security(("bearer" = [])),
-    tags((name = "tubes"), (name = "plates"), (name = "audit"), (name = "kits"))
+    tags((name = "tubes"), (name = "plates"), (name = "audit"), (name = "kits"), (name = "instruments"))
 )]
 struct ApiDoc;
 
@@ -377,9 +379,15 @@ impl Modify for StandardErrors {
 }
 
 /// Builds the router and the OpenAPI document from the same handler list.
-pub fn router(lab: Arc<Lab>, users: Vec<User>, max_body_bytes: usize) -> Router {
+pub fn router(
+    lab: Arc<Lab>,
+    instruments: Arc<Instruments>,
+    users: Vec<User>,
+    max_body_bytes: usize,
+) -> Router {
     let state = AppState {
         lab,
+        instruments,
         users: Arc::new(users),
         metrics: Arc::new(HttpMetrics::default()),
     };
@@ -397,6 +405,8 @@ pub fn router(lab: Arc<Lab>, users: Vec<User>, max_body_bytes: usize) -> Router 
         .routes(routes!(audit))
         .routes(routes!(audit_verify))
         .routes(routes!(kits))
+        .routes(routes!(list_instruments))
+        .routes(routes!(get_instrument))
         .split_for_parts();
     // Modifiers in #[openapi] run before the routes add their paths, so this one runs
     // on the finished document.
@@ -860,6 +870,105 @@ async fn kits(State(state): State<AppState>, _caller: Caller) -> Json<Vec<KitVie
     )
 }
 
+/// The instruments the daemon follows (`[[extractors]]` in the config), with their
+/// connection, last status and run. Runs are started on the instrument; starting
+/// them from the API comes with plate linkage.
+#[utoipa::path(get, path = "/api/v1/instruments", tag = "instruments",
+    responses((status = 200, body = Vec<InstrumentView>)))]
+async fn list_instruments(
+    State(state): State<AppState>,
+    _caller: Caller,
+) -> Json<Vec<InstrumentView>> {
+    Json(state.instruments.all().map(instrument_view).collect())
+}
+
+/// One instrument by its configured name.
+#[utoipa::path(get, path = "/api/v1/instruments/{name}", tag = "instruments",
+    params(("name" = String, Path, description = "The instrument's name in the config")),
+    responses(
+        (status = 200, body = InstrumentView),
+        (status = 404, description = "No instrument of that name", body = ErrorBody),
+    ))]
+async fn get_instrument(
+    State(state): State<AppState>,
+    _caller: Caller,
+    Path(name): Path<String>,
+) -> ApiResult<Json<InstrumentView>> {
+    state
+        .instruments
+        .get(&name)
+        .map(|i| Json(instrument_view(i)))
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                format!("no instrument {name:?} in the config"),
+            )
+        })
+}
+
+fn instrument_view(instrument: &crate::instruments::Instrument) -> InstrumentView {
+    use crate::instruments::{Connection, Run, state_name};
+    let s = instrument.snapshot();
+    let time = |t: std::time::SystemTime| humantime::format_rfc3339_millis(t).to_string();
+    let error = |e: &pcrd_protocol::extractor::DeviceError| DeviceErrorView {
+        code: e.code,
+        reason: e.reason.clone(),
+    };
+    let run = |r: &Run| InstrumentRunView {
+        protocol: r.protocol,
+        plate_barcode: r.plate_barcode.clone(),
+        state: state_name(r.state),
+        step: r.step,
+        progress: finite(r.progress),
+        remaining_s: finite(r.remaining_s),
+        seen_at: time(r.seen_at),
+        ended_at: r.ended_at.map(time),
+        outcome: r.outcome.map(|o| o.as_str().to_owned()),
+        error: r.error.as_ref().map(error),
+        stalled: r.stalled,
+        anomalies: r.anomalies.clone(),
+    };
+    InstrumentView {
+        name: s.name,
+        kind: "extractor".into(),
+        unit: s.unit,
+        profile: s.profile,
+        profile_version: s.profile_version,
+        link: s.link,
+        online: s.tracked.connection == Connection::Online,
+        connection: s.tracked.connection.as_str().into(),
+        offline_reason: s.tracked.reason.clone(),
+        since: time(s.tracked.since),
+        status: s.status.as_ref().map(|st| InstrumentStatusView {
+            state: state_name(st.state),
+            step: st.step,
+            progress: finite(st.progress),
+            remaining_s: finite(st.remaining_s),
+            temperature_c: finite(st.temperature_c),
+            protocol: st.protocol,
+            plate_barcode: st.barcode.clone(),
+            error: st.error.as_ref().map(error),
+            anomalies: st
+                .anomalies
+                .iter()
+                .map(crate::instruments::describe)
+                .collect(),
+        }),
+        run: s.tracked.run.as_ref().map(run),
+        last_run: s.tracked.last_run.as_ref().map(run),
+        polls: s.polls,
+        poll_errors: s.poll_errors,
+        reconnects: s.reconnects,
+    }
+}
+
+/// JSON has no NaN or infinity; a device that reports one is flagged as an anomaly,
+/// and the number shows as 0.
+fn finite(value: f64) -> f64 {
+    if value.is_finite() { value } else { 0.0 }
+}
+
 /// 200 while the daemon can acknowledge writes; 503 once the store has failed.
 async fn healthz(State(state): State<AppState>) -> (StatusCode, Json<Health>) {
     let failure = state.lab.store().failure();
@@ -952,6 +1061,7 @@ async fn metrics_text(State(state): State<AppState>) -> impl IntoResponse {
             count.load(Ordering::Relaxed)
         );
     }
+    state.instruments.render_metrics(&mut out);
     (
         [(
             header::CONTENT_TYPE,

@@ -114,7 +114,14 @@ async fn serve(config: Config, lab: Arc<Lab>) -> ExitCode {
     // The one line on stdout: scripts and tests read the address from it.
     println!("listening on http://{addr}");
     tracing::info!(%addr, lab = %config.lab_id, "pcrd is serving.");
-    let app = crate::api::router(Arc::clone(&lab), config.users, config.max_body_bytes);
+    // One supervisor per configured extractor; with none configured, nothing starts.
+    let instruments = Arc::new(crate::instruments::Instruments::start(&config.extractors));
+    let app = crate::api::router(
+        Arc::clone(&lab),
+        Arc::clone(&instruments),
+        config.users,
+        config.max_body_bytes,
+    );
     if lab.store().clean_start() {
         tracing::info!("The store was closed cleanly; skipping the full check.");
     } else {

@@ -2,6 +2,8 @@
 //! alone can drop and rebuild it.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use pcrd_protocol::extractor::Table;
@@ -110,13 +112,33 @@ struct Request {
 #[derive(Clone, Debug)]
 pub struct BusHandle {
     tx: mpsc::Sender<Request>,
-    name: std::sync::Arc<str>,
+    name: Arc<str>,
+    stats: Arc<BusStats>,
+}
+
+/// What a bus task has done since it started, for /metrics. Relaxed
+/// counters: each is read on its own.
+#[derive(Debug, Default)]
+pub struct BusStats {
+    /// Times the link was opened again after it had been open once (after a
+    /// poisoned context, a lost socket or port).
+    pub reconnects: AtomicU64,
+    /// Times the context was dropped after a timeout, a transport error or a
+    /// reply that did not match its request.
+    pub link_drops: AtomicU64,
+    /// Attempts to open the link that failed.
+    pub connect_failures: AtomicU64,
 }
 
 impl BusHandle {
     /// The bus's name, for logs.
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// Counters of the bus task.
+    pub fn stats(&self) -> &BusStats {
+        &self.stats
     }
 
     /// Runs one request on the bus; the bus serialises them.
@@ -159,10 +181,11 @@ pub fn spawn_bus(config: BusConfig) -> BusHandle {
     // A short queue: callers wait their turn rather than pile up requests
     // for a line that carries ~20 per second at 9600 Bd.
     let (tx, rx) = mpsc::channel(32);
-    let name: std::sync::Arc<str> = config.name.clone().into();
+    let name: Arc<str> = config.name.clone().into();
+    let stats = Arc::new(BusStats::default());
     let span = tracing::info_span!("modbus_bus", bus = %config.name);
-    tokio::spawn(run(config, rx).instrument(span));
-    BusHandle { tx, name }
+    tokio::spawn(run(config, rx, Arc::clone(&stats)).instrument(span));
+    BusHandle { tx, name, stats }
 }
 
 /// The link's state inside the task.
@@ -175,9 +198,13 @@ struct Link {
     /// While connecting is backing off: until when, and why.
     down: Option<(Instant, String)>,
     backoff: Duration,
+    /// Whether the link has been open at least once (a later open is a
+    /// reconnect).
+    opened_before: bool,
+    stats: Arc<BusStats>,
 }
 
-async fn run(config: BusConfig, mut rx: mpsc::Receiver<Request>) {
+async fn run(config: BusConfig, mut rx: mpsc::Receiver<Request>, stats: Arc<BusStats>) {
     let backoff = config.backoff_min;
     let mut link = Link {
         config,
@@ -185,6 +212,8 @@ async fn run(config: BusConfig, mut rx: mpsc::Receiver<Request>) {
         poisoned: false,
         down: None,
         backoff,
+        opened_before: false,
+        stats,
     };
     while let Some(request) = rx.recv().await {
         if request.reply.is_closed() {
@@ -244,6 +273,7 @@ impl Link {
     fn poison(&mut self) {
         self.context = None;
         self.poisoned = true;
+        self.stats.link_drops.fetch_add(1, Ordering::Relaxed);
     }
 
     async fn connected(&mut self) -> Result<&mut Context, ModbusError> {
@@ -270,13 +300,24 @@ impl Link {
                     if self.down.take().is_some() {
                         info!("Modbus link open again.");
                     }
+                    if self.opened_before {
+                        self.stats.reconnects.fetch_add(1, Ordering::Relaxed);
+                    }
+                    self.opened_before = true;
                     self.backoff = self.config.backoff_min;
                     self.context = Some(context);
                 }
                 Err(reason) => {
+                    self.stats.connect_failures.fetch_add(1, Ordering::Relaxed);
                     let wait = self.backoff;
                     self.backoff = (self.backoff * 2).min(self.config.backoff_max);
-                    warn!(retry_ms = wait.as_millis() as u64, %reason, "Cannot open the Modbus link.");
+                    // The first failure is news; the retries that follow are
+                    // not (the instrument already shows offline with the reason).
+                    if self.down.is_none() {
+                        warn!(retry_ms = wait.as_millis() as u64, %reason, "Cannot open the Modbus link.");
+                    } else {
+                        debug!(retry_ms = wait.as_millis() as u64, %reason, "Cannot open the Modbus link yet.");
+                    }
                     self.down = Some((Instant::now() + wait, reason.clone()));
                     return Err(ModbusError::Offline { reason });
                 }

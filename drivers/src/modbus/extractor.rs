@@ -1,16 +1,17 @@
 //! One extractor: a unit id on a bus, seen through its register-map profile.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use pcrd_protocol::extractor::{
     Anomaly, DeviceError, ExtractorCommand, ExtractorState, ExtractorStatus, Identity, Profile,
     ResendPolicy,
 };
-use tokio::sync::broadcast;
+use tokio::sync::{broadcast, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
-use tracing::{Instrument, info, warn};
+use tracing::{Instrument, debug, info, warn};
 
 use super::{BusHandle, ModbusError};
 
@@ -80,7 +81,19 @@ pub struct ExtractorHandle {
     profile: Arc<Profile>,
     bus: BusHandle,
     events: broadcast::Sender<ExtractorEvent>,
+    /// The last status the monitor read, for whoever shows it.
+    latest: Arc<watch::Sender<Option<ExtractorStatus>>>,
+    stats: Arc<PollStats>,
     stall_after: Duration,
+}
+
+/// What the monitor has done since it started, for /metrics.
+#[derive(Debug, Default)]
+pub struct PollStats {
+    /// Status polls sent.
+    pub polls: AtomicU64,
+    /// Polls that failed (timeout, link down, exception, undecodable reply).
+    pub errors: AtomicU64,
 }
 
 /// A running extractor whose step and progress have not moved for this long is
@@ -109,6 +122,8 @@ impl ExtractorHandle {
             profile,
             bus,
             events,
+            latest: Arc::new(watch::Sender::new(None)),
+            stats: Arc::default(),
             stall_after: DEFAULT_STALL_AFTER,
         }
     }
@@ -126,6 +141,28 @@ impl ExtractorHandle {
 
     pub fn profile(&self) -> &Profile {
         &self.profile
+    }
+
+    /// The unit id on the bus.
+    pub fn unit(&self) -> u8 {
+        self.unit
+    }
+
+    /// The bus this extractor is reached through.
+    pub fn bus(&self) -> &BusHandle {
+        &self.bus
+    }
+
+    /// Poll counters of the monitor.
+    pub fn poll_stats(&self) -> &PollStats {
+        &self.stats
+    }
+
+    /// The last status the monitor read (`None` before the first good
+    /// poll). It is kept when polls fail: whether the instrument is online
+    /// comes from the events.
+    pub fn watch_status(&self) -> watch::Receiver<Option<ExtractorStatus>> {
+        self.latest.subscribe()
     }
 
     /// Events from the monitor ([`ExtractorHandle::monitor`]).
@@ -282,21 +319,34 @@ impl ExtractorHandle {
         let mut tracker = Tracker::new(self.stall_after);
         loop {
             ticks.tick().await;
+            self.stats.polls.fetch_add(1, Ordering::Relaxed);
             let polled = self.status().await;
+            match &polled {
+                Ok(status) => {
+                    self.latest.send_replace(Some(status.clone()));
+                }
+                Err(e) => {
+                    self.stats.errors.fetch_add(1, Ordering::Relaxed);
+                    debug!(error = %e, "Status poll failed.");
+                }
+            }
             for kind in tracker.observe(polled, Instant::now()) {
+                // The link is the driver's business and is logged here; what a
+                // run's events mean for the lab (and at which level) is the
+                // daemon's, which logs them in its instrument span.
                 match &kind {
                     EventKind::Offline { reason } => warn!(%reason, "Extractor offline."),
                     EventKind::Online { resynchronised, .. } => {
                         info!(resynchronised, "Extractor online.");
                     }
                     EventKind::DeviceError(e) => {
-                        warn!(code = e.code, reason = ?e.reason, "Extractor reports an error.");
+                        debug!(code = e.code, reason = ?e.reason, "Extractor reports an error.");
                     }
                     EventKind::Anomalies(a) => {
-                        warn!(anomalies = ?a, "Implausible register values.")
+                        debug!(anomalies = ?a, "Implausible register values.")
                     }
                     EventKind::Completed { barcode, .. } => {
-                        info!(%barcode, "Extraction completed.")
+                        debug!(%barcode, "Extraction completed.")
                     }
                     _ => {}
                 }

@@ -22,9 +22,12 @@
 pub mod bus;
 pub mod extractor;
 
-pub use bus::{BusConfig, BusHandle, LinkConfig, Parity, SerialConfig, StopBits, spawn_bus};
+pub use bus::{
+    BusConfig, BusHandle, BusStats, LinkConfig, Parity, SerialConfig, StopBits, spawn_bus,
+};
 pub use extractor::{
     CommandOutcome, DEFAULT_STALL_AFTER, EventKind, ExtractorEvent, ExtractorHandle, Monitor,
+    PollStats,
 };
 
 use std::time::Duration;

@@ -494,6 +494,23 @@ impl Simulator {
         self.device(unit).requests
     }
 
+    /// Acts on `command` as if an operator pressed it on `unit`'s front
+    /// panel (no Modbus involved): how a test starts a run the daemon did not
+    /// start. Refused (exception 03's meaning) when the state does not allow
+    /// it.
+    pub fn operate(&self, unit: u8, command: ExtractorCommand) -> Result<(), ExceptionCode> {
+        let mut device = self.device(unit);
+        device.advance(Instant::now());
+        let p = device.profile.clone();
+        let writes = p
+            .encode_command(&command)
+            .map_err(|_| ExceptionCode::IllegalDataValue)?;
+        for w in writes {
+            device.write(w.address, &w.values)?;
+        }
+        Ok(())
+    }
+
     /// The device's own view of its state, now.
     pub fn status(&self, unit: u8) -> ExtractorStatus {
         let mut device = self.device(unit);
@@ -561,26 +578,47 @@ impl TcpSim {
     /// then listens again on the same address after `down`. Returns when the
     /// connections are closed.
     pub async fn disconnect_for(&self, down: Duration) {
+        self.go_down().await;
+        let sim = self.sim.clone();
+        let addr = self.addr;
+        let slot = self.task.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(down).await;
+            if let Err(e) = listen_again(&sim, addr, &slot).await {
+                debug!(error = %e, "Simulator could not listen again.");
+            }
+        });
+    }
+
+    /// Closes every connection and the listener, so connects are refused,
+    /// until [`TcpSim::come_back`]. Returns when the connections are closed.
+    pub async fn go_down(&self) {
         let task = self.task.lock().unwrap_or_else(|p| p.into_inner()).take();
         if let Some(task) = task {
             task.abort();
             // The server's connection tasks are cancelled when it is dropped.
             let _ = task.await;
         }
-        let sim = self.sim.clone();
-        let addr = self.addr;
-        let slot = self.task.clone();
-        tokio::spawn(async move {
-            tokio::time::sleep(down).await;
-            match tokio::net::TcpListener::bind(addr).await {
-                Ok(listener) => {
-                    let task = sim.spawn_tcp(listener);
-                    *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(task);
-                }
-                Err(e) => debug!(error = %e, "Simulator could not listen again."),
-            }
-        });
     }
+
+    /// Listens again on the same address after [`TcpSim::go_down`]; the
+    /// device's state (a run in progress) went on meanwhile.
+    pub async fn come_back(&self) -> std::io::Result<()> {
+        listen_again(&self.sim, self.addr, &self.task).await
+    }
+}
+
+async fn listen_again(
+    sim: &Simulator,
+    addr: SocketAddr,
+    slot: &Mutex<Option<JoinHandle<()>>>,
+) -> std::io::Result<()> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let task = sim.spawn_tcp(listener);
+    if let Some(old) = slot.lock().unwrap_or_else(|p| p.into_inner()).replace(task) {
+        old.abort();
+    }
+    Ok(())
 }
 
 impl Drop for TcpSim {

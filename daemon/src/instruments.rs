@@ -1,0 +1,721 @@
+//! The daemon's instruments: one supervisor per configured extractor.
+//!
+//! `pcrd serve` starts the driver's bus tasks (one per TCP address or serial
+//! port, shared by every unit id on it), one [`Monitor`] per extractor that
+//! polls at the profile's interval, and one supervisor task per extractor
+//! that turns the monitor's events into what the API and /metrics show:
+//! online or offline (and why), the last status read, the run in progress
+//! (protocol, plate barcode, step, progress, remaining time) and the last run
+//! that ended, with how it ended. Everything here is in memory: a restart
+//! learns the state again from the devices (a run in progress is picked up
+//! where the device got to).
+//!
+//! What this does not do (yet): start, pause or abort runs from the API and
+//! link a run to a plate in the store (issue 7). Runs started on the
+//! instrument's own panel are followed and shown.
+//!
+//! Logging (style.md §13): the driver logs the link (offline, online); the
+//! supervisor logs what the lab must know, in a span carrying the
+//! instrument's name: a run seen starting and completing (INFO), a stalled
+//! run or an aborted one (WARN), a device error or a run that ended with
+//! values that cannot be right (ERROR: an operator must act, the plate's
+//! extraction is in doubt).
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::SystemTime;
+
+use pcrd_drivers::modbus::{
+    BusHandle, EventKind, ExtractorEvent, ExtractorHandle, LinkConfig, Monitor, spawn_bus,
+};
+use pcrd_protocol::extractor::{Anomaly, DeviceError, ExtractorState, ExtractorStatus};
+use tokio::sync::broadcast;
+use tokio::task::JoinHandle;
+use tracing::{Instrument as _, error, info, warn};
+
+use crate::config::ExtractorConfig;
+
+/// Every configured instrument and the tasks that follow them. Dropping it
+/// stops the polling.
+#[derive(Debug, Default)]
+pub struct Instruments {
+    by_name: BTreeMap<String, Arc<Instrument>>,
+    monitors: Vec<Monitor>,
+    supervisors: Vec<JoinHandle<()>>,
+}
+
+impl Drop for Instruments {
+    fn drop(&mut self) {
+        for task in &self.supervisors {
+            task.abort();
+        }
+        self.monitors.clear();
+    }
+}
+
+/// Whether polls get answers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Connection {
+    /// No poll has finished yet.
+    Connecting,
+    Online,
+    Offline,
+}
+
+impl Connection {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Connection::Connecting => "connecting",
+            Connection::Online => "online",
+            Connection::Offline => "offline",
+        }
+    }
+}
+
+/// How a run ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// The device reported completion with nothing implausible.
+    Completed,
+    /// The device stopped on an error code.
+    DeviceError,
+    Aborted,
+    /// The device said "completed", but the status held values that cannot be
+    /// right: not taken as a completion.
+    Unconfirmed,
+    /// The device went back to idle or loaded without completing.
+    Ended,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Completed => "completed",
+            Outcome::DeviceError => "device_error",
+            Outcome::Aborted => "aborted",
+            Outcome::Unconfirmed => "unconfirmed",
+            Outcome::Ended => "ended",
+        }
+    }
+}
+
+/// A run as the daemon followed it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Run {
+    pub protocol: u32,
+    pub plate_barcode: String,
+    pub state: ExtractorState,
+    pub step: u32,
+    pub progress: f64,
+    pub remaining_s: f64,
+    /// When the daemon first saw it running (not the device's start time).
+    pub seen_at: SystemTime,
+    pub ended_at: Option<SystemTime>,
+    pub outcome: Option<Outcome>,
+    pub error: Option<DeviceError>,
+    /// Progress stood still for longer than the stall limit.
+    pub stalled: bool,
+    pub anomalies: Vec<String>,
+}
+
+impl Run {
+    fn from_status(status: &ExtractorStatus, now: SystemTime) -> Run {
+        Run {
+            protocol: status.protocol,
+            plate_barcode: status.barcode.clone(),
+            state: status.state,
+            step: status.step,
+            progress: status.progress,
+            remaining_s: status.remaining_s,
+            seen_at: now,
+            ended_at: None,
+            outcome: None,
+            error: status.error.clone(),
+            stalled: false,
+            anomalies: status.anomalies.iter().map(describe).collect(),
+        }
+    }
+}
+
+/// What the supervisor knows about one instrument. Pure: events and times
+/// in, no I/O, so it is tested without a device.
+#[derive(Clone, Debug)]
+pub struct Tracked {
+    pub connection: Connection,
+    /// Why it is offline.
+    pub reason: Option<String>,
+    /// When `connection` last changed.
+    pub since: SystemTime,
+    /// The run in progress.
+    pub run: Option<Run>,
+    /// The last run that ended.
+    pub last_run: Option<Run>,
+    pub runs_completed: u64,
+}
+
+impl Tracked {
+    pub fn new(now: SystemTime) -> Tracked {
+        Tracked {
+            connection: Connection::Connecting,
+            reason: None,
+            since: now,
+            run: None,
+            last_run: None,
+            runs_completed: 0,
+        }
+    }
+
+    /// Applies one event from the monitor; `latest` is the last status the
+    /// monitor read (for the fields an event does not carry).
+    pub fn apply(&mut self, kind: &EventKind, latest: Option<&ExtractorStatus>, now: SystemTime) {
+        match kind {
+            EventKind::Offline { reason } => {
+                self.connection = Connection::Offline;
+                self.reason = Some(reason.clone());
+                self.since = now;
+                if self.run.is_some() {
+                    warn!(%reason, "The instrument went offline during a run; it will be re-synchronised when it answers again.");
+                }
+            }
+            EventKind::Online {
+                status,
+                resynchronised,
+            } => {
+                self.connection = Connection::Online;
+                self.reason = None;
+                self.since = now;
+                if *resynchronised {
+                    info!(
+                        state = state_name(status.state),
+                        progress = status.progress,
+                        "Run re-synchronised from the device's state."
+                    );
+                }
+                if status.state.in_run() {
+                    self.follow(status, now);
+                }
+            }
+            EventKind::StatusChanged { to, .. } => {
+                if to.in_run() {
+                    if let Some(status) = latest {
+                        self.follow(status, now);
+                    }
+                    if let Some(run) = &mut self.run {
+                        run.state = *to;
+                    }
+                } else if let Some(mut run) = self.run.take() {
+                    run.state = *to;
+                    run.ended_at = Some(now);
+                    if let Some(status) = latest {
+                        run.step = status.step;
+                        run.progress = status.progress;
+                        run.remaining_s = status.remaining_s;
+                        run.error = status.error.clone().or(run.error);
+                        run.anomalies = status.anomalies.iter().map(describe).collect();
+                    }
+                    run.outcome = Some(match to {
+                        // Turned into `Completed` by the Completed event that
+                        // follows when the snapshot was clean.
+                        ExtractorState::Completed => Outcome::Unconfirmed,
+                        ExtractorState::Error => Outcome::DeviceError,
+                        ExtractorState::Aborted => Outcome::Aborted,
+                        _ => Outcome::Ended,
+                    });
+                    self.report_end(&run);
+                    self.last_run = Some(run);
+                }
+            }
+            EventKind::Progress {
+                step,
+                progress,
+                remaining_s,
+            } => {
+                if self.run.is_none()
+                    && let Some(status) = latest
+                {
+                    self.follow(status, now);
+                }
+                if let Some(run) = &mut self.run {
+                    run.step = *step;
+                    run.progress = *progress;
+                    run.remaining_s = *remaining_s;
+                }
+            }
+            EventKind::Completed { barcode, protocol } => {
+                if let Some(run) = &mut self.last_run
+                    && run.outcome == Some(Outcome::Unconfirmed)
+                {
+                    run.outcome = Some(Outcome::Completed);
+                    run.progress = 100.0;
+                    run.remaining_s = 0.0;
+                }
+                self.runs_completed += 1;
+                info!(plate = %barcode, protocol, "Extraction run completed.");
+            }
+            EventKind::DeviceError(e) => {
+                let reason = e
+                    .reason
+                    .as_deref()
+                    .unwrap_or("not in the profile's error table");
+                if let Some(run) = &mut self.run {
+                    run.error = Some(e.clone());
+                    error!(code = e.code, %reason, plate = %run.plate_barcode, "The extractor reports an error during a run; an operator must check the plate.");
+                } else if let Some(run) = self
+                    .last_run
+                    .as_mut()
+                    .filter(|r| r.outcome == Some(Outcome::DeviceError))
+                {
+                    run.error = Some(e.clone());
+                    error!(code = e.code, %reason, plate = %run.plate_barcode, "The extractor stopped a run on an error; an operator must check the plate.");
+                } else {
+                    warn!(code = e.code, %reason, "The extractor reports an error.");
+                }
+            }
+            EventKind::Stalled { progress, for_s } => {
+                if let Some(run) = &mut self.run {
+                    run.stalled = true;
+                }
+                warn!(
+                    progress,
+                    stalled_s = *for_s as u64,
+                    "Run progress has not moved; check the instrument."
+                );
+            }
+            EventKind::Anomalies(anomalies) => {
+                let described: Vec<String> = anomalies.iter().map(describe).collect();
+                warn!(anomalies = ?described, "The instrument reports values that cannot be right.");
+                if let Some(run) = &mut self.run {
+                    run.anomalies = described;
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Starts following the run `status` shows, unless it is the one already
+    /// followed.
+    fn follow(&mut self, status: &ExtractorStatus, now: SystemTime) {
+        let same = self
+            .run
+            .as_ref()
+            .is_some_and(|r| r.plate_barcode == status.barcode && r.protocol == status.protocol);
+        if !same {
+            info!(
+                plate = %status.barcode,
+                protocol = status.protocol,
+                progress = status.progress,
+                "Following an extraction run."
+            );
+            self.run = Some(Run::from_status(status, now));
+        }
+    }
+
+    fn report_end(&self, run: &Run) {
+        match run.outcome {
+            Some(Outcome::Unconfirmed) if !run.anomalies.is_empty() => {
+                error!(plate = %run.plate_barcode, anomalies = ?run.anomalies, "The extractor says the run completed, but its values cannot be right; not taken as complete. An operator must check the plate.");
+            }
+            Some(Outcome::Aborted) => {
+                warn!(plate = %run.plate_barcode, progress = run.progress, "Extraction run aborted.");
+            }
+            Some(Outcome::Ended) => {
+                warn!(plate = %run.plate_barcode, state = state_name(run.state), "Extraction run ended without completing.");
+            }
+            // Completed: logged on the Completed event; device errors: on the
+            // DeviceError event.
+            _ => {}
+        }
+    }
+}
+
+/// One configured instrument, its driver handle and what its supervisor
+/// tracked.
+#[derive(Debug)]
+pub struct Instrument {
+    pub name: String,
+    pub unit: u8,
+    pub profile: String,
+    pub profile_version: String,
+    /// `tcp 192.168.1.50:502` or `serial /dev/ttyUSB0`.
+    pub link: String,
+    handle: ExtractorHandle,
+    tracked: Mutex<Tracked>,
+}
+
+/// A copy of an instrument's state for the API.
+#[derive(Clone, Debug)]
+pub struct Snapshot {
+    pub name: String,
+    pub unit: u8,
+    pub profile: String,
+    pub profile_version: String,
+    pub link: String,
+    pub tracked: Tracked,
+    pub status: Option<ExtractorStatus>,
+    pub polls: u64,
+    pub poll_errors: u64,
+    pub reconnects: u64,
+}
+
+impl Instrument {
+    fn tracked(&self) -> MutexGuard<'_, Tracked> {
+        // Only this module writes it, without panicking paths inside the lock;
+        // a poisoned lock still holds a usable state.
+        self.tracked.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn snapshot(&self) -> Snapshot {
+        let stats = self.handle.poll_stats();
+        Snapshot {
+            name: self.name.clone(),
+            unit: self.unit,
+            profile: self.profile.clone(),
+            profile_version: self.profile_version.clone(),
+            link: self.link.clone(),
+            tracked: self.tracked().clone(),
+            status: self.handle.watch_status().borrow().clone(),
+            polls: stats.polls.load(Ordering::Relaxed),
+            poll_errors: stats.errors.load(Ordering::Relaxed),
+            reconnects: self.handle.bus().stats().reconnects.load(Ordering::Relaxed),
+        }
+    }
+}
+
+impl Instruments {
+    /// Starts a bus task per link, a monitor and a supervisor per extractor.
+    /// Must run inside the tokio runtime. With no extractors configured it
+    /// starts nothing.
+    pub fn start(configs: &[ExtractorConfig]) -> Instruments {
+        let mut buses: BTreeMap<String, BusHandle> = BTreeMap::new();
+        let mut out = Instruments::default();
+        for config in configs {
+            let key = link_name(&config.bus.link);
+            let bus = buses
+                .entry(key.clone())
+                .or_insert_with(|| {
+                    // Every unit on a serial line (or behind one gateway
+                    // address) shares the task that owns the port; the first
+                    // extractor's timing is the line's.
+                    let mut bus = config.bus.clone();
+                    bus.name = key.clone();
+                    spawn_bus(bus)
+                })
+                .clone();
+            let handle = ExtractorHandle::new(
+                config.name.clone(),
+                config.unit,
+                Arc::clone(&config.profile),
+                bus,
+            );
+            let instrument = Arc::new(Instrument {
+                name: config.name.clone(),
+                unit: config.unit,
+                profile: config.profile.name.clone(),
+                profile_version: config.profile.version.clone(),
+                link: key,
+                handle: handle.clone(),
+                tracked: Mutex::new(Tracked::new(SystemTime::now())),
+            });
+            // Subscribe before the monitor starts so no event is missed.
+            let events = handle.subscribe();
+            let span = tracing::info_span!("instrument", instrument = %config.name);
+            out.supervisors.push(tokio::spawn(
+                supervise(Arc::clone(&instrument), events).instrument(span),
+            ));
+            out.monitors.push(handle.monitor());
+            info!(
+                instrument = %config.name,
+                unit = config.unit,
+                link = %instrument.link,
+                profile = %instrument.profile,
+                "Following the extractor."
+            );
+            out.by_name.insert(config.name.clone(), instrument);
+        }
+        out
+    }
+
+    /// Every instrument, by name.
+    pub fn all(&self) -> impl Iterator<Item = &Instrument> {
+        self.by_name.values().map(AsRef::as_ref)
+    }
+
+    pub fn get(&self, name: &str) -> Option<&Instrument> {
+        self.by_name.get(name).map(AsRef::as_ref)
+    }
+
+    /// Appends the instrument metrics in the Prometheus text format.
+    pub fn render_metrics(&self, out: &mut String) {
+        let snapshots: Vec<Snapshot> = self.all().map(Instrument::snapshot).collect();
+        let mut family = |name: &str, kind: &str, help: &str, value: &dyn Fn(&Snapshot) -> u64| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+            for s in &snapshots {
+                let _ = writeln!(
+                    out,
+                    "{name}{{instrument=\"{}\"}} {}",
+                    label(&s.name),
+                    value(s)
+                );
+            }
+        };
+        family(
+            "pcrd_instrument_online",
+            "gauge",
+            "1 while the instrument answers its status polls, else 0.",
+            &|s| u64::from(s.tracked.connection == Connection::Online),
+        );
+        family(
+            "pcrd_instrument_running",
+            "gauge",
+            "1 while a run is in progress on the instrument, else 0.",
+            &|s| u64::from(s.tracked.run.is_some()),
+        );
+        family(
+            "pcrd_instrument_polls_total",
+            "counter",
+            "Status polls sent to the instrument.",
+            &|s| s.polls,
+        );
+        family(
+            "pcrd_instrument_poll_errors_total",
+            "counter",
+            "Status polls that failed (timeout, link down, exception, bad reply).",
+            &|s| s.poll_errors,
+        );
+        family(
+            "pcrd_instrument_reconnects_total",
+            "counter",
+            "Times the link the instrument is on was opened again after being lost or dropped.",
+            &|s| s.reconnects,
+        );
+        family(
+            "pcrd_instrument_runs_completed_total",
+            "counter",
+            "Runs seen completing cleanly on the instrument.",
+            &|s| s.tracked.runs_completed,
+        );
+    }
+}
+
+async fn supervise(instrument: Arc<Instrument>, mut events: broadcast::Receiver<ExtractorEvent>) {
+    loop {
+        match events.recv().await {
+            Ok(event) => {
+                let latest = instrument.handle.watch_status().borrow().clone();
+                instrument
+                    .tracked()
+                    .apply(&event.kind, latest.as_ref(), SystemTime::now());
+            }
+            Err(broadcast::error::RecvError::Lagged(missed)) => {
+                warn!(
+                    missed,
+                    "Instrument events were missed; the state shown catches up with the next ones."
+                );
+            }
+            Err(broadcast::error::RecvError::Closed) => return,
+        }
+    }
+}
+
+/// The link as the operator knows it, which is also the key buses are
+/// shared by.
+fn link_name(link: &LinkConfig) -> String {
+    match link {
+        LinkConfig::Tcp { addr } => format!("tcp {addr}"),
+        LinkConfig::Rtu(serial) => format!("serial {}", serial.path),
+    }
+}
+
+/// A state as the API spells it.
+pub fn state_name(state: ExtractorState) -> String {
+    match state {
+        ExtractorState::Idle => "idle".into(),
+        ExtractorState::Loaded => "loaded".into(),
+        ExtractorState::Running => "running".into(),
+        ExtractorState::Paused => "paused".into(),
+        ExtractorState::Completed => "completed".into(),
+        ExtractorState::Error => "error".into(),
+        ExtractorState::Aborted => "aborted".into(),
+        ExtractorState::Unknown(code) => format!("unknown({code})"),
+    }
+}
+
+/// An anomaly in words.
+pub fn describe(anomaly: &Anomaly) -> String {
+    match anomaly {
+        Anomaly::UnknownState { code } => format!("state code {code} is not in the profile"),
+        Anomaly::OutOfRange {
+            field,
+            value,
+            min,
+            max,
+        } => format!(
+            "{field} {value} is outside {}..{}",
+            min.map(|m| m.to_string()).unwrap_or_default(),
+            max.map(|m| m.to_string()).unwrap_or_default()
+        ),
+        Anomaly::BadInteger { field, raw } => format!("{field} holds {raw}, not a count"),
+        Anomaly::BadText { field } => format!("{field} is not printable ASCII"),
+        other => format!("{other:?}"),
+    }
+}
+
+/// Escapes a Prometheus label value (exposition format: backslash, quote,
+/// newline).
+fn label(value: &str) -> String {
+    value
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    fn status(state: ExtractorState, progress: f64) -> ExtractorStatus {
+        ExtractorStatus {
+            state,
+            step: 2,
+            progress,
+            remaining_s: 100.0 - progress,
+            temperature_c: 56.0,
+            error: None,
+            protocol: 3,
+            barcode: "EXT-0001".into(),
+            anomalies: vec![],
+        }
+    }
+
+    #[test]
+    fn a_run_is_followed_from_start_to_completion() {
+        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000);
+        let mut t = Tracked::new(t0);
+        let loaded = status(ExtractorState::Loaded, 0.0);
+        t.apply(
+            &EventKind::Online {
+                status: Box::new(loaded.clone()),
+                resynchronised: false,
+            },
+            Some(&loaded),
+            t0,
+        );
+        assert_eq!(t.connection, Connection::Online);
+        assert!(t.run.is_none());
+        let running = status(ExtractorState::Running, 10.0);
+        t.apply(
+            &EventKind::StatusChanged {
+                from: Some(ExtractorState::Loaded),
+                to: ExtractorState::Running,
+            },
+            Some(&running),
+            t0,
+        );
+        t.apply(
+            &EventKind::Progress {
+                step: 3,
+                progress: 40.0,
+                remaining_s: 60.0,
+            },
+            Some(&running),
+            t0,
+        );
+        let run = t.run.as_ref().expect("a run");
+        assert_eq!(
+            (run.plate_barcode.as_str(), run.protocol, run.progress),
+            ("EXT-0001", 3, 40.0)
+        );
+        let done = status(ExtractorState::Completed, 100.0);
+        t.apply(
+            &EventKind::StatusChanged {
+                from: Some(ExtractorState::Running),
+                to: ExtractorState::Completed,
+            },
+            Some(&done),
+            t0,
+        );
+        assert_eq!(
+            t.last_run.as_ref().and_then(|r| r.outcome),
+            Some(Outcome::Unconfirmed)
+        );
+        t.apply(
+            &EventKind::Completed {
+                barcode: "EXT-0001".into(),
+                protocol: 3,
+            },
+            Some(&done),
+            t0,
+        );
+        assert!(t.run.is_none());
+        assert_eq!(
+            t.last_run.as_ref().and_then(|r| r.outcome),
+            Some(Outcome::Completed)
+        );
+        assert_eq!(t.runs_completed, 1);
+    }
+
+    #[test]
+    fn offline_keeps_the_run_and_a_device_error_ends_it() {
+        let t0 = SystemTime::UNIX_EPOCH;
+        let mut t = Tracked::new(t0);
+        let running = status(ExtractorState::Running, 20.0);
+        t.apply(
+            &EventKind::Online {
+                status: Box::new(running.clone()),
+                resynchronised: false,
+            },
+            Some(&running),
+            t0,
+        );
+        assert!(t.run.is_some(), "a run seen at start-up is followed");
+        t.apply(
+            &EventKind::Offline {
+                reason: "connect refused".into(),
+            },
+            Some(&running),
+            t0,
+        );
+        assert_eq!(t.connection, Connection::Offline);
+        assert_eq!(t.reason.as_deref(), Some("connect refused"));
+        assert!(t.run.is_some(), "offline does not fail the run");
+        let mut failed = status(ExtractorState::Error, 50.0);
+        failed.error = Some(DeviceError {
+            code: 102,
+            reason: Some("Magnetic rod head blocked".into()),
+        });
+        t.apply(
+            &EventKind::Online {
+                status: Box::new(failed.clone()),
+                resynchronised: true,
+            },
+            Some(&failed),
+            t0,
+        );
+        t.apply(
+            &EventKind::StatusChanged {
+                from: Some(ExtractorState::Running),
+                to: ExtractorState::Error,
+            },
+            Some(&failed),
+            t0,
+        );
+        t.apply(
+            &EventKind::DeviceError(failed.error.clone().expect("error")),
+            Some(&failed),
+            t0,
+        );
+        let last = t.last_run.as_ref().expect("ended run");
+        assert_eq!(last.outcome, Some(Outcome::DeviceError));
+        assert_eq!(last.error.as_ref().map(|e| e.code), Some(102));
+        assert_eq!(t.runs_completed, 0);
+    }
+
+    #[test]
+    fn label_values_are_escaped() {
+        assert_eq!(label("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
+    }
+}
