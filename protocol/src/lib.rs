@@ -24,6 +24,7 @@
 pub mod analysis;
 pub mod astm;
 pub mod domain;
+pub mod export;
 pub mod extractor;
 pub mod interpret;
 pub mod kit;
