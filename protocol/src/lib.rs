@@ -23,6 +23,7 @@
 
 pub mod analysis;
 pub mod astm;
+pub mod cycler;
 pub mod domain;
 pub mod export;
 pub mod extractor;
