@@ -10,6 +10,15 @@
 //!   decision table, run-control expectations, control layouts) and their
 //!   application to Ct values, run controls and pools.
 //!
+//! and the instruments' wire formats, each a sans-IO codec (bytes and time in;
+//! frames, events, bytes to send and deadlines out):
+//!
+//! - [`extractor`]: Modbus register-map profiles of extractors, decode/encode;
+//! - [`cycler`]: pcrd's SCPI-style cycler command lines and run tracking;
+//! - [`astm`]: ASTM E1381 link layer and E1394 records;
+//! - [`export`]: files of file-only instruments (decapper plate maps,
+//!   QuantStudio-style results).
+//!
 //! This crate does no I/O and reads no clock. It never opens a file, a socket
 //! or a serial port, and it never asks the system for the time: every instant
 //! it needs is passed in as a [`domain::Timestamp`]. That keeps it
