@@ -4,9 +4,13 @@
 //!
 //! - [`modbus`]: nucleic-acid extractors over Modbus RTU and TCP, described
 //!   by register-map profiles (`pcrd_protocol::extractor`).
+//! - [`cycler`]: real-time PCR cyclers speaking pcrd's SCPI-style lines
+//!   (`pcrd_protocol::cycler`) over serial or TCP; per-cycle data handed to
+//!   a [`cycler::CycleSink`] before the run tracker moves on.
 //! - `sim` (feature "sim"): simulators that speak the real wire protocols,
 //!   with fault injection, for the tests and `pcrd demo`.
 
+pub mod cycler;
 pub mod modbus;
 #[cfg(feature = "sim")]
 pub mod sim;

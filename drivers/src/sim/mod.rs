@@ -7,5 +7,6 @@
 //!   pulled cable, a closed port) that a well-behaved Modbus server cannot
 //!   produce.
 
+pub mod cycler;
 pub mod extractor;
 pub mod line;
