@@ -14,11 +14,12 @@ command -v kill >/dev/null || { apt-get update -qq && apt-get install -y -qq pro
 
 PEERS="$PWD/.peers"
 export PCRD_PEERS="$PEERS"
-python_peer() { # python_peer <marker file> <pip requirement>...
-  local marker="$PEERS/python/.installed-$1"; shift
+python_peer() { # python_peer <marker> <pip requirement>...; PEER_DIR=<dir> for a dir of its own
+  local dir="$PEERS/${PEER_DIR:-python}"
+  local marker="$dir/.installed-$1"; shift
   if [ ! -f "$marker" ]; then
-    echo "== installing $* into $PEERS/python"
-    python3 -m pip install --quiet --disable-pip-version-check --target "$PEERS/python" "$@"
+    echo "== installing $* into $dir"
+    python3 -m pip install --quiet --disable-pip-version-check --target "$dir" "$@"
     touch "$marker"
   fi
 }
@@ -31,6 +32,10 @@ python_peer rdmlpython-1.7.2 "rdmlpython==1.7.2" "numpy<2"
 # simulator (issue 4; tests/tests/modbus_interop.rs, benches/modbus.rs). 3.16.1 installs
 # and runs on Python 3.11; its SimDevice API is what the tests' server is written with.
 python_peer pymodbus-3.16.1 "pymodbus==3.16.1"
+# labmcp-astm-lis: an independent ASTM E1381 analyser simulator that drives pcrd's ASTM host
+# (drivers/tests/astm_interop.rs). The other PyPI ASTM packages do not work on Python 3.11
+# (field notes). It brings many dependencies of its own, so it gets its own directory.
+PEER_DIR=astm python_peer labmcp-astm-lis-0.1.3 "labmcp-astm-lis==0.1.3"
 
 echo "== cargo fmt"
 cargo fmt --all -- --check

@@ -2,6 +2,9 @@
 //! instrument socket. Drivers own timeouts, retries and reconnects; protocol
 //! logic lives in `pcrd-protocol`, state lives in the daemon.
 //!
+//! - [`astm`]: pcrd as the ASTM E1381/E1394 host of analysers that report
+//!   their own results, over TCP or serial; each message handed to a
+//!   [`astm::MessageStore`] before its last frame is acknowledged.
 //! - [`modbus`]: nucleic-acid extractors over Modbus RTU and TCP, described
 //!   by register-map profiles (`pcrd_protocol::extractor`).
 //! - [`cycler`]: real-time PCR cyclers speaking pcrd's SCPI-style lines
@@ -10,6 +13,7 @@
 //! - `sim` (feature "sim"): simulators that speak the real wire protocols,
 //!   with fault injection, for the tests and `pcrd demo`.
 
+pub mod astm;
 pub mod cycler;
 pub mod modbus;
 #[cfg(feature = "sim")]

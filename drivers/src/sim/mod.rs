@@ -7,6 +7,7 @@
 //!   pulled cable, a closed port) that a well-behaved Modbus server cannot
 //!   produce.
 
+pub mod analyser;
 pub mod cycler;
 pub mod extractor;
 pub mod line;
