@@ -21,6 +21,7 @@ use anyhow::{Context as _, Result, bail, ensure};
 use pcrd_protocol::analysis::model::{CurveModel, NoiseRng};
 use pcrd_protocol::rdml::{Document, PcrFormat};
 use pcrd_protocol::run_analysis::{RunSettings, analyze_run};
+use pcrd_tests::bench::{bench, goal, median};
 use pcrd_tests::{peers_dir, plate_document};
 
 const ROWS: u32 = 16;
@@ -288,35 +289,5 @@ fn plate() -> Document {
             }
             .readings()
         },
-    )
-}
-
-fn median(values: &[f64]) -> f64 {
-    let mut sorted = values.to_vec();
-    sorted.sort_by(f64::total_cmp);
-    sorted[sorted.len() / 2]
-}
-
-fn bench(name: &str, value: f64, unit: &str, runs: &[f64]) -> String {
-    let shown: Vec<String> = runs.iter().take(10).map(|v| format!("{v:.3}")).collect();
-    let more = if runs.len() > 10 {
-        format!(",...({} runs)", runs.len())
-    } else {
-        String::new()
-    };
-    format!(
-        "BENCH {name} {value:.3} {unit} runs={}{more}",
-        shown.join(",")
-    )
-}
-
-fn goal(name: &str, value: f64, op: &str, target: f64) -> String {
-    let met = match op {
-        "<" => value < target,
-        _ => value > target,
-    };
-    format!(
-        "GOAL {name} {value:.3} {op} {target} {}",
-        if met { "met" } else { "MISSED" }
     )
 }

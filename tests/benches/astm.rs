@@ -42,6 +42,7 @@ use pcrd_drivers::sim::analyser::{Analyser, AnalyserConfig, Scenario, Specimen, 
 use pcrd_protocol::astm::frame;
 use pcrd_protocol::astm::link::LinkConfig;
 use pcrd_protocol::astm::record::Message;
+use pcrd_tests::bench::{bench, goal, median};
 use pcrd_tests::peers_dir;
 use tokio::sync::mpsc;
 
@@ -357,34 +358,4 @@ async fn tcp_runs(text: &[u8], messages: usize) -> Result<Vec<f64>> {
     let runs = send_runs(&sim, &store, &mut events, text, messages).await;
     host.shutdown();
     runs
-}
-
-fn median(values: &[f64]) -> f64 {
-    let mut sorted = values.to_vec();
-    sorted.sort_by(f64::total_cmp);
-    sorted[sorted.len() / 2]
-}
-
-fn bench(name: &str, value: f64, unit: &str, runs: &[f64]) -> String {
-    let shown: Vec<String> = runs.iter().take(10).map(|v| format!("{v:.3}")).collect();
-    let more = if runs.len() > 10 {
-        format!(",...({} runs)", runs.len())
-    } else {
-        String::new()
-    };
-    format!(
-        "BENCH {name} {value:.1} {unit} runs={}{more}",
-        shown.join(",")
-    )
-}
-
-fn goal(name: &str, value: f64, op: &str, target: f64) -> String {
-    let met = match op {
-        "<" => value < target,
-        _ => value > target,
-    };
-    format!(
-        "GOAL {name} {value:.3} {op} {target} {}",
-        if met { "met" } else { "MISSED" }
-    )
 }

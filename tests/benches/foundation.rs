@@ -41,6 +41,7 @@ use pcrd::lab::{Actor, Lab, TubeIntake};
 use pcrd::model::{AuditEntry, TubeRecord};
 use pcrd::store::{Store, StoreOptions, encode};
 use pcrd_protocol::domain::{Barcode, PoolSize, Priority, Timestamp};
+use pcrd_tests::bench::median;
 use pcrd_tests::{Api, TECH_TOKEN, TEST_CONFIG, metric_value, pcrd_bin, send_signal};
 use serde_json::json;
 use sled::Transactional as _;
@@ -194,16 +195,6 @@ fn fmt_num(v: f64) -> String {
         format!("{v:.2}")
     } else {
         format!("{v:.4}")
-    }
-}
-
-fn median(values: &[f64]) -> f64 {
-    let mut v = values.to_vec();
-    v.sort_by(f64::total_cmp);
-    match v.len() {
-        0 => f64::NAN,
-        n if n % 2 == 1 => v[n / 2],
-        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
     }
 }
 

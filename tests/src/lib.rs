@@ -3,6 +3,8 @@
 //! Every daemon listens on 127.0.0.1 port 0 and reports its address on stdout, so tests
 //! run in parallel without fixed ports and without sleeping for start-up.
 
+pub mod bench;
+
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
