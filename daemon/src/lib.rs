@@ -14,5 +14,6 @@ pub mod kits;
 pub mod lab;
 pub mod metrics;
 pub mod model;
+pub mod sinks;
 pub mod store;
 pub mod telemetry;

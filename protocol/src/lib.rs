@@ -8,7 +8,8 @@
 //!   reaction and target, and with a kit the calls of a plate;
 //! - [`kit`] and [`interpret`]: kit definitions as data (targets, cut-offs,
 //!   decision table, run-control expectations, control layouts) and their
-//!   application to Ct values, run controls and pools.
+//!   application to Ct values, run controls and pools;
+//! - [`upstream`]: the versioned result record sent to the central system.
 //!
 //! and the instruments' wire formats, each a sans-IO codec (bytes and time in;
 //! frames, events, bytes to send and deadlines out):
@@ -40,6 +41,7 @@ pub mod interpret;
 pub mod kit;
 pub mod rdml;
 pub mod run_analysis;
+pub mod upstream;
 
 /// Longest piece of user input echoed back in an error message. A scanner
 /// stuck in a loop or a bad API request can hand us a megabyte of text; the

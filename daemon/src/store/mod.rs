@@ -99,6 +99,20 @@ pub struct Trees {
     pub audit_by_plate: sled::Tree,
     /// name -> value (schema version, counters, the audit chain's head)
     pub meta: sled::Tree,
+    /// Released result versions; key layout in `crate::outbox`.
+    pub results: sled::Tree,
+    /// Results waiting for delivery, in release order; key layout in `crate::outbox`.
+    pub outbox: sled::Tree,
+    /// Per-sink cursors, delivery states and dead letters; key layout in `crate::outbox`.
+    pub sink_state: sled::Tree,
+    /// PCR runs on cyclers; key layout in `crate::cyclers`.
+    pub runs: sled::Tree,
+    /// Per-cycle fluorescence as it arrived; key layout in `crate::cyclers`.
+    pub cycles: sled::Tree,
+    /// Messages received from analysers (raw bytes kept); key layout in `crate::analysers`.
+    pub messages: sled::Tree,
+    /// Files imported from watched folders, by fingerprint; key layout in `crate::folders`.
+    pub imports: sled::Tree,
 }
 
 /// Store tuning from the config file.
@@ -150,6 +164,13 @@ impl Store {
             audit: db.open_tree("audit")?,
             audit_by_plate: db.open_tree("audit_by_plate")?,
             meta: db.open_tree("meta")?,
+            results: db.open_tree("results")?,
+            outbox: db.open_tree("outbox")?,
+            sink_state: db.open_tree("sink_state")?,
+            runs: db.open_tree("runs")?,
+            cycles: db.open_tree("cycles")?,
+            messages: db.open_tree("messages")?,
+            imports: db.open_tree("imports")?,
         };
         match trees.meta.get(META_SCHEMA_VERSION)? {
             Some(raw) => {
