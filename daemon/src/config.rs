@@ -50,6 +50,19 @@ struct RawConfig {
     users: Vec<RawUser>,
     #[serde(default)]
     extractors: Vec<RawExtractor>,
+    #[serde(default)]
+    sinks: Vec<RawSink>,
+}
+
+/// `[[sinks]]`: where released results go (issue 6); exactly one kind table each.
+#[derive(Debug, Deserialize)]
+struct RawSink {
+    name: String,
+    batch_size: Option<u64>,
+    http: Option<crate::sinks::http::RawHttpConfig>,
+    postgres: Option<crate::sinks::postgres::RawPostgresConfig>,
+    files: Option<crate::sinks::files::RawFilesConfig>,
+    hl7: Option<crate::sinks::hl7::RawHl7Config>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -111,6 +124,8 @@ pub struct Config {
     pub users: Vec<User>,
     /// Extraction instruments over Modbus (`[[extractors]]`).
     pub extractors: Vec<ExtractorConfig>,
+    /// Where released results go (`[[sinks]]`).
+    pub sinks: Vec<crate::sinks::SinkConfig>,
 }
 
 /// One extractor: where it is and the register-map profile it is read with.
@@ -266,6 +281,7 @@ impl Config {
         }
 
         let extractors = parse_extractors(raw.extractors, base, &mut problems);
+        let sinks = parse_sinks(raw.sinks, base, &env, &mut problems);
 
         if !problems.is_empty() {
             return Err(problems);
@@ -281,8 +297,104 @@ impl Config {
             kits_dir,
             users,
             extractors,
+            sinks,
         })
     }
+}
+
+/// Items per delivery when a sink gives no `batch_size`: large enough that per-batch
+/// costs (a round trip, a COPY, three fsyncs) are amortised, small enough that one
+/// batch is a few hundred kilobytes.
+pub const DEFAULT_SINK_BATCH: u64 = 500;
+/// Largest `batch_size`: bounds the memory one batch takes.
+pub const MAX_SINK_BATCH: u64 = 10_000;
+
+/// Validates `[[sinks]]`: unique names, a bounded batch size, exactly one kind table,
+/// each kind's own checks (its `from_raw`).
+fn parse_sinks(
+    raw: Vec<RawSink>,
+    base: &Path,
+    env: &dyn Fn(&str) -> Option<String>,
+    problems: &mut Vec<String>,
+) -> Vec<crate::sinks::SinkConfig> {
+    use crate::sinks::{SinkConfig, SinkKind, files, hl7, http, postgres};
+    let mut names = BTreeSet::new();
+    let mut out = Vec::new();
+    for (i, s) in raw.into_iter().enumerate() {
+        let at = format!("sinks[{i}] ({:?})", s.name);
+        let before = problems.len();
+        let name = s.name.trim().to_string();
+        if name.is_empty()
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            problems.push(format!(
+                "{at}: name must be letters, digits, - or _ (it names the sink's cursor)"
+            ));
+        }
+        if !names.insert(name.clone()) {
+            problems.push(format!("{at}: sink name appears twice"));
+        }
+        let batch_size = s.batch_size.unwrap_or(DEFAULT_SINK_BATCH);
+        if !(1..=MAX_SINK_BATCH).contains(&batch_size) {
+            problems.push(format!(
+                "{at}: batch_size {batch_size} is outside 1..={MAX_SINK_BATCH}"
+            ));
+        }
+        let given = [
+            s.http.is_some(),
+            s.postgres.is_some(),
+            s.files.is_some(),
+            s.hl7.is_some(),
+        ]
+        .iter()
+        .filter(|g| **g)
+        .count();
+        if given != 1 {
+            problems.push(format!(
+                "{at}: needs exactly one of [sinks.http], [sinks.postgres], [sinks.files], [sinks.hl7] (found {given})"
+            ));
+            continue;
+        }
+        let mut kind_problems = |list: Vec<String>| {
+            problems.extend(list.into_iter().map(|p| format!("{at}: {p}")));
+        };
+        let kind = if let Some(raw) = s.http {
+            http::HttpConfig::from_raw(raw, base, env)
+                .map(SinkKind::Http)
+                .map_err(&mut kind_problems)
+                .ok()
+        } else if let Some(raw) = s.postgres {
+            postgres::PostgresConfig::from_raw(raw, base, env)
+                .map(SinkKind::Postgres)
+                .map_err(&mut kind_problems)
+                .ok()
+        } else if let Some(raw) = s.files {
+            files::FilesConfig::from_raw(raw, base, env)
+                .map(SinkKind::Files)
+                .map_err(&mut kind_problems)
+                .ok()
+        } else if let Some(raw) = s.hl7 {
+            hl7::Hl7Config::from_raw(raw, base, env)
+                .map(SinkKind::Hl7)
+                .map_err(&mut kind_problems)
+                .ok()
+        } else {
+            None
+        };
+        if problems.len() != before {
+            continue;
+        }
+        if let Some(kind) = kind {
+            out.push(SinkConfig {
+                name,
+                batch_size: batch_size as usize,
+                kind,
+            });
+        }
+    }
+    out
 }
 
 /// Validates `[[extractors]]` and loads each one's profile (relative to `base`).

@@ -204,6 +204,8 @@ pub struct AuditVerification {
 
 #[derive(Debug)]
 struct Writer {
+    /// The next outbox seq (see `crate::outbox`).
+    outbox_next: u64,
     next_seq: u64,
     head: [u8; 32],
     plate_counter: u64,
@@ -226,6 +228,9 @@ enum T {
     Audit,
     AuditByPlate,
     Meta,
+    Results,
+    Outbox,
+    SinkState,
 }
 
 /// Sequence numbers of the audit entries one draft becomes (a draft listing many
@@ -254,6 +259,8 @@ struct Changes {
     tubes_added: u64,
     /// Net change to the `waiting` tree.
     waiting_delta: i64,
+    /// The next outbox seq after this change, when it appends to the outbox.
+    outbox_next: Option<u64>,
 }
 
 impl Changes {
@@ -331,6 +338,7 @@ pub struct Lab {
     lab_id: String,
     writer: Mutex<Writer>,
     counters: LabCounters,
+    outbox: crate::outbox::Outbox,
 }
 
 fn now() -> Timestamp {
@@ -416,11 +424,14 @@ impl Lab {
         };
         counters.tubes_stored.store(tubes, Ordering::Relaxed);
         counters.tubes_waiting.store(waiting, Ordering::Relaxed);
+        let outbox_next = crate::outbox::stored_next_seq(&store)?;
         Ok(Arc::new(Lab {
             store,
             kits,
             lab_id,
+            outbox: crate::outbox::Outbox::new(outbox_next),
             writer: Mutex::new(Writer {
+                outbox_next,
                 next_seq,
                 head,
                 plate_counter,
@@ -440,6 +451,10 @@ impl Lab {
     }
     pub fn counters(&self) -> &LabCounters {
         &self.counters
+    }
+    /// The outbox's live state (release signal, running sinks).
+    pub fn outbox(&self) -> &crate::outbox::Outbox {
+        &self.outbox
     }
 
     /// Runs one state change: `op` validates and plans under the writer lock, the plan is
@@ -520,6 +535,13 @@ impl Lab {
         if let Some(counter) = changes.plate_counter {
             changes.put_raw(T::Meta, META_PLATE_COUNTER, counter.to_be_bytes().to_vec());
         }
+        if let Some(next) = changes.outbox_next {
+            changes.put_raw(
+                T::Meta,
+                crate::outbox::META_OUTBOX_NEXT,
+                next.to_be_bytes().to_vec(),
+            );
+        }
         // Writers are serialised, so reading the gauges here cannot race another writer.
         let tubes = self.counters.tubes_stored.load(Ordering::Relaxed) + changes.tubes_added;
         let waiting = self
@@ -553,8 +575,11 @@ impl Lab {
             &t.audit,
             &t.audit_by_plate,
             &t.meta,
+            &t.results,
+            &t.outbox,
+            &t.sink_state,
         ];
-        let mut slot = [usize::MAX; 6];
+        let mut slot = [usize::MAX; 9];
         let mut trees = Vec::new();
         for (tree, _, _) in &changes.writes {
             if slot[*tree as usize] == usize::MAX {
@@ -591,6 +616,9 @@ impl Lab {
         if let Some(counter) = changes.plate_counter {
             writer.plate_counter = counter;
         }
+        if let Some(next) = changes.outbox_next {
+            writer.outbox_next = next;
+        }
         self.counters.tubes_stored.store(tubes, Ordering::Relaxed);
         self.counters
             .tubes_waiting
@@ -599,6 +627,144 @@ impl Lab {
             self.store.set_mark(&head_record(seq - 1, &head));
         }
         Ok(())
+    }
+
+    // ----- results -----
+
+    /// Releases result versions: each is written to `results` and appended to the
+    /// outbox in the same transaction as its audit entry, and the call returns once
+    /// that is durable. All or nothing: a record with a wrong schema version, a
+    /// correction without reason or previous version, or a version that is not the
+    /// previous one plus one (a duplicate included) refuses the whole request, naming
+    /// each problem. Returns the idempotency keys with their outbox seqs.
+    pub async fn release_results(
+        self: &Arc<Self>,
+        actor: Actor,
+        records: Vec<pcrd_protocol::upstream::ResultRecord>,
+    ) -> Result<Vec<(String, u64)>, LabError> {
+        if records.is_empty() {
+            return Err(LabError::invalid("no results given"));
+        }
+        if records.len() > MAX_BATCH {
+            return Err(LabError::invalid(format!(
+                "{} results in one release; the limit is {MAX_BATCH}",
+                records.len()
+            )));
+        }
+        let (released, next) = self
+            .change(actor, move |lab, writer, changes, _at| {
+                let plan = crate::outbox::plan_release(
+                    &lab.store,
+                    &lab.lab_id,
+                    &records,
+                    writer.outbox_next,
+                    crate::outbox::now_ms(),
+                )
+                .map_err(|refusal| match refusal {
+                    crate::outbox::ReleaseRefusal::Invalid(problems) => LabError::invalid_all(
+                        format!("{} problem(s) in the release; nothing was released", problems.len()),
+                        problems,
+                    ),
+                    crate::outbox::ReleaseRefusal::Conflict(problems) => LabError::conflict_all(
+                        format!(
+                            "{} result version(s) conflict with earlier releases; nothing was released",
+                            problems.len()
+                        ),
+                        problems,
+                    ),
+                })?;
+                for (key, value) in plan.results {
+                    changes.put_raw(T::Results, key, value);
+                }
+                for (key, value) in plan.outbox {
+                    changes.put_raw(T::Outbox, key, value);
+                }
+                changes.outbox_next = Some(plan.next_seq);
+                let mut released = Vec::with_capacity(plan.released.len());
+                for r in plan.released {
+                    let action = if r.corrected { "result.corrected" } else { "result.released" };
+                    changes.audit(action, None, vec![r.tube], r.detail);
+                    released.push((r.key, r.seq));
+                }
+                Ok((released, plan.next_seq))
+            })
+            .await?;
+        self.outbox.released(next);
+        Ok(released)
+    }
+
+    /// Re-queues dead letters of the configured sinks (`sink` narrows to one) for
+    /// delivery to the sink that refused them, as new outbox entries for that sink only;
+    /// the dead letters are removed in the same transaction.
+    pub async fn requeue_dead(
+        self: &Arc<Self>,
+        actor: Actor,
+        sink: Option<String>,
+        selection: crate::outbox::RetrySelection,
+    ) -> Result<Vec<crate::outbox::Requeued>, LabError> {
+        let configured: Vec<String> = self.outbox.sinks().iter().map(|s| s.name.clone()).collect();
+        let sinks = match sink {
+            Some(name) if configured.contains(&name) => vec![name],
+            Some(name) => {
+                return Err(LabError::invalid(format!(
+                    "sink {name:?} is not configured; configured: {}",
+                    if configured.is_empty() {
+                        "none".to_string()
+                    } else {
+                        configured.join(", ")
+                    }
+                )));
+            }
+            None => configured,
+        };
+        let (requeued, next) = self
+            .change(actor, move |lab, writer, changes, _at| {
+                let plan = crate::outbox::plan_requeue(
+                    &lab.store,
+                    &sinks,
+                    &selection,
+                    writer.outbox_next,
+                    crate::outbox::now_ms(),
+                )
+                .map_err(|e| match e {
+                    Ok(problems) => LabError::NotFound {
+                        message: format!(
+                            "{} key(s) match no dead letter; nothing was re-queued: {}",
+                            problems.len(),
+                            problems.join("; ")
+                        ),
+                    },
+                    Err(store) => LabError::Store(store),
+                })?;
+                if plan.requeued.is_empty() {
+                    return Ok((Vec::new(), writer.outbox_next));
+                }
+                for (key, value) in plan.outbox {
+                    changes.put_raw(T::Outbox, key, value);
+                }
+                for (key, value) in plan.sink_state {
+                    match value {
+                        Some(value) => changes.put_raw(T::SinkState, key, value),
+                        None => changes.remove(T::SinkState, key),
+                    }
+                }
+                changes.outbox_next = Some(plan.next_seq);
+                let detail = match plan.requeued.as_slice() {
+                    [one] => format!(
+                        "re-queued dead letter {} for sink {}",
+                        one.idempotency_key, one.sink
+                    ),
+                    many => format!("re-queued {} dead letters", many.len()),
+                };
+                changes.audit("outbox.retried", None, Vec::new(), detail);
+                Ok((plan.requeued, plan.next_seq))
+            })
+            .await?;
+        self.outbox.released(next);
+        for sink in self.outbox.sinks() {
+            sink.wake.notify_one();
+        }
+        Ok(requeued)
     }
 
     // ----- reads -----

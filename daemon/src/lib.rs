@@ -14,6 +14,7 @@ pub mod kits;
 pub mod lab;
 pub mod metrics;
 pub mod model;
+pub mod outbox;
 pub mod sinks;
 pub mod store;
 pub mod telemetry;

@@ -496,3 +496,86 @@ pub struct InstrumentRunView {
     pub stalled: bool,
     pub anomalies: Vec<String>,
 }
+
+// ----- outbox (issue 6) -----
+
+/// One sink's delivery state.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct OutboxSinkView {
+    pub sink: String,
+    /// http, postgres, files or hl7.
+    pub kind: String,
+    /// Every outbox entry below this seq is settled (delivered or dead) for the sink.
+    pub cursor: u64,
+    /// Result versions waiting (not yet handed to the sink).
+    pub pending: u64,
+    /// Handed to the sink, not yet acknowledged.
+    pub in_flight: u64,
+    /// Delivered since the sink was first configured.
+    pub delivered: u64,
+    /// Dead letters waiting for an operator.
+    pub dead: u64,
+    /// Age of the oldest unsettled entry (the sink's lag); null when none.
+    pub oldest_pending_age_seconds: Option<f64>,
+    pub last_error: Option<String>,
+    /// Attempts at the head item so far.
+    pub attempt: u32,
+    /// When the next attempt is due (RFC 3339), after a failure.
+    pub next_attempt: Option<String>,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct OutboxStatusView {
+    /// The next outbox seq to be handed out.
+    pub next_seq: u64,
+    pub sinks: Vec<OutboxSinkView>,
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+pub struct DeadParams {
+    /// Only this sink's dead letters.
+    pub sink: Option<String>,
+}
+
+/// A result version a sink refused for good.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct DeadLetterView {
+    pub sink: String,
+    pub seq: u64,
+    /// `result_id:version`; pass it to `POST /api/v1/outbox/retry`.
+    pub idempotency_key: String,
+    /// rejected (the receiver refused it) or unencodable (the sink's format cannot carry it).
+    pub reason: String,
+    /// What the receiver said (response body, HL7 error), truncated to 4 KiB.
+    pub detail: String,
+    pub at: String,
+    /// The record as it was offered.
+    pub record: serde_json::Value,
+}
+
+/// Which dead letters to re-queue: `ids` (idempotency keys) or `all: true`.
+#[derive(Debug, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct OutboxRetryRequest {
+    /// Only this sink's dead letters.
+    pub sink: Option<String>,
+    /// Idempotency keys (`result_id:version`) of dead letters.
+    pub ids: Option<Vec<String>>,
+    /// Every dead letter (of `sink`, or of every sink).
+    #[serde(default)]
+    pub all: bool,
+    pub reason: Option<String>,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct RequeuedView {
+    pub sink: String,
+    pub idempotency_key: String,
+    /// The new outbox entry (for that sink only).
+    pub seq: u64,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct OutboxRetryResponse {
+    pub requeued: Vec<RequeuedView>,
+}

@@ -312,7 +312,7 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     modifiers(&BearerAuth),
     components(schemas(ErrorBody)),
     security(("bearer" = [])),
-    tags((name = "tubes"), (name = "plates"), (name = "audit"), (name = "kits"), (name = "instruments"))
+    tags((name = "tubes"), (name = "plates"), (name = "audit"), (name = "kits"), (name = "instruments"), (name = "outbox"))
 )]
 struct ApiDoc;
 
@@ -407,6 +407,9 @@ pub fn router(
         .routes(routes!(kits))
         .routes(routes!(list_instruments))
         .routes(routes!(get_instrument))
+        .routes(routes!(outbox_status))
+        .routes(routes!(outbox_dead))
+        .routes(routes!(outbox_retry))
         .split_for_parts();
     // Modifiers in #[openapi] run before the routes add their paths, so this one runs
     // on the finished document.
@@ -1062,6 +1065,7 @@ async fn metrics_text(State(state): State<AppState>) -> impl IntoResponse {
         );
     }
     state.instruments.render_metrics(&mut out);
+    lab.outbox().render_metrics(lab.store(), &mut out);
     (
         [(
             header::CONTENT_TYPE,
@@ -1069,4 +1073,124 @@ async fn metrics_text(State(state): State<AppState>) -> impl IntoResponse {
         )],
         out,
     )
+}
+
+// ----- outbox (issue 6) -----
+
+/// Delivery state per configured sink: pending, in flight, delivered, dead, lag, the
+/// last error and when the next attempt is due.
+#[utoipa::path(get, path = "/api/v1/outbox", tag = "outbox",
+    responses((status = 200, body = OutboxStatusView)))]
+async fn outbox_status(
+    State(state): State<AppState>,
+    _caller: Caller,
+) -> ApiResult<Json<OutboxStatusView>> {
+    let lab = Arc::clone(&state.lab);
+    let sinks = tokio::task::spawn_blocking(move || lab.outbox().status(lab.store()))
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?
+        .map_err(LabError::Store)?;
+    Ok(Json(OutboxStatusView {
+        next_seq: state.lab.outbox().next_seq(),
+        sinks: sinks
+            .into_iter()
+            .map(|s| OutboxSinkView {
+                sink: s.sink,
+                kind: s.kind.to_string(),
+                cursor: s.cursor,
+                pending: s.pending,
+                in_flight: s.in_flight,
+                delivered: s.delivered,
+                dead: s.dead,
+                oldest_pending_age_seconds: s.oldest_pending_age_seconds,
+                last_error: s.last_error,
+                attempt: s.attempt,
+                next_attempt: s.next_attempt,
+            })
+            .collect(),
+    }))
+}
+
+/// Dead letters, oldest first per sink: what each sink refused for good and why.
+#[utoipa::path(get, path = "/api/v1/outbox/dead", tag = "outbox", params(DeadParams),
+    responses((status = 200, body = Vec<DeadLetterView>)))]
+async fn outbox_dead(
+    State(state): State<AppState>,
+    _caller: Caller,
+    Query(q): Query<DeadParams>,
+) -> ApiResult<Json<Vec<DeadLetterView>>> {
+    if let Some(sink) = &q.sink {
+        if state.lab.outbox().sink(sink).is_none() {
+            return Err(ApiError::new(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                format!("sink {sink:?} is not configured"),
+            ));
+        }
+    }
+    let letters = crate::outbox::dead_letters(state.lab.store(), q.sink.as_deref())
+        .map_err(LabError::Store)?;
+    Ok(Json(
+        letters
+            .into_iter()
+            .map(|d| DeadLetterView {
+                sink: d.sink,
+                seq: d.seq,
+                idempotency_key: d.idempotency_key,
+                reason: match d.reason {
+                    crate::sinks::DeadReason::Rejected => "rejected".into(),
+                    crate::sinks::DeadReason::Unencodable => "unencodable".into(),
+                },
+                detail: d.detail,
+                at: crate::outbox::rfc3339_ms(d.at_ms),
+                record: serde_json::from_str(&d.record_json).unwrap_or(serde_json::Value::Null),
+            })
+            .collect(),
+    ))
+}
+
+/// Re-queue dead letters (by idempotency key, or all) for the sink that refused them.
+/// Reviewer or admin.
+#[utoipa::path(post, path = "/api/v1/outbox/retry", tag = "outbox", request_body = OutboxRetryRequest,
+    responses((status = 200, body = OutboxRetryResponse), (status = 404, body = ErrorBody, description = "A key matches no dead letter")))]
+async fn outbox_retry(
+    State(state): State<AppState>,
+    caller: Caller,
+    JsonBody(body): JsonBody<OutboxRetryRequest>,
+) -> ApiResult<Json<OutboxRetryResponse>> {
+    caller.require(&[Role::Reviewer], "re-queueing dead letters")?;
+    let invalid = |message: &str| {
+        ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid",
+            message.to_string(),
+        )
+    };
+    let selection = match (body.ids, body.all) {
+        (Some(ids), false) if !ids.is_empty() => {
+            if let Some(bad) = ids.iter().find(|k| crate::outbox::split_key(k).is_none()) {
+                return Err(invalid(&format!(
+                    "{bad:?} is not an idempotency key like RESULT-ID:VERSION"
+                )));
+            }
+            crate::outbox::RetrySelection::Keys(ids)
+        }
+        (None, true) => crate::outbox::RetrySelection::All,
+        (Some(_), true) => return Err(invalid("give ids or all, not both")),
+        _ => return Err(invalid("give ids (idempotency keys) or all: true")),
+    };
+    let requeued = state
+        .lab
+        .requeue_dead(caller.actor(body.reason), body.sink, selection)
+        .await?;
+    Ok(Json(OutboxRetryResponse {
+        requeued: requeued
+            .into_iter()
+            .map(|r| RequeuedView {
+                sink: r.sink,
+                idempotency_key: r.idempotency_key,
+                seq: r.seq,
+            })
+            .collect(),
+    }))
 }

@@ -71,6 +71,7 @@ fn api_args(command: &Command) -> Option<&ApiArgs> {
         | Command::Completions { .. }
         | Command::Store(_)
         | Command::Instrument(_)
+        | Command::Outbox(_)
         | Command::Analyze(_) => None,
     }
 }
@@ -89,6 +90,7 @@ async fn dispatch(client: &Client, command: Command) -> Result<(), ClientError> 
         | Command::Completions { .. }
         | Command::Store(_)
         | Command::Instrument(_)
+        | Command::Outbox(_)
         | Command::Analyze(_) => Err(ClientError::usage("not a client command")),
     }
 }

@@ -5,6 +5,7 @@ mod analyze;
 mod client;
 mod import;
 mod instrument;
+mod outbox;
 mod render;
 mod serve;
 
@@ -60,6 +61,9 @@ pub enum Command {
     /// Work on the store directly (the daemon must be stopped).
     #[command(subcommand)]
     Store(StoreCommand),
+    /// The outbox of released results: status per sink, dead letters, retry.
+    #[command(subcommand)]
+    Outbox(outbox::OutboxCommand),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
     Completions {
         #[arg(value_enum)]
@@ -330,6 +334,7 @@ pub fn main() -> ExitCode {
         }) => check_store(&config, data_dir, json),
         Command::Analyze(args) => analyze::run(args),
         Command::Instrument(command) => instrument::run(command),
+        Command::Outbox(command) => outbox::run(command),
         Command::Completions { shell } => {
             clap_complete::generate(shell, &mut Cli::command(), "pcrd", &mut std::io::stdout());
             ExitCode::SUCCESS

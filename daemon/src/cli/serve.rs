@@ -116,6 +116,12 @@ async fn serve(config: Config, lab: Arc<Lab>) -> ExitCode {
     tracing::info!(%addr, lab = %config.lab_id, "pcrd is serving.");
     // One supervisor per configured extractor; with none configured, nothing starts.
     let instruments = Arc::new(crate::instruments::Instruments::start(&config.extractors));
+    // One delivery task per configured sink (issue 6); a receiver that is down is a
+    // retry, not a failure to start.
+    if let Err(e) = crate::outbox::worker::start(&lab, &config.sinks).await {
+        eprintln!("pcrd: {e}");
+        return ExitCode::from(exit::USAGE);
+    }
     let app = crate::api::router(
         Arc::clone(&lab),
         Arc::clone(&instruments),
