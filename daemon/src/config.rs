@@ -653,6 +653,38 @@ mod tests {
     }
 
     #[test]
+    fn sinks_are_validated_together() {
+        let good = format!(
+            "{GOOD}\n[[sinks]]\nname = \"export\"\n[sinks.files]\ndir = \"out\"\nndjson = true\n"
+        );
+        let config = parse(&good).unwrap();
+        assert_eq!(config.sinks.len(), 1);
+        assert_eq!(config.sinks[0].batch_size, DEFAULT_SINK_BATCH as usize);
+        let crate::sinks::SinkKind::Files(files) = &config.sinks[0].kind else {
+            panic!("files sink expected");
+        };
+        assert_eq!(files.dir, Path::new("/etc/pcrd/out"));
+        assert!(files.ndjson);
+
+        let bad = format!(
+            "{good}\n[[sinks]]\nname = \"export\"\nbatch_size = 0\ncolour = 1\n[sinks.files]\n\n[[sinks]]\nname = \"none\"\n"
+        );
+        let problems = parse(&bad).unwrap_err();
+        for needle in [
+            "sinks.1.colour",
+            "appears twice",
+            "batch_size 0",
+            "files.dir is required",
+            "exactly one of",
+        ] {
+            assert!(
+                problems.iter().any(|p| p.contains(needle)),
+                "{needle}: {problems:?}"
+            );
+        }
+    }
+
+    #[test]
     fn the_example_config_in_the_repo_is_valid() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../pcrd.example.toml");
         let config = Config::load(&path).unwrap();

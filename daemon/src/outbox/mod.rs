@@ -931,3 +931,6 @@ pub struct SinkStatus {
     pub attempt: u32,
     pub next_attempt: Option<String>,
 }
+
+#[cfg(test)]
+mod tests;

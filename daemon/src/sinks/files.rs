@@ -236,3 +236,99 @@ fn push_field(out: &mut String, field: &str) {
         out.push_str(field);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pcrd_protocol::upstream::{Interpretation, KitRef, ResultStatus, TargetCall, TargetResult};
+
+    fn record() -> ResultRecord {
+        ResultRecord {
+            schema_version: 1,
+            result_id: "LAB-R1-A1-T1".into(),
+            version: 2,
+            tube: "T0001".into(),
+            pool_size: 5,
+            plate: "P1".into(),
+            well: "A1".into(),
+            run: "R1".into(),
+            instrument: "c1".into(),
+            kit: KitRef {
+                id: "k".into(),
+                version: "1".into(),
+            },
+            targets: vec![
+                TargetResult {
+                    name: "N1".into(),
+                    dye: "FAM".into(),
+                    loinc: Some("94759-8".into()),
+                    ct: Some(24.3),
+                    call: TargetCall::Detected,
+                },
+                TargetResult {
+                    name: "RP".into(),
+                    dye: "Cy5".into(),
+                    loinc: None,
+                    ct: None,
+                    call: TargetCall::NotDetected,
+                },
+            ],
+            interpretation: Interpretation::Positive,
+            status: ResultStatus::Corrected,
+            correction_reason: Some("well swap, \"A1\"\nfixed".into()),
+            tested_at: "2026-11-27T06:00:00.000Z".into(),
+            released_at: "2026-11-27T06:10:00.000Z".into(),
+            released_by: "rob".into(),
+            lab_id: "LAB".into(),
+        }
+    }
+
+    #[test]
+    fn csv_has_a_row_per_target_and_quotes_what_needs_it() {
+        let text = csv_rows([record()].iter());
+        let mut reader = csv::ReaderBuilder::new().from_reader(text.as_bytes());
+        let header: Vec<String> = reader.headers().unwrap().iter().map(String::from).collect();
+        assert_eq!(header.join(","), CSV_HEADER);
+        let rows: Vec<csv::StringRecord> = reader.records().map(Result::unwrap).collect();
+        assert_eq!(rows.len(), 2);
+        assert_eq!(&rows[0][0], "LAB-R1-A1-T1:2");
+        assert_eq!(&rows[0][4], "well swap, \"A1\"\nfixed");
+        assert_eq!(
+            (&rows[0][18], &rows[0][21], &rows[0][22]),
+            ("N1", "24.30", "detected")
+        );
+        assert_eq!(
+            (&rows[1][18], &rows[1][21], &rows[1][22]),
+            ("RP", "", "not_detected")
+        );
+    }
+
+    #[test]
+    fn a_batch_is_data_files_then_a_manifest_with_their_hashes() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = FilesConfig {
+            dir: dir.path().join("export"),
+            ndjson: true,
+        };
+        let manifest = write_batch(&config, &[(7, record()), (9, record())]).unwrap();
+        assert!(manifest.ends_with("pcrd-00000000000000000007-00000000000000000009.manifest.json"));
+        let m: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&manifest).unwrap()).unwrap();
+        assert_eq!(m["count"], 2);
+        for file in m["files"].as_array().unwrap() {
+            let bytes = std::fs::read(config.dir.join(file["name"].as_str().unwrap())).unwrap();
+            assert_eq!(file["sha256"], hex::encode(Sha256::digest(&bytes)));
+        }
+        assert_eq!(m["files"].as_array().unwrap().len(), 2);
+        let names: Vec<String> = std::fs::read_dir(&config.dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert!(names.iter().all(|n| !n.ends_with(".tmp")), "{names:?}");
+        assert!(
+            FilesConfig::from_raw(RawFilesConfig::default(), Path::new("/"), &|_| None)
+                .unwrap_err()[0]
+                .contains("dir")
+        );
+    }
+}
