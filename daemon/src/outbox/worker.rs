@@ -185,12 +185,11 @@ pub async fn run<D: Deliver>(lab: Arc<Lab>, sink: Arc<SinkRuntime>, mut delivere
     let mut released = lab.outbox().subscribe();
     let mut rng = Jitter::seeded(&sink.name);
     loop {
+        // Mark the current release as seen before reading the outbox: a release that
+        // commits while this step runs then still wakes the idle wait below.
+        released.borrow_and_update();
         match step(&lab, &sink, &mut deliverer, &mut rng).await {
             Ok(Step::Idle) => {
-                // Sleep until a release or an operator wakes us. `changed` only
-                // resolves for sends after the last `borrow_and_update`, so mark the
-                // current value seen before reading again.
-                released.borrow_and_update();
                 tokio::select! {
                     _ = released.changed() => {}
                     () = sink.wake.notified() => {}
