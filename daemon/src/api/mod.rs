@@ -1113,7 +1113,7 @@ async fn outbox_status(
 
 /// Dead letters, oldest first per sink: what each sink refused for good and why.
 #[utoipa::path(get, path = "/api/v1/outbox/dead", tag = "outbox", params(DeadParams),
-    responses((status = 200, body = Vec<DeadLetterView>)))]
+    responses((status = 200, body = Vec<DeadLetterView>), (status = 404, body = ErrorBody, description = "The sink is not configured")))]
 async fn outbox_dead(
     State(state): State<AppState>,
     _caller: Caller,
