@@ -99,11 +99,17 @@ pub struct Trees {
     pub audit_by_plate: sled::Tree,
     /// name -> value (schema version, counters, the audit chain's head)
     pub meta: sled::Tree,
-    /// Released result versions; key layout in `crate::outbox`.
+    /// Released result versions: result id ++ 0x00 ++ version (u32 BE) ->
+    /// `outbox::StoredResult` (the record's JSON and its outbox seq). Kept after
+    /// delivery. Details in `crate::outbox`.
     pub results: sled::Tree,
-    /// Results waiting for delivery, in release order; key layout in `crate::outbox`.
+    /// Results waiting for delivery, in release order: seq (u64 BE) ->
+    /// `outbox::OutboxEntry` (result id, version, release time, optional single sink).
+    /// Removed once every configured sink has durably passed it.
     pub outbox: sled::Tree,
-    /// Per-sink cursors, delivery states and dead letters; key layout in `crate::outbox`.
+    /// Per sink: `cursor` 0x00 sink -> `outbox::CursorState`; `dead` 0x00 sink 0x00
+    /// seq (u64 BE) -> `outbox::DeadLetter`; `redo` 0x00 sink 0x00 results key -> seq
+    /// (u64 BE) of a re-queued dead letter.
     pub sink_state: sled::Tree,
     /// PCR runs on cyclers; key layout in `crate::cyclers`.
     pub runs: sled::Tree,
