@@ -68,7 +68,10 @@ async fn wait_cursor(lab: &Arc<Lab>, name: &str, target: u64) -> Result<()> {
     let sink = lab.outbox().sink(name).context("sink registered")?;
     let started = Instant::now();
     while sink.durable_cursor.load(Ordering::Acquire) < target {
-        ensure!(started.elapsed() < Duration::from_secs(900), "sink {name} stuck");
+        ensure!(
+            started.elapsed() < Duration::from_secs(900),
+            "sink {name} stuck"
+        );
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
     Ok(())
@@ -97,7 +100,9 @@ async fn files_run(all: &[ResultRecord], batch: usize) -> Result<f64> {
             ndjson: true,
         }),
     };
-    let handles = worker::start(&lab, &[config]).await.map_err(anyhow::Error::msg)?;
+    let handles = worker::start(&lab, &[config])
+        .await
+        .map_err(anyhow::Error::msg)?;
     let started = Instant::now();
     release_all(&lab, all).await?;
     wait_cursor(&lab, "files", all.len() as u64 + 1).await?;
@@ -135,7 +140,9 @@ async fn cursor_run(all: &[ResultRecord], batch: usize) -> Result<f64> {
 
 fn main() -> Result<()> {
     if !std::env::args().any(|a| a == "--bench") {
-        println!("outbox: skipped: this is a benchmark, not a test; run `cargo bench -p pcrd-tests --bench outbox`");
+        println!(
+            "outbox: skipped: this is a benchmark, not a test; run `cargo bench -p pcrd-tests --bench outbox`"
+        );
         return Ok(());
     }
     let runs = env_usize("PCRD_BENCH_RUNS", 5)?;
@@ -160,7 +167,9 @@ fn main() -> Result<()> {
         Ok(m)
     };
     measure("outbox.release", &|| runtime.block_on(release_run(&all)))?;
-    let e2e = measure("outbox.files_e2e", &|| runtime.block_on(files_run(&all, 500)))?;
+    let e2e = measure("outbox.files_e2e", &|| {
+        runtime.block_on(files_run(&all, 500))
+    })?;
     measure("outbox.cursor", &|| runtime.block_on(cursor_run(&all, 500)))?;
     let naive = measure("outbox.naive_files", &|| {
         runtime.block_on(files_run(&naive_records, 1))

@@ -127,7 +127,11 @@ pub fn record(lab_id: &str, i: usize) -> ResultRecord {
                 name: "RP".into(),
                 dye: "Cy5".into(),
                 loinc: None,
-                ct: if rp_call == TargetCall::Invalid { None } else { rp },
+                ct: if rp_call == TargetCall::Invalid {
+                    None
+                } else {
+                    rp
+                },
                 call: rp_call,
             },
         ],

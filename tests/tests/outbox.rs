@@ -9,7 +9,9 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use pcrd_tests::results::{TEST_LAB, records, seed_store};
-use pcrd_tests::{ADMIN_TOKEN, Api, REVIEWER_TOKEN, TECH_TOKEN, TEST_CONFIG, pcrd_bin, spawn_serve};
+use pcrd_tests::{
+    ADMIN_TOKEN, Api, REVIEWER_TOKEN, TECH_TOKEN, TEST_CONFIG, pcrd_bin, spawn_serve,
+};
 use sha2_free::sha256_hex;
 
 /// SHA-256 without a new dependency of the test crate: `sha256sum`, an independent
@@ -67,14 +69,20 @@ fn read_export(dir: &Path) -> Export {
     };
     for path in manifests {
         let manifest: serde_json::Value =
-            serde_json::from_slice(&std::fs::read(&path).expect("read manifest")).expect("manifest JSON");
+            serde_json::from_slice(&std::fs::read(&path).expect("read manifest"))
+                .expect("manifest JSON");
         let keys: Vec<String> = manifest["idempotency_keys"]
             .as_array()
             .expect("keys")
             .iter()
             .map(|k| k.as_str().expect("key").to_string())
             .collect();
-        assert_eq!(manifest["count"].as_u64(), Some(keys.len() as u64), "{}", path.display());
+        assert_eq!(
+            manifest["count"].as_u64(),
+            Some(keys.len() as u64),
+            "{}",
+            path.display()
+        );
         let files = manifest["files"].as_array().expect("files");
         assert_eq!(files.len(), 2, "csv and ndjson");
         for file in files {
@@ -93,8 +101,14 @@ fn read_export(dir: &Path) -> Export {
             let row = row.expect("csv row");
             let key = row[0].to_string();
             let line = row.iter().collect::<Vec<_>>().join(",");
-            if let Some(before) = export.rows.insert((key.clone(), row[18].to_string()), line.clone()) {
-                assert_eq!(before, line, "a duplicate differs from the first copy: {key}");
+            if let Some(before) = export
+                .rows
+                .insert((key.clone(), row[18].to_string()), line.clone())
+            {
+                assert_eq!(
+                    before, line,
+                    "a duplicate differs from the first copy: {key}"
+                );
             }
             csv_keys.insert(key);
         }
@@ -119,7 +133,10 @@ async fn wait_drained(api: &Api, sinks: &[&str], timeout: Duration) -> serde_jso
         if done {
             return status;
         }
-        assert!(started.elapsed() < timeout, "not drained in {timeout:?}: {status}");
+        assert!(
+            started.elapsed() < timeout,
+            "not drained in {timeout:?}: {status}"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
@@ -139,7 +156,8 @@ async fn sigkill_mid_delivery_loses_nothing_and_duplicates_only_by_key() {
 
     let mut partial_kills = 0;
     for (round, delay_ms) in [250u64, 400, 150, 600, 300].into_iter().enumerate() {
-        let mut served = spawn_serve(&config, &store, &log, Duration::from_secs(60)).expect("serve");
+        let mut served =
+            spawn_serve(&config, &store, &log, Duration::from_secs(60)).expect("serve");
         tokio::time::sleep(Duration::from_millis(delay_ms)).await;
         served.child.kill().expect("SIGKILL");
         served.child.wait().expect("reap");
@@ -208,7 +226,10 @@ async fn a_200000_backlog_drains_in_order_when_the_folder_returns_with_memory_fl
     let expected: Vec<String> = all.iter().map(|r| r.idempotency_key()).collect();
     let seeding = Instant::now();
     seed_store(&store, TEST_LAB, all, 5000).expect("seed the store");
-    eprintln!("seeded {n} results in {:.1} s", seeding.elapsed().as_secs_f64());
+    eprintln!(
+        "seeded {n} results in {:.1} s",
+        seeding.elapsed().as_secs_f64()
+    );
     // The "down" folder cannot exist while a plain file stands where its parent
     // should be (root ignores permission bits, so chmod would prove nothing).
     let blocker = dir.path().join("mount");
@@ -233,11 +254,17 @@ async fn a_200000_backlog_drains_in_order_when_the_folder_returns_with_memory_fl
         peak = peak.max(rss_kib(pid));
         let status = api.get_ok("/api/v1/outbox").await;
         let sinks = status["sinks"].as_array().expect("sinks").clone();
-        let archive = sinks.iter().find(|s| s["sink"] == "archive").expect("archive");
+        let archive = sinks
+            .iter()
+            .find(|s| s["sink"] == "archive")
+            .expect("archive");
         if archive["pending"] == 0 && archive["in_flight"] == 0 {
             break status;
         }
-        assert!(started.elapsed() < Duration::from_secs(900), "archive stuck: {status}");
+        assert!(
+            started.elapsed() < Duration::from_secs(900),
+            "archive stuck: {status}"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
     let central = status["sinks"]
@@ -253,12 +280,20 @@ async fn a_200000_backlog_drains_in_order_when_the_folder_returns_with_memory_fl
         n as u64
     );
     assert!(
-        central["last_error"].as_str().is_some_and(|e| e.contains("export folder")),
+        central["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("export folder")),
         "{central}"
     );
     let metrics = api.get_text("/metrics").await.text;
-    assert!(metrics.contains(&format!("pcrd_outbox_depth{{sink=\"central\"}} {n}")), "{metrics}");
-    assert!(metrics.contains("pcrd_outbox_depth{sink=\"archive\"} 0"), "{metrics}");
+    assert!(
+        metrics.contains(&format!("pcrd_outbox_depth{{sink=\"central\"}} {n}")),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("pcrd_outbox_depth{sink=\"archive\"} 0"),
+        "{metrics}"
+    );
     let archive_seconds = started.elapsed().as_secs_f64();
     let rss_with_backlog = rss_kib(pid);
 
@@ -279,7 +314,10 @@ async fn a_200000_backlog_drains_in_order_when_the_folder_returns_with_memory_fl
         if central["pending"] == 0 && central["in_flight"] == 0 {
             break;
         }
-        assert!(returned.elapsed() < Duration::from_secs(1200), "central stuck: {central}");
+        assert!(
+            returned.elapsed() < Duration::from_secs(1200),
+            "central stuck: {central}"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let drain_seconds = returned.elapsed().as_secs_f64();
@@ -292,7 +330,12 @@ async fn a_200000_backlog_drains_in_order_when_the_folder_returns_with_memory_fl
     );
     for folder in [&down, &up] {
         let seen = read_export(folder);
-        assert_eq!(seen.keys, expected, "every key once, in release order: {}", folder.display());
+        assert_eq!(
+            seen.keys,
+            expected,
+            "every key once, in release order: {}",
+            folder.display()
+        );
     }
     // Bounded: the backlog is read from disk a batch at a time, never held whole. What
     // grows is sled's page cache over the pages read (sled 0.34 does not hold to its
@@ -322,9 +365,11 @@ async fn operators_see_status_dead_letters_and_retry_over_api_cli_and_metrics() 
     assert_eq!(read_export(&export).keys.len(), 30);
     // 30 items in batches of 7: 5 batches, named by their seq ranges.
     assert_eq!(read_export(&export).batches, 5);
-    assert!(export
-        .join("pcrd-00000000000000000001-00000000000000000007.csv")
-        .exists());
+    assert!(
+        export
+            .join("pcrd-00000000000000000001-00000000000000000007.csv")
+            .exists()
+    );
 
     let dead = api.get_ok("/api/v1/outbox/dead").await;
     assert_eq!(dead, serde_json::json!([]));
@@ -333,7 +378,9 @@ async fn operators_see_status_dead_letters_and_retry_over_api_cli_and_metrics() 
 
     // Retry: technicians may not; bad bodies are 422 with a JSON error; an unknown key
     // is named.
-    let forbidden = api.post("/api/v1/outbox/retry", serde_json::json!({"all": true})).await;
+    let forbidden = api
+        .post("/api/v1/outbox/retry", serde_json::json!({"all": true}))
+        .await;
     assert_eq!(forbidden.status, 403, "{:?}", forbidden.body);
     let reviewer = Api::connect(&served.url, Some(REVIEWER_TOKEN));
     for body in [
@@ -348,11 +395,20 @@ async fn operators_see_status_dead_letters_and_retry_over_api_cli_and_metrics() 
         assert!(!reply.message().is_empty(), "{body}");
     }
     let missing = reviewer
-        .post("/api/v1/outbox/retry", serde_json::json!({"ids": ["LAB-TEST-X:1"]}))
+        .post(
+            "/api/v1/outbox/retry",
+            serde_json::json!({"ids": ["LAB-TEST-X:1"]}),
+        )
         .await;
     assert_eq!(missing.status, 404, "{:?}", missing.body);
-    assert!(missing.message().contains("LAB-TEST-X:1"), "{}", missing.message());
-    let none = reviewer.post("/api/v1/outbox/retry", serde_json::json!({"all": true})).await;
+    assert!(
+        missing.message().contains("LAB-TEST-X:1"),
+        "{}",
+        missing.message()
+    );
+    let none = reviewer
+        .post("/api/v1/outbox/retry", serde_json::json!({"all": true}))
+        .await;
     assert_eq!(none.status, 200, "{:?}", none.body);
     assert_eq!(none.body["requeued"], serde_json::json!([]));
 
@@ -365,9 +421,16 @@ async fn operators_see_status_dead_letters_and_retry_over_api_cli_and_metrics() 
             .expect("run pcrd")
     };
     let out = cli(&["outbox", "status"], TECH_TOKEN);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains("export (files): 0 pending, 0 in flight, 30 delivered, 0 dead"), "{text}");
+    assert!(
+        text.contains("export (files): 0 pending, 0 in flight, 30 delivered, 0 dead"),
+        "{text}"
+    );
     let out = cli(&["outbox", "status", "--json"], TECH_TOKEN);
     let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("--json is JSON");
     assert_eq!(json["sinks"][0]["delivered"], 30);
@@ -379,9 +442,20 @@ async fn operators_see_status_dead_letters_and_retry_over_api_cli_and_metrics() 
     let out = cli(&["outbox", "retry", "--all"], TECH_TOKEN);
     assert_eq!(out.status.code(), Some(2), "forbidden");
     let out = cli(&["outbox", "retry"], REVIEWER_TOKEN);
-    assert_eq!(out.status.code(), Some(2), "neither ids nor --all is a usage error");
-    let out = cli(&["outbox", "retry", "--all", "--sink", "export"], REVIEWER_TOKEN);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "neither ids nor --all is a usage error"
+    );
+    let out = cli(
+        &["outbox", "retry", "--all", "--sink", "export"],
+        REVIEWER_TOKEN,
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(String::from_utf8_lossy(&out.stdout).contains("0 dead letter(s) re-queued"));
 
     let metrics = api.get_text("/metrics").await.text;
@@ -398,8 +472,15 @@ async fn operators_see_status_dead_letters_and_retry_over_api_cli_and_metrics() 
     }
     // The routes are in the OpenAPI document.
     let doc = api.get_ok("/api/v1/openapi.json").await;
-    for path in ["/api/v1/outbox", "/api/v1/outbox/dead", "/api/v1/outbox/retry"] {
-        assert!(doc["paths"][path].is_object(), "{path} missing from OpenAPI");
+    for path in [
+        "/api/v1/outbox",
+        "/api/v1/outbox/dead",
+        "/api/v1/outbox/retry",
+    ] {
+        assert!(
+            doc["paths"][path].is_object(),
+            "{path} missing from OpenAPI"
+        );
     }
     served.child.kill().expect("stop");
     served.child.wait().expect("reap");

@@ -43,7 +43,8 @@ fn validate(lines: &[serde_json::Value]) -> Vec<String> {
     let input = dir.path().join("records.ndjson");
     let text: Vec<String> = lines.iter().map(|l| l.to_string()).collect();
     std::fs::write(&input, text.join("\n")).expect("write records");
-    let schema_path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/result-record.schema.json");
+    let schema_path =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/result-record.schema.json");
     let script = r#"
 import json, sys
 import jsonschema_rs
@@ -61,8 +62,15 @@ for line in open(sys.argv[2]):
         .env("PYTHONPATH", &python)
         .output()
         .expect("run python3");
-    assert!(out.status.success(), "validator failed: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8_lossy(&out.stdout).lines().map(str::to_string).collect()
+    assert!(
+        out.status.success(),
+        "validator failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect()
 }
 
 fn varied() -> Vec<ResultRecord> {
@@ -73,7 +81,11 @@ fn varied() -> Vec<ResultRecord> {
         r.status = ResultStatus::Preliminary;
     }
     all.extend(preliminary);
-    all.extend(records(20).iter().map(|r| correction(r, "well swap found at review")));
+    all.extend(
+        records(20)
+            .iter()
+            .map(|r| correction(r, "well swap found at review")),
+    );
     all
 }
 
@@ -121,7 +133,12 @@ fn every_serialised_record_is_valid_and_broken_ones_are_not() {
         assert_eq!(verdict, "ok", "record {i}: {}", lines[i]);
     }
     for (i, verdict) in verdicts[good..].iter().enumerate() {
-        assert_ne!(verdict, "ok", "broken record {i} passed: {}", lines[good + i]);
+        assert_ne!(
+            verdict,
+            "ok",
+            "broken record {i} passed: {}",
+            lines[good + i]
+        );
     }
 }
 
@@ -145,8 +162,16 @@ fn the_schema_lists_exactly_the_fields_serde_writes() {
     ];
     for (level, all_fields, always_written) in levels {
         assert_eq!(level["additionalProperties"], false, "{level}");
-        assert_eq!(keys(&level["properties"]), keys(all_fields), "properties vs struct fields");
-        assert_eq!(names(&level["required"]), keys(always_written), "required vs fields always written");
+        assert_eq!(
+            keys(&level["properties"]),
+            keys(all_fields),
+            "properties vs struct fields"
+        );
+        assert_eq!(
+            names(&level["required"]),
+            keys(always_written),
+            "required vs fields always written"
+        );
     }
     assert_eq!(
         schema["properties"]["schema_version"]["const"],

@@ -1119,14 +1119,16 @@ async fn outbox_dead(
     _caller: Caller,
     Query(q): Query<DeadParams>,
 ) -> ApiResult<Json<Vec<DeadLetterView>>> {
-    if let Some(sink) = &q.sink {
-        if state.lab.outbox().sink(sink).is_none() {
-            return Err(ApiError::new(
-                StatusCode::NOT_FOUND,
-                "not_found",
-                format!("sink {sink:?} is not configured"),
-            ));
-        }
+    if let Some(sink) = q
+        .sink
+        .as_deref()
+        .filter(|s| state.lab.outbox().sink(s).is_none())
+    {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("sink {sink:?} is not configured"),
+        ));
     }
     let letters = crate::outbox::dead_letters(state.lab.store(), q.sink.as_deref())
         .map_err(LabError::Store)?;
