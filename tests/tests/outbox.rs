@@ -371,6 +371,23 @@ async fn operators_see_status_dead_letters_and_retry_over_api_cli_and_metrics() 
             .exists()
     );
 
+    // Per-result delivery state.
+    let first = &records(1)[0];
+    let state = api
+        .get_ok(&format!(
+            "/api/v1/outbox/results/{}",
+            first.idempotency_key()
+        ))
+        .await;
+    assert_eq!(
+        state["sinks"],
+        serde_json::json!([{"sink": "export", "state": "delivered"}])
+    );
+    let unknown_result = api.get("/api/v1/outbox/results/LAB-TEST-NOPE:1").await;
+    assert_eq!(unknown_result.status, 404, "{:?}", unknown_result.body);
+    let not_a_key = api.get("/api/v1/outbox/results/nokey").await;
+    assert_eq!(not_a_key.status, 422, "{:?}", not_a_key.body);
+
     let dead = api.get_ok("/api/v1/outbox/dead").await;
     assert_eq!(dead, serde_json::json!([]));
     let unknown = api.get("/api/v1/outbox/dead?sink=nope").await;

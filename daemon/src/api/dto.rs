@@ -579,3 +579,17 @@ pub struct RequeuedView {
 pub struct OutboxRetryResponse {
     pub requeued: Vec<RequeuedView>,
 }
+
+/// Where one result version stands for each configured sink.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct DeliveryView {
+    pub idempotency_key: String,
+    pub sinks: Vec<SinkDeliveryView>,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct SinkDeliveryView {
+    pub sink: String,
+    /// pending, in_flight, delivered or dead.
+    pub state: String,
+}

@@ -410,6 +410,7 @@ pub fn router(
         .routes(routes!(outbox_status))
         .routes(routes!(outbox_dead))
         .routes(routes!(outbox_retry))
+        .routes(routes!(outbox_delivery))
         .split_for_parts();
     // Modifiers in #[openapi] run before the routes add their paths, so this one runs
     // on the finished document.
@@ -1192,6 +1193,53 @@ async fn outbox_retry(
                 sink: r.sink,
                 idempotency_key: r.idempotency_key,
                 seq: r.seq,
+            })
+            .collect(),
+    }))
+}
+
+/// Where one released result version (`RESULT-ID:VERSION`) stands for each configured
+/// sink: pending, in flight, delivered or dead.
+#[utoipa::path(get, path = "/api/v1/outbox/results/{key}", tag = "outbox",
+    params(("key" = String, Path, description = "The idempotency key, RESULT-ID:VERSION")),
+    responses((status = 200, body = DeliveryView), (status = 404, body = ErrorBody, description = "No such result version")))]
+async fn outbox_delivery(
+    State(state): State<AppState>,
+    _caller: Caller,
+    Path(key): Path<String>,
+) -> ApiResult<Json<DeliveryView>> {
+    let Some((id, version)) = crate::outbox::split_key(&key) else {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid",
+            format!("{key:?} is not an idempotency key like RESULT-ID:VERSION"),
+        ));
+    };
+    let states = state
+        .lab
+        .outbox()
+        .delivery_state(state.lab.store(), id, version)
+        .map_err(LabError::Store)?
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                format!("result {key} has not been released"),
+            )
+        })?;
+    Ok(Json(DeliveryView {
+        idempotency_key: key.clone(),
+        sinks: states
+            .into_iter()
+            .map(|(sink, s)| SinkDeliveryView {
+                sink,
+                state: match s {
+                    crate::outbox::DeliveryState::Pending => "pending",
+                    crate::outbox::DeliveryState::InFlight => "in_flight",
+                    crate::outbox::DeliveryState::Delivered => "delivered",
+                    crate::outbox::DeliveryState::Dead => "dead",
+                }
+                .to_string(),
             })
             .collect(),
     }))

@@ -80,6 +80,17 @@ pub async fn prepare(
 ) -> Result<Arc<SinkRuntime>, StoreError> {
     let store = lab.store();
     let cursor = match load_cursor(store, name)? {
+        Some(mut cursor) if cursor.next_attempt_ms.is_some() => {
+            // A restart tries at once rather than sitting out a backoff chosen by the
+            // previous process (an operator often restarts after fixing the cause);
+            // the attempt count is kept, so the next failure still backs off long.
+            cursor.next_attempt_ms = None;
+            store
+                .trees()
+                .sink_state
+                .insert(cursor_key(name), encode(&cursor))?;
+            cursor
+        }
         Some(cursor) => cursor,
         None => {
             // A new sink starts at the oldest entry still in the outbox: entries
