@@ -724,8 +724,9 @@ impl Outbox {
             let in_flight_count = in_flight
                 .filter(|(first, _)| *first >= cursor.next_seq)
                 .map_or(0, |(first, last)| last + 1 - first);
-            let waiting = next.saturating_sub(cursor.next_seq);
-            let oldest_ms = match store
+            // The first entry at or after the cursor: a sink added back after a
+            // cleanup has a cursor below the oldest entry left.
+            let first = match store
                 .trees()
                 .outbox
                 .range(outbox_key(cursor.next_seq)..)
@@ -733,10 +734,17 @@ impl Outbox {
             {
                 Some(entry) => {
                     let (key, raw) = entry?;
-                    Some(decode::<OutboxEntry>(&key, &raw)?.released_ms)
+                    let seq = key
+                        .as_ref()
+                        .try_into()
+                        .map(u64::from_be_bytes)
+                        .unwrap_or(next);
+                    Some((seq, decode::<OutboxEntry>(&key, &raw)?.released_ms))
                 }
                 None => None,
             };
+            let waiting = first.map_or(0, |(seq, _)| next.saturating_sub(seq));
+            let oldest_ms = first.map(|(_, ms)| ms);
             let dead = store
                 .trees()
                 .sink_state

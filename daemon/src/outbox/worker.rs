@@ -46,8 +46,9 @@ impl Deliver for Sink {
     }
 }
 
-/// Starts one worker per configured sink; returns the names of sinks that could not be
-/// built, with why (the others run).
+/// Starts one worker per configured sink. Fails, naming the sink, if one cannot be
+/// built (a configuration problem: `pcrd serve` then refuses to start) or its cursor
+/// cannot be read.
 pub async fn start(
     lab: &Arc<Lab>,
     sinks: &[SinkConfig],
