@@ -15,7 +15,6 @@
 //! longer, and a collector sees some results twice, always with the same idempotency
 //! key.
 
-use std::fmt::Write as _;
 use std::fs::File;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
@@ -225,12 +224,12 @@ pub fn csv_rows<'a>(records: impl Iterator<Item = &'a ResultRecord>) -> String {
     out
 }
 
+/// RFC 4180: a field with a separator, a quote or a line break is quoted, quotes
+/// doubled.
 fn push_field(out: &mut String, field: &str) {
-    // A leading =, +, - or @ would be a formula in a spreadsheet; ids never start so,
-    // but a correction reason might, and it is quoted like any other text.
-    if field.contains([',', '"', '\r', '\n']) || field.starts_with(['=', '+', '@']) {
+    if field.contains([',', '"', '\r', '\n']) {
         out.push('"');
-        let _ = write!(out, "{}", field.replace('"', "\"\""));
+        out.push_str(&field.replace('"', "\"\""));
         out.push('"');
     } else {
         out.push_str(field);
