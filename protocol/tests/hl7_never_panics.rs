@@ -149,7 +149,7 @@ proptest! {
         let names: Vec<&str> = segs.iter().map(|s| s[0]).collect();
         prop_assert_eq!(names, ["MSH", "PID", "ORC", "OBR", "NTE", "OBX", "OBX", "SPM"]);
         let counts: Vec<usize> = segs.iter().map(Vec::len).collect();
-        prop_assert_eq!(counts, [18, 4, 4, 26, 4, 20, 20, 14]);
+        prop_assert_eq!(counts, [18, 6, 4, 26, 4, 20, 20, 14]);
         let d = Delimiters::STANDARD;
         let comps = |field: &str| -> Vec<String> { field.split('^').map(|c| unescape(c, d)).collect() };
         prop_assert_eq!(unescape(segs[0][3], d), texts[8].clone());
@@ -160,7 +160,8 @@ proptest! {
         prop_assert_eq!(unescape(segs[4][3], d), texts[7].clone());
         prop_assert_eq!(comps(segs[5][18]), vec![texts[3].clone(), texts[8].clone()]);
         let method = comps(segs[5][17]);
-        prop_assert_eq!((&method[0], &method[6]), (&texts[4], &texts[5]));
+        prop_assert_eq!(&method[0], &texts[4]);
+        prop_assert_eq!(&method[1], &format!("{} version {}", texts[4], texts[5]));
         prop_assert_eq!(comps(segs[6][3])[1].clone(), format!("{} Ct", texts[6]));
         let specimen: Vec<String> = segs[7][2].split('&').map(|c| unescape(c, d)).collect();
         prop_assert_eq!(specimen, vec![texts[1].clone(), texts[8].clone()]);

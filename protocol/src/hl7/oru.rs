@@ -4,7 +4,7 @@
 //!
 //! ```text
 //! MSH|^~\&|PCRD|<lab>|<receiving app>|<receiving facility>|<time>||ORU^R01^ORU_R01|<control id>|P|2.5.1|||NE|AL|||UNICODE UTF-8
-//! PID|1||<tube>^^^<lab>^ACSN
+//! PID|1||<tube>^^^<lab>^ACSN||^^^^^^S
 //! ORC|RE||<result id>^<lab>
 //! OBR|1||<result id>^<lab>|94500-6^SARS-CoV-2 RNA Resp Ql NAA+probe^LN|||<tested at>|...|<released at>|||<P/F/C>
 //! [NTE|1|L|<correction reason>]
@@ -125,9 +125,11 @@ pub fn encode_oru_r01(
         ResultStatus::Final => "F",
         ResultStatus::Corrected => "C",
     };
+    // OBX-17 is a CE in v2.5.1 (six components, no version component): the kit id
+    // as a local code, its version in the text.
+    let kit_id = escape(&record.kit.id);
     let method = format!(
-        "{}^^99PCRD^^^^{}",
-        escape(&record.kit.id),
+        "{kit_id}^{kit_id} version {}^99PCRD",
         escape(&record.kit.version)
     );
     let instrument = format!("{}^{lab}", escape(&record.instrument));
@@ -151,6 +153,9 @@ pub fn encode_oru_r01(
     Segment::new("PID")
         .set(1, "1")
         .set(3, &format!("{tube}^^^{lab}^ACSN"))
+        // PID-5 is required; pcrd knows no name, so an empty one of type S (coded
+        // pseudo-name to ensure anonymity, table 0200).
+        .set(5, "^^^^^^S")
         .render(&mut text);
     Segment::new("ORC")
         .set(1, "RE")
@@ -410,7 +415,8 @@ mod tests {
         assert_eq!(&msh[10..12], ["P", "2.5.1"]);
         assert_eq!(&msh[14..16], ["NE", "AL"]);
         assert_eq!(segs[1][3], "T000123^^^LAB1^ACSN");
-        assert_eq!(segs[1].len(), 4, "no personal data fields after PID-3");
+        assert_eq!(segs[1].len(), 6, "no personal data fields after PID-5");
+        assert_eq!(segs[1][5], "^^^^^^S", "an empty pseudonymous name");
         assert_eq!(segs[3][25], "F");
         let obx = &segs[4];
         assert_eq!(obx[2], "CWE");
