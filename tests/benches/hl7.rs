@@ -143,15 +143,42 @@ fn main() -> Result<()> {
         println!("# run {run}: python client -> python server {rate:.0} msg/s");
         python_pair.push(rate);
     }
-    let (a, b, c) = (median(&pcrd_rust), median(&pcrd_python), median(&python_pair));
-    println!("{}", bench("hl7.pcrd_sink_rust_server", a, "msg/s", &pcrd_rust));
-    println!("{}", bench("hl7.pcrd_sink_python_server", b, "msg/s", &pcrd_python));
+    let (a, b, c) = (
+        median(&pcrd_rust),
+        median(&pcrd_python),
+        median(&python_pair),
+    );
+    println!(
+        "{}",
+        bench("hl7.pcrd_sink_rust_server", a, "msg/s", &pcrd_rust)
+    );
+    println!(
+        "{}",
+        bench("hl7.pcrd_sink_python_server", b, "msg/s", &pcrd_python)
+    );
     println!("{}", bench("hl7.python_pair", c, "msg/s", &python_pair));
-    let ratio = |x: &[f64], y: &[f64]| -> Vec<f64> { x.iter().zip(y).map(|(x, y)| x / y).collect() };
+    let ratio =
+        |x: &[f64], y: &[f64]| -> Vec<f64> { x.iter().zip(y).map(|(x, y)| x / y).collect() };
     let end_to_end = ratio(&pcrd_rust, &python_pair);
     let same_server = ratio(&pcrd_python, &python_pair);
-    println!("{}", bench("hl7.speedup_end_to_end", median(&end_to_end), "x", &end_to_end));
-    println!("{}", bench("hl7.speedup_same_server", median(&same_server), "x", &same_server));
+    println!(
+        "{}",
+        bench(
+            "hl7.speedup_end_to_end",
+            median(&end_to_end),
+            "x",
+            &end_to_end
+        )
+    );
+    println!(
+        "{}",
+        bench(
+            "hl7.speedup_same_server",
+            median(&same_server),
+            "x",
+            &same_server
+        )
+    );
     println!("{}", goal("hl7.pcrd_sink_rust_server", a, ">", 5000.0));
     Ok(())
 }
@@ -278,7 +305,11 @@ fn python_client(
         .stderr(Stdio::inherit())
         .output()
         .context("run python3")?;
-    ensure!(output.status.success(), "the hl7 client failed: {:?}", output.status);
+    ensure!(
+        output.status.success(),
+        "the hl7 client failed: {:?}",
+        output.status
+    );
     let text = String::from_utf8(output.stdout)?;
     text.trim()
         .parse()
@@ -303,16 +334,20 @@ fn record(i: usize) -> ResultRecord {
             id: "cdc-n1-n2-rp".into(),
             version: "1".into(),
         },
-        targets: [("N1", "94311-8", 24.31), ("N2", "94312-6", 25.02), ("RP", "", 27.5)]
-            .into_iter()
-            .map(|(name, loinc, ct)| TargetResult {
-                name: name.into(),
-                dye: "FAM".into(),
-                loinc: (!loinc.is_empty()).then(|| loinc.into()),
-                ct: Some(ct),
-                call: TargetCall::Detected,
-            })
-            .collect(),
+        targets: [
+            ("N1", "94311-8", 24.31),
+            ("N2", "94312-6", 25.02),
+            ("RP", "", 27.5),
+        ]
+        .into_iter()
+        .map(|(name, loinc, ct)| TargetResult {
+            name: name.into(),
+            dye: "FAM".into(),
+            loinc: (!loinc.is_empty()).then(|| loinc.into()),
+            ct: Some(ct),
+            call: TargetCall::Detected,
+        })
+        .collect(),
         interpretation: Interpretation::Positive,
         status: ResultStatus::Final,
         correction_reason: None,

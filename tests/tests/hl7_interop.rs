@@ -264,19 +264,32 @@ async fn the_python_hl7_server_accepts_every_message_and_reads_the_profile() {
         assert_eq!(report["hl7apy"], "valid", "{at}: {report:#}");
         assert_eq!(report["control_id"], control_id(record), "{at}");
         assert_eq!(report["type"], "ORU^R01^ORU_R01", "{at}");
-        assert_eq!((&report["processing"], &report["version"]), (&"P".into(), &"2.5.1".into()));
+        assert_eq!(
+            (&report["processing"], &report["version"]),
+            (&"P".into(), &"2.5.1".into())
+        );
         assert_eq!(report["sender"], serde_json::json!(["PCRD", "LAB1"]));
         assert_eq!(report["receiver"], serde_json::json!(["LIS", "CENTRAL|HQ"]));
         assert_eq!(report["ack_types"], serde_json::json!(["NE", "AL"]));
-        assert_eq!(report["pid3"], serde_json::json!([record.tube, "", "", "LAB1", "ACSN"]));
+        assert_eq!(
+            report["pid3"],
+            serde_json::json!([record.tube, "", "", "LAB1", "ACSN"])
+        );
         assert_eq!(report["pid5"], "^^^^^^S", "{at}: no name is sent");
         assert_eq!(report["obr4"], "94500-6");
-        assert_eq!(report["spm2"], serde_json::json!([record.tube, "LAB1"]), "{at}");
+        assert_eq!(
+            report["spm2"],
+            serde_json::json!([record.tube, "LAB1"]),
+            "{at}"
+        );
         assert_eq!(report["spm13"], record.pool_size.to_string(), "{at}");
         let obx = report["obx"].as_array().unwrap();
         // The overall result, then one Ct per target with a LOINC code (not RP).
         assert_eq!(obx.len(), 3, "{at}: {report:#}");
-        assert_eq!((&obx[0]["type"], &obx[0]["loinc"]), (&"CWE".into(), &"94500-6".into()));
+        assert_eq!(
+            (&obx[0]["type"], &obx[0]["loinc"]),
+            (&"CWE".into(), &"94500-6".into())
+        );
         assert_eq!(obx[0]["code_system"], "LN");
         for (ct_obx, target) in obx[1..].iter().zip(&record.targets) {
             assert_eq!(ct_obx["type"], "NM");
@@ -284,7 +297,10 @@ async fn the_python_hl7_server_accepts_every_message_and_reads_the_profile() {
             assert_eq!(ct_obx["units"], "{Ct_value}");
             match target.ct {
                 Some(ct) => assert_eq!(ct_obx["value"], format!("{ct:.2}")),
-                None => assert_eq!((&ct_obx["value"], &ct_obx["status"]), (&"".into(), &"X".into())),
+                None => assert_eq!(
+                    (&ct_obx["value"], &ct_obx["status"]),
+                    (&"".into(), &"X".into())
+                ),
             }
         }
     }
@@ -297,7 +313,11 @@ async fn the_python_hl7_server_accepts_every_message_and_reads_the_profile() {
     assert_eq!(overall(0), t("260373001", "SCT", "A", "F"));
     assert_eq!(overall(1), t("260415000", "SCT", "N", "P"));
     assert_eq!(overall(2), t("419984006", "SCT", "", "C"));
-    assert_eq!(overall(3), t("", "", "", "X"), "invalid: no answer, status X");
+    assert_eq!(
+        overall(3),
+        t("", "", "", "X"),
+        "invalid: no answer, status X"
+    );
     assert_eq!(reports[2]["obr25"], "C");
     assert_eq!(
         reports[2]["nte"],
@@ -360,7 +380,9 @@ fn ack(code: &str, control_id: &str, text: &str) -> Vec<u8> {
         "MSH|^~\\&|LIS|CENTRAL|PCRD|LAB1|20261127061001||ACK^R01^ACK|ACK-{control_id}|P|2.5.1\rMSA|{code}|{control_id}"
     );
     if !text.is_empty() {
-        message.push_str(&format!("|{text}\rERR||OBX^1^5|207^Application internal error^HL70357|E||||{text}"));
+        message.push_str(&format!(
+            "|{text}\rERR||OBX^1^5|207^Application internal error^HL70357|E||||{text}"
+        ));
     }
     message.push('\r');
     mllp::frame(message.as_bytes())
@@ -393,13 +415,24 @@ async fn start_receiver(script: &[Reply]) -> Receiver {
                             panic!("the sink sent bytes outside a frame: {event:?}");
                         };
                         let text = String::from_utf8(message.clone()).unwrap();
-                        let id = text.split('\r').next().unwrap().split('|').nth(9).unwrap().to_owned();
+                        let id = text
+                            .split('\r')
+                            .next()
+                            .unwrap()
+                            .split('|')
+                            .nth(9)
+                            .unwrap()
+                            .to_owned();
                         seen.lock().unwrap().push(Seen {
                             connection,
                             control_id: id.clone(),
                             message,
                         });
-                        let reply = script.lock().unwrap().pop_front().unwrap_or(Reply::Ack("AA", ""));
+                        let reply = script
+                            .lock()
+                            .unwrap()
+                            .pop_front()
+                            .unwrap_or(Reply::Ack("AA", ""));
                         let bytes = match reply {
                             Reply::Ack(code, text) => ack(code, &id, text),
                             Reply::Late(after) => {
@@ -445,15 +478,25 @@ fn retry_reason(outcome: &ItemOutcome) -> &str {
 
 #[tokio::test]
 async fn aa_is_delivered_and_ae_is_retried_stopping_the_batch_in_order() {
-    let receiver = start_receiver(&[Reply::Ack("AA", ""), Reply::Ack("AE", "OBX-5 unreadable")]).await;
+    let receiver =
+        start_receiver(&[Reply::Ack("AA", ""), Reply::Ack("AE", "OBX-5 unreadable")]).await;
     let mut sink = sink(receiver.port, Duration::from_secs(5));
     let items = batch(4);
     let outcomes = sink.deliver(&items).await;
     assert_eq!(outcomes[0], ItemOutcome::Delivered);
     assert!(retry_reason(&outcomes[1]).contains("AE"), "{outcomes:?}");
-    assert!(retry_reason(&outcomes[1]).contains("OBX-5 unreadable"), "{outcomes:?}");
-    assert!(retry_reason(&outcomes[2]).contains("not sent"), "{outcomes:?}");
-    assert!(retry_reason(&outcomes[3]).contains("not sent"), "{outcomes:?}");
+    assert!(
+        retry_reason(&outcomes[1]).contains("OBX-5 unreadable"),
+        "{outcomes:?}"
+    );
+    assert!(
+        retry_reason(&outcomes[2]).contains("not sent"),
+        "{outcomes:?}"
+    );
+    assert!(
+        retry_reason(&outcomes[3]).contains("not sent"),
+        "{outcomes:?}"
+    );
     assert_eq!(receiver.seen().len(), 2, "nothing after the AE was sent");
 
     // The outbox retries from the item that failed; AE keeps the connection.
@@ -474,7 +517,10 @@ async fn ar_is_dead_lettered_with_the_receivers_text_and_the_batch_goes_on() {
         ItemOutcome::Dead {
             reason: DeadReason::Rejected,
             detail,
-        } => assert!(detail.contains("AR") && detail.contains("unknown facility | LAB1"), "{detail}"),
+        } => assert!(
+            detail.contains("AR") && detail.contains("unknown facility | LAB1"),
+            "{detail}"
+        ),
         other => panic!("expected a rejection, got {other:?}"),
     }
     assert_eq!(outcomes[1], ItemOutcome::Delivered);
@@ -487,8 +533,14 @@ async fn a_timeout_is_retried_with_the_same_control_id_and_a_late_ack_is_never_r
     let mut sink = sink(receiver.port, Duration::from_millis(300));
     let items = batch(2);
     let outcomes = sink.deliver(&items).await;
-    assert!(retry_reason(&outcomes[0]).contains("no ACK"), "{outcomes:?}");
-    assert!(retry_reason(&outcomes[1]).contains("not sent"), "{outcomes:?}");
+    assert!(
+        retry_reason(&outcomes[0]).contains("no ACK"),
+        "{outcomes:?}"
+    );
+    assert!(
+        retry_reason(&outcomes[1]).contains("not sent"),
+        "{outcomes:?}"
+    );
     // Let the late AA arrive on the old connection.
     tokio::time::sleep(Duration::from_millis(500)).await;
     // Script the next answer as an AE: had the sink read the late AA on a kept
@@ -506,7 +558,10 @@ async fn a_timeout_is_retried_with_the_same_control_id_and_a_late_ack_is_never_r
         assert_eq!(resend.message, seen[0].message, "same bytes");
     }
     assert_eq!(seen[0].connection, 0);
-    assert_eq!(seen[1].connection, 1, "the connection was dropped after the timeout");
+    assert_eq!(
+        seen[1].connection, 1,
+        "the connection was dropped after the timeout"
+    );
 }
 
 #[tokio::test]
@@ -515,7 +570,10 @@ async fn an_ack_for_another_control_id_drops_the_connection_and_retries() {
     let mut sink = sink(receiver.port, Duration::from_secs(5));
     let items = batch(1);
     let outcomes = sink.deliver(&items).await;
-    assert!(retry_reason(&outcomes[0]).contains("SOMEONE-ELSE"), "{outcomes:?}");
+    assert!(
+        retry_reason(&outcomes[0]).contains("SOMEONE-ELSE"),
+        "{outcomes:?}"
+    );
     assert_eq!(sink.deliver(&items).await, vec![ItemOutcome::Delivered]);
     let seen = receiver.seen();
     assert_eq!((seen[0].connection, seen[1].connection), (0, 1));
@@ -528,13 +586,22 @@ async fn a_closed_connection_is_retried_and_an_idle_close_is_reconnected_at_once
     let mut sink = sink(receiver.port, Duration::from_secs(5));
     let items = batch(3);
     let outcomes = sink.deliver(&items[..1]).await;
-    assert!(retry_reason(&outcomes[0]).contains("closed"), "{outcomes:?}");
+    assert!(
+        retry_reason(&outcomes[0]).contains("closed"),
+        "{outcomes:?}"
+    );
     // The receiver closes after acknowledging the next message (an idle timeout); the
     // one after that must be delivered on a new connection without a retry.
     receiver.then(&[Reply::AckThenClose]);
-    assert_eq!(sink.deliver(&items[..1]).await, vec![ItemOutcome::Delivered]);
+    assert_eq!(
+        sink.deliver(&items[..1]).await,
+        vec![ItemOutcome::Delivered]
+    );
     tokio::time::sleep(Duration::from_millis(100)).await;
-    assert_eq!(sink.deliver(&items[1..]).await, vec![ItemOutcome::Delivered; 2]);
+    assert_eq!(
+        sink.deliver(&items[1..]).await,
+        vec![ItemOutcome::Delivered; 2]
+    );
     let seen = receiver.seen();
     let connections: Vec<usize> = seen.iter().map(|s| s.connection).collect();
     assert_eq!(connections, [0, 1, 2, 2], "{seen:?}");
@@ -544,7 +611,10 @@ async fn a_closed_connection_is_retried_and_an_idle_close_is_reconnected_at_once
 async fn noise_outside_frames_is_skipped() {
     let receiver = start_receiver(&[Reply::NoiseThenAck, Reply::NoiseThenAck]).await;
     let mut sink = sink(receiver.port, Duration::from_secs(5));
-    assert_eq!(sink.deliver(&batch(2)).await, vec![ItemOutcome::Delivered; 2]);
+    assert_eq!(
+        sink.deliver(&batch(2)).await,
+        vec![ItemOutcome::Delivered; 2]
+    );
 }
 
 #[tokio::test]
@@ -570,7 +640,14 @@ async fn a_receiver_that_is_down_is_a_retry_for_the_whole_batch() {
     };
     let mut sink = sink(closed.port(), Duration::from_secs(1));
     let outcomes = sink.deliver(&batch(3)).await;
-    assert!(retry_reason(&outcomes[0]).contains("cannot connect"), "{outcomes:?}");
+    assert!(
+        retry_reason(&outcomes[0]).contains("cannot connect"),
+        "{outcomes:?}"
+    );
     assert_eq!(outcomes.len(), 3);
-    assert!(outcomes.iter().all(|o| matches!(o, ItemOutcome::Retry { .. })));
+    assert!(
+        outcomes
+            .iter()
+            .all(|o| matches!(o, ItemOutcome::Retry { .. }))
+    );
 }

@@ -82,7 +82,10 @@ impl Hl7Config {
         let mut problems = Vec::new();
         let address = match raw.address {
             None => {
-                problems.push("[sinks.hl7] needs address = \"host:port\" (the receiver's MLLP listener)".to_owned());
+                problems.push(
+                    "[sinks.hl7] needs address = \"host:port\" (the receiver's MLLP listener)"
+                        .to_owned(),
+                );
                 String::new()
             }
             Some(address) => {
@@ -167,13 +170,17 @@ enum ExchangeError {
     Io(std::io::Error),
     #[error("the receiver closed the connection before acknowledging")]
     Closed,
-    #[error("no ACK within {0:?}; the connection is dropped and the same message (same MSH-10) is sent again later")]
+    #[error(
+        "no ACK within {0:?}; the connection is dropped and the same message (same MSH-10) is sent again later"
+    )]
     Timeout(Duration),
     #[error("the receiver's answer is not an ACK: {0}")]
     BadAck(AckError),
     #[error("the receiver's answer is larger than {0} bytes")]
     Oversized(usize),
-    #[error("the receiver acknowledged control id {got:?} while {expected:?} was outstanding; the connection is dropped")]
+    #[error(
+        "the receiver acknowledged control id {got:?} while {expected:?} was outstanding; the connection is dropped"
+    )]
     WrongControlId { expected: String, got: String },
 }
 
@@ -187,7 +194,8 @@ impl ExchangeError {
 #[derive(Debug)]
 pub struct Hl7Sink {
     config: Hl7Config,
-    connection: Option<Connection>,
+    /// Boxed: the sink lives in the `Sink` enum beside smaller sinks.
+    connection: Option<Box<Connection>>,
     /// The framed message being sent (reused between messages).
     frame_buffer: Vec<u8>,
 }
@@ -213,8 +221,7 @@ impl Hl7Sink {
         let mut outcomes = Vec::with_capacity(items.len());
         for item in items {
             let record = &item.record;
-            let message = match encode_oru_r01(record, &self.config.header, &record.released_at)
-            {
+            let message = match encode_oru_r01(record, &self.config.header, &record.released_at) {
                 Ok(message) => message,
                 Err(error) => {
                     warn!(seq = item.seq, result = %record.idempotency_key(), %error, "result cannot be written as HL7; dead-lettered");
@@ -295,7 +302,7 @@ impl Hl7Sink {
 
     async fn exchange_once(&mut self, control_id: &str) -> Result<Ack, ExchangeError> {
         if self.connection.is_none() {
-            self.connection = Some(self.connect().await?);
+            self.connection = Some(Box::new(self.connect().await?));
         }
         let Some(connection) = self.connection.as_mut() else {
             return Err(ExchangeError::Closed);
@@ -353,8 +360,7 @@ impl Hl7Sink {
 
     async fn connect(&self) -> Result<Connection, ExchangeError> {
         let address = &self.config.address;
-        let stream = match timeout(self.config.connect_timeout, TcpStream::connect(address)).await
-        {
+        let stream = match timeout(self.config.connect_timeout, TcpStream::connect(address)).await {
             Err(_) => {
                 return Err(ExchangeError::ConnectTimeout {
                     address: address.clone(),
@@ -389,7 +395,10 @@ fn describe(code: &str, control_id: &str, ack: &Ack) -> String {
     if ack.text.is_empty() {
         format!("receiver answered {code} to control id {control_id} (no error text)")
     } else {
-        format!("receiver answered {code} to control id {control_id}: {}", ack.text)
+        format!(
+            "receiver answered {code} to control id {control_id}: {}",
+            ack.text
+        )
     }
 }
 
@@ -407,9 +416,12 @@ mod tests {
     #[test]
     fn config_defaults_and_every_problem_at_once() {
         let env = |_: &str| None;
-        let config = Hl7Config::from_raw(raw("lis.example.org:2575"), Path::new("."), &env)
-            .expect("valid");
-        assert_eq!(config.ack_timeout, Duration::from_millis(DEFAULT_ACK_TIMEOUT_MS));
+        let config =
+            Hl7Config::from_raw(raw("lis.example.org:2575"), Path::new("."), &env).expect("valid");
+        assert_eq!(
+            config.ack_timeout,
+            Duration::from_millis(DEFAULT_ACK_TIMEOUT_MS)
+        );
         assert_eq!(config.header.receiving_application, "");
         let problems = Hl7Config::from_raw(
             RawHl7Config {
@@ -424,8 +436,8 @@ mod tests {
         .expect_err("invalid");
         assert_eq!(problems.len(), 3, "{problems:?}");
         assert!(problems[0].contains("host:port"), "{problems:?}");
-        let missing =
-            Hl7Config::from_raw(RawHl7Config::default(), Path::new("."), &env).expect_err("no address");
+        let missing = Hl7Config::from_raw(RawHl7Config::default(), Path::new("."), &env)
+            .expect_err("no address");
         assert!(missing[0].contains("needs address"), "{missing:?}");
         assert!(check_address("[::1]:2575").is_ok());
         assert!(check_address("host:0").is_err());

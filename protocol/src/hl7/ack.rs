@@ -112,9 +112,8 @@ pub fn parse_ack(bytes: &[u8]) -> Result<Ack, AckError> {
         match fields[0] {
             "MSA" if msa.is_none() => {
                 let code = value(1);
-                let code = AckCode::parse(code).ok_or_else(|| AckError::UnknownCode {
-                    code: echo(code),
-                })?;
+                let code = AckCode::parse(code)
+                    .ok_or_else(|| AckError::UnknownCode { code: echo(code) })?;
                 let control_id = unescape(value(2), delimiters);
                 if control_id.is_empty() {
                     return Err(AckError::NoControlId);
@@ -183,7 +182,11 @@ mod tests {
 
     #[test]
     fn an_accept_is_read_with_any_line_ends() {
-        for text in [AA.to_owned(), AA.replace('\r', "\n"), AA.replace('\r', "\r\n")] {
+        for text in [
+            AA.to_owned(),
+            AA.replace('\r', "\n"),
+            AA.replace('\r', "\r\n"),
+        ] {
             let ack = parse_ack(text.as_bytes()).expect("parse");
             assert_eq!(ack.code, AckCode::ApplicationAccept);
             assert_eq!(ack.control_id, "PCRD-000123");
@@ -217,10 +220,7 @@ mod tests {
         ));
         assert_eq!(parse_ack(b"MSH"), Err(AckError::BadDelimiters));
         assert_eq!(parse_ack(b"MSH|||||"), Err(AckError::BadDelimiters));
-        assert_eq!(
-            parse_ack(b"MSH|^~\\&|A\rPID|1"),
-            Err(AckError::NoMsa)
-        );
+        assert_eq!(parse_ack(b"MSH|^~\\&|A\rPID|1"), Err(AckError::NoMsa));
         assert_eq!(
             parse_ack(b"MSH|^~\\&|A\rMSA|OK|1"),
             Err(AckError::UnknownCode { code: "OK".into() })

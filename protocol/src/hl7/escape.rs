@@ -89,7 +89,7 @@ pub fn unescape(text: &str, delimiters: Delimiters) -> String {
             "R" => out.push(delimiters.repetition as char),
             "E" => out.push(esc),
             "T" => out.push(delimiters.subcomponent as char),
-            hex if hex.len() >= 3 && hex.len() % 2 == 1 && hex.starts_with('X') => {
+            hex if hex.len() >= 3 && !hex.len().is_multiple_of(2) && hex.starts_with('X') => {
                 match decode_hex(&hex[1..]) {
                     Some(bytes) => out.push_str(&String::from_utf8_lossy(&bytes)),
                     None => {
@@ -112,7 +112,7 @@ pub fn unescape(text: &str, delimiters: Delimiters) -> String {
 }
 
 fn decode_hex(hex: &str) -> Option<Vec<u8>> {
-    if !hex.is_ascii() || hex.len() % 2 != 0 {
+    if !hex.is_ascii() || !hex.len().is_multiple_of(2) {
         return None;
     }
     (0..hex.len())

@@ -61,11 +61,15 @@ pub struct Hl7Message {
 #[derive(Clone, Debug, PartialEq, Error)]
 #[non_exhaustive]
 pub enum EncodeError {
-    #[error("result record schema version {found} is not {RESULT_SCHEMA_VERSION}, the one this build writes as HL7")]
+    #[error(
+        "result record schema version {found} is not {RESULT_SCHEMA_VERSION}, the one this build writes as HL7"
+    )]
     SchemaVersion { found: u32 },
     #[error("the record's {field} is empty; HL7 needs it")]
     Empty { field: &'static str },
-    #[error("the record's {field} {value:?} is not an RFC 3339 time such as 2026-11-27T06:00:00.000Z")]
+    #[error(
+        "the record's {field} {value:?} is not an RFC 3339 time such as 2026-11-27T06:00:00.000Z"
+    )]
     BadTime { field: &'static str, value: String },
     #[error("target {target:?} has Ct {ct}, which is not a finite number of cycles ≥ 0")]
     BadCt { target: String, ct: f64 },
@@ -181,11 +185,7 @@ pub fn encode_oru_r01(
             .render(&mut text);
     }
     let (answer, flag, overall_status) = match record.interpretation {
-        Interpretation::Positive => (
-            format!("{SNOMED_DETECTED}^Detected^SCT"),
-            "A",
-            status,
-        ),
+        Interpretation::Positive => (format!("{SNOMED_DETECTED}^Detected^SCT"), "A", status),
         Interpretation::Negative => (
             format!("{SNOMED_NOT_DETECTED}^Not detected^SCT"),
             "N",
@@ -437,8 +437,20 @@ mod tests {
     #[test]
     fn answers_and_statuses_follow_the_record() {
         let cases = [
-            (Interpretation::Negative, "260415000^Not detected^SCT", "N", ResultStatus::Preliminary, "P"),
-            (Interpretation::Inconclusive, "419984006^Inconclusive^SCT", "", ResultStatus::Corrected, "C"),
+            (
+                Interpretation::Negative,
+                "260415000^Not detected^SCT",
+                "N",
+                ResultStatus::Preliminary,
+                "P",
+            ),
+            (
+                Interpretation::Inconclusive,
+                "419984006^Inconclusive^SCT",
+                "",
+                ResultStatus::Corrected,
+                "C",
+            ),
             (Interpretation::Invalid, "", "", ResultStatus::Final, "X"),
         ];
         for (interpretation, answer, flag, status, obx11) in cases {
@@ -447,7 +459,10 @@ mod tests {
             record.status = status;
             let message = encode_oru_r01(&record, &header(), &record.released_at).expect("encode");
             let obx = &segments(&message)[4];
-            assert_eq!((obx[5].as_str(), obx[8].as_str(), obx[11].as_str()), (answer, flag, obx11));
+            assert_eq!(
+                (obx[5].as_str(), obx[8].as_str(), obx[11].as_str()),
+                (answer, flag, obx11)
+            );
         }
     }
 
@@ -476,7 +491,11 @@ mod tests {
         record.version = 2;
         record.correction_reason = Some("well A1|A2 swapped".into());
         let message = encode_oru_r01(&record, &header(), &record.released_at).expect("encode");
-        assert!(message.text.contains("\rNTE|1|L|well A1\\F\\A2 swapped\r"), "{}", message.text);
+        assert!(
+            message.text.contains("\rNTE|1|L|well A1\\F\\A2 swapped\r"),
+            "{}",
+            message.text
+        );
         assert_ne!(message.control_id, control_id(&sample()));
     }
 
@@ -490,6 +509,10 @@ mod tests {
         b.version = 2;
         assert_ne!(control_id(&a), control_id(&b));
         assert!(control_id(&a).bytes().all(|c| c.is_ascii_hexdigit()));
+        // Pinned: a receiver dedupes resends on MSH-10, so the derivation must never
+        // change between pcrd versions (a result resent after an upgrade would
+        // otherwise be taken for a new one).
+        assert_eq!(control_id(&a), "ED389A47F914908A1597");
     }
 
     #[test]
@@ -516,7 +539,10 @@ mod tests {
         r.tested_at = "yesterday".into();
         assert!(matches!(
             encode_oru_r01(&r, &header(), "2026-11-27T06:00:00Z"),
-            Err(EncodeError::BadTime { field: "tested_at", .. })
+            Err(EncodeError::BadTime {
+                field: "tested_at",
+                ..
+            })
         ));
         let mut r = sample();
         r.pool_size = 0;
@@ -528,12 +554,21 @@ mod tests {
 
     #[test]
     fn rfc3339_times_become_dtm() {
-        assert_eq!(hl7_time("t", "2026-11-27T06:00:00Z").unwrap(), "20261127060000+0000");
+        assert_eq!(
+            hl7_time("t", "2026-11-27T06:00:00Z").unwrap(),
+            "20261127060000+0000"
+        );
         assert_eq!(
             hl7_time("t", "2026-11-27T06:00:00.123456+08:00").unwrap(),
             "20261127060000.1234+0800"
         );
-        for bad in ["2026-13-27T06:00:00Z", "2026-11-27T06:00:00", "2026-11-27T06:00:00.Z", "2026-11-27T06:00:00+0800", "é026-11-27T06:00:00Z"] {
+        for bad in [
+            "2026-13-27T06:00:00Z",
+            "2026-11-27T06:00:00",
+            "2026-11-27T06:00:00.Z",
+            "2026-11-27T06:00:00+0800",
+            "é026-11-27T06:00:00Z",
+        ] {
             assert!(hl7_time("t", bad).is_err(), "{bad}");
         }
     }
