@@ -36,6 +36,11 @@ python_peer pymodbus-3.16.1 "pymodbus==3.16.1"
 # (drivers/tests/astm_interop.rs). The other PyPI ASTM packages do not work on Python 3.11
 # (field notes). It brings many dependencies of its own, so it gets its own directory.
 PEER_DIR=astm python_peer labmcp-astm-lis-0.1.3 "labmcp-astm-lis==0.1.3"
+# hl7: an independent HL7 v2 parser and MLLP server that receives and ACKs the HL7 sink's
+# messages; hl7apy: validates each message against v2.5.1 at its STRICT level (issue 6;
+# tests/tests/hl7_interop.rs, benches/hl7.rs).
+python_peer hl7-0.4.5 "hl7==0.4.5"
+python_peer hl7apy-1.3.5 "hl7apy==1.3.5"
 
 echo "== cargo fmt"
 cargo fmt --all -- --check

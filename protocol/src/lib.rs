@@ -37,6 +37,7 @@ pub mod cycler;
 pub mod domain;
 pub mod export;
 pub mod extractor;
+pub mod hl7;
 pub mod interpret;
 pub mod kit;
 pub mod rdml;
