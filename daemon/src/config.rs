@@ -50,6 +50,9 @@ struct RawConfig {
     users: Vec<RawUser>,
     #[serde(default)]
     extractors: Vec<RawExtractor>,
+    /// Watched export folders (`[[folders]]`, see `crate::folders`).
+    #[serde(default)]
+    folders: Vec<crate::folders::RawFolder>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -111,6 +114,8 @@ pub struct Config {
     pub users: Vec<User>,
     /// Extraction instruments over Modbus (`[[extractors]]`).
     pub extractors: Vec<ExtractorConfig>,
+    /// Watched export folders of file-only instruments (`[[folders]]`).
+    pub folders: Vec<crate::folders::FolderConfig>,
 }
 
 /// One extractor: where it is and the register-map profile it is read with.
@@ -266,6 +271,7 @@ impl Config {
         }
 
         let extractors = parse_extractors(raw.extractors, base, &mut problems);
+        let folders = crate::folders::parse_folders(raw.folders, base, &mut problems);
 
         if !problems.is_empty() {
             return Err(problems);
@@ -281,6 +287,7 @@ impl Config {
             kits_dir,
             users,
             extractors,
+            folders,
         })
     }
 }

@@ -496,3 +496,13 @@ pub struct InstrumentRunView {
     pub stalled: bool,
     pub anomalies: Vec<String>,
 }
+
+/// Query of `GET /api/v1/imports`.
+#[derive(Debug, Deserialize, IntoParams)]
+pub struct ImportsQuery {
+    /// Only this watched folder (its configured name).
+    pub folder: Option<String>,
+    /// Newest first, at most this many (default 100).
+    #[param(minimum = 1, maximum = 10000)]
+    pub limit: Option<u32>,
+}

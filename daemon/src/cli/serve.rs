@@ -33,6 +33,15 @@ pub(super) fn load(
         }
         ExitCode::from(exit::USAGE)
     })?;
+    // Watched folders name kits, which the config parser cannot check.
+    let folder_problems = crate::folders::check_kits(&config.folders, &kits);
+    if !folder_problems.is_empty() {
+        eprintln!("pcrd: invalid configuration {}:", config_path.display());
+        for problem in &folder_problems {
+            eprintln!("  - {problem}");
+        }
+        return Err(ExitCode::from(exit::USAGE));
+    }
     Ok((config, kits))
 }
 
@@ -116,9 +125,12 @@ async fn serve(config: Config, lab: Arc<Lab>) -> ExitCode {
     tracing::info!(%addr, lab = %config.lab_id, "pcrd is serving.");
     // One supervisor per configured extractor; with none configured, nothing starts.
     let instruments = Arc::new(crate::instruments::Instruments::start(&config.extractors));
+    // One polling task per watched export folder (issue 8).
+    let folders = crate::folders::Folders::start(Arc::clone(&lab), &config.folders);
     let app = crate::api::router(
         Arc::clone(&lab),
         Arc::clone(&instruments),
+        folders,
         config.users,
         config.max_body_bytes,
     );
