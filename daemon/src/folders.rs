@@ -336,6 +336,9 @@ pub struct ImportRecord {
     pub imported_at: Timestamp,
     /// What the import created, in words.
     pub summary: String,
+    /// Set once the file is in `done/`: the same name with the same bytes found
+    /// later is then a new copy, not a move left unfinished by a crash.
+    pub moved: bool,
 }
 
 impl Versioned for ImportRecord {
@@ -982,13 +985,17 @@ async fn handle(
         Err(e) => return Handled::Retry(format!("store: {e}")),
     };
     if let Some(earlier) = earlier {
-        if earlier.folder == config.name && earlier.file == file {
+        if earlier.folder == config.name && earlier.file == file && !earlier.moved {
             tracing::info!(
                 fingerprint = %print,
                 "Imported before the daemon stopped; finishing the move to {}/.",
                 config.done
             );
-            return finish_move(folder, name, &config.done, None);
+            let handled = finish_move(folder, name, &config.done, None);
+            if matches!(handled, Handled::Done) {
+                mark_moved(lab, &print).await;
+            }
+            return handled;
         }
         let reason = format!(
             "already imported at {} from folder {:?} as {:?}; not imported again",
@@ -1044,6 +1051,7 @@ async fn handle(
         kind: config.kind,
         imported_at: at,
         summary: cut(imported.summary.clone(), MAX_DETAIL),
+        moved: false,
     };
     let mut unmatched = imported.unmatched;
     unmatched.truncate(MAX_LISTED);
@@ -1094,7 +1102,36 @@ async fn handle(
         );
         tokio::time::sleep(config.hold_before_move).await;
     }
-    finish_move(folder, name, &config.done, None)
+    let handled = finish_move(folder, name, &config.done, None);
+    if matches!(handled, Handled::Done) {
+        mark_moved(lab, &print).await;
+    }
+    handled
+}
+
+/// Notes in the import's record that its file is in `done/`. Best effort: if this
+/// is lost, a later copy of the same bytes under the same name is moved to `done/`
+/// without a sidecar instead of with one; nothing is imported twice either way.
+async fn mark_moved(lab: &Lab, print: &str) {
+    let tree = &lab.store().trees().imports;
+    let key = record_key(print);
+    let outcome = match lookup(lab, print) {
+        Ok(Some(mut record)) => {
+            record.moved = true;
+            tree.insert(key, encode(&record))
+                .map_err(StoreError::from)
+                .map(drop)
+        }
+        Ok(None) => Ok(()),
+        Err(e) => Err(e),
+    };
+    let outcome = match outcome {
+        Ok(()) => lab.store().durable().await,
+        Err(e) => Err(e),
+    };
+    if let Err(e) = outcome {
+        tracing::warn!(error = %e, "Could not note the move in the store.");
+    }
 }
 
 /// Records a refusal (durably) and moves the file to failed/ with its sidecar.
