@@ -176,7 +176,10 @@ pub fn parse_folders(
         let name = f.name.trim().to_owned();
         if name.is_empty() {
             problems.push(format!("folders[{i}].name must not be empty"));
-        } else if name.chars().any(|c| c.is_control() || c == '"' || c == '\\') {
+        } else if name
+            .chars()
+            .any(|c| c.is_control() || c == '"' || c == '\\')
+        {
             problems.push(format!(
                 "{at}: name must not hold control characters, quotes or backslashes"
             ));
@@ -551,6 +554,9 @@ impl From<ImportEvent> for ImportView {
 
 // ----- the watchers -----
 
+/// Picks one counter of a folder, for rendering a metric family.
+type CounterOf = fn(&FolderCounters) -> &AtomicU64;
+
 /// Counters of one folder, since start.
 #[derive(Debug, Default)]
 struct FolderCounters {
@@ -621,7 +627,12 @@ impl Folders {
             let c = &folder.config;
             let (mut imported, mut failed, mut already) = (0, 0, 0);
             let mut last_import = None;
-            for item in lab.store().trees().imports.scan_prefix(event_prefix(&c.name)) {
+            for item in lab
+                .store()
+                .trees()
+                .imports
+                .scan_prefix(event_prefix(&c.name))
+            {
                 let (key, raw) = item?;
                 let event: ImportEvent = decode(&key, &raw)?;
                 match event.outcome {
@@ -681,16 +692,13 @@ impl Folders {
                 break;
             }
         }
-        events.sort_by(|a, b| b.at.cmp(&a.at));
+        events.sort_by_key(|e| std::cmp::Reverse(e.at));
         events.truncate(limit);
         Ok(events.into_iter().map(ImportView::from).collect())
     }
 
     /// Every result instrument files reported for a tube, oldest import first.
-    pub fn results_for_tube(
-        lab: &Lab,
-        barcode: &str,
-    ) -> Result<Vec<ImportedResult>, StoreError> {
+    pub fn results_for_tube(lab: &Lab, barcode: &str) -> Result<Vec<ImportedResult>, StoreError> {
         let mut results = Vec::new();
         for item in lab
             .store()
@@ -711,7 +719,7 @@ impl Folders {
         if self.folders.is_empty() {
             return;
         }
-        let families: [(&str, &str, fn(&FolderCounters) -> &AtomicU64); 4] = [
+        let families: [(&str, &str, CounterOf); 4] = [
             (
                 "pcrd_folder_files_seen_total",
                 "Files that settled in a watched folder and were read, since start.",
@@ -1271,10 +1279,8 @@ async fn commit_import(
     let record_key = record_key(&record.fingerprint);
     let record_value = encode(record);
     let event_value = (event_key(event), encode(event));
-    let result_values: Vec<(Vec<u8>, Vec<u8>)> = results
-        .iter()
-        .map(|r| (result_key(r), encode(r)))
-        .collect();
+    let result_values: Vec<(Vec<u8>, Vec<u8>)> =
+        results.iter().map(|r| (result_key(r), encode(r))).collect();
     let tree = &lab.store().trees().imports;
     let outcome: Result<(), TransactionError<()>> = tree.transaction(|tx| {
         if tx.get(&record_key)?.is_some() {
@@ -1484,9 +1490,7 @@ fn import_results(
             let sample = judged.samples.get(well).cloned().unwrap_or_default();
             match plate.layout.get(*well) {
                 Some(WellContent::Sample { barcode }) => {
-                    if !sample.is_empty()
-                        && sample != barcode.as_str()
-                        && lab.tube(&sample).is_ok()
+                    if !sample.is_empty() && sample != barcode.as_str() && lab.tube(&sample).is_ok()
                     {
                         problems.push(format!(
                             "well {well} of plate {id} holds tube {barcode}, but the file names tube {sample} there"

@@ -79,7 +79,10 @@ impl Lab {
 
     async fn receive(&self, barcodes: &[&str]) {
         let tubes: Vec<Value> = barcodes.iter().map(|b| json!({"barcode": b})).collect();
-        let reply = self.api.post("/api/v1/tubes", json!({"tubes": tubes})).await;
+        let reply = self
+            .api
+            .post("/api/v1/tubes", json!({"tubes": tubes}))
+            .await;
         assert_eq!(reply.status, 200, "{}", reply.body);
     }
 
@@ -158,7 +161,10 @@ async fn a_decapper_map_creates_and_fills_its_plates() {
         ]
     );
     let two = wells(&lab.api, "EXT-MAP-02").await;
-    assert!(two.contains(&("D2".to_owned(), "MAP-0004".to_owned())), "{two:?}");
+    assert!(
+        two.contains(&("D2".to_owned(), "MAP-0004".to_owned())),
+        "{two:?}"
+    );
     let plate = lab.api.get_ok("/api/v1/plates/EXT-MAP-01").await;
     assert_eq!(plate["kit"], KIT);
     assert_eq!(plate["state"], "open");
@@ -186,7 +192,10 @@ async fn a_decapper_map_creates_and_fills_its_plates() {
         metrics.contains("pcrd_folder_files_imported_total{folder=\"decapper\"} 1"),
         "{metrics}"
     );
-    assert!(metrics.contains("pcrd_folder_import_seconds_count 1"), "{metrics}");
+    assert!(
+        metrics.contains("pcrd_folder_import_seconds_count 1"),
+        "{metrics}"
+    );
     // The audit trail says who did it: the folder.
     let audit = lab.api.get_ok("/api/v1/audit?plate=EXT-MAP-01").await;
     let text = audit.to_string();
@@ -390,9 +399,10 @@ async fn a_quantstudio_results_file_puts_its_cts_and_calls_on_the_tubes() {
         ],
     )
     .await;
-    let bytes =
-        std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("../testdata/folders/qs5_results.csv"))
-            .unwrap();
+    let bytes = std::fs::read(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../testdata/folders/qs5_results.csv"),
+    )
+    .unwrap();
     lab.drop_file("qs5", "run-2026-11-27.csv", &bytes);
     wait_for(
         &lab.folder("qs5").join("done/run-2026-11-27.csv"),
@@ -418,7 +428,11 @@ async fn a_quantstudio_results_file_puts_its_cts_and_calls_on_the_tubes() {
 
     let b1 = &results_of(&lab.api, "FLD-0002").await[0];
     assert_eq!(b1["call"], "retest", "{b1}");
-    assert_eq!(ct(b1, "ORF1ab"), None, "Undetermined is null, never a number");
+    assert_eq!(
+        ct(b1, "ORF1ab"),
+        None,
+        "Undetermined is null, never a number"
+    );
     assert_eq!(ct(b1, "N"), Some(33.41));
     assert_eq!(
         results_of(&lab.api, "FLD-0003").await[0]["call"],
@@ -484,7 +498,11 @@ async fn an_rdml_file_is_analysed_and_judged_onto_the_tubes() {
     plate_with_tubes(
         &lab,
         "PCR-FOLDER-02",
-        &[("A1", "RDML-0001"), ("B1", "RDML-0002"), ("C1", "RDML-0003")],
+        &[
+            ("A1", "RDML-0001"),
+            ("B1", "RDML-0002"),
+            ("C1", "RDML-0003"),
+        ],
     )
     .await;
     let format = PcrFormat {
@@ -562,7 +580,10 @@ async fn a_crash_between_import_and_move_does_not_import_twice() {
         assert!(Instant::now() < deadline, "no import within 20 s");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert!(path.exists(), "the import is committed but the file not yet moved");
+    assert!(
+        path.exists(),
+        "the import is committed but the file not yet moved"
+    );
     lab.daemon.kill9();
     assert!(path.exists(), "killed inside the window");
 
