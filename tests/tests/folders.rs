@@ -340,6 +340,34 @@ async fn a_map_naming_a_tube_never_received_fails_whole() {
     assert!(sidecar.contains("line 2"), "{sidecar}");
     assert_eq!(lab.api.get("/api/v1/plates/EXT-CLASH").await.status, 404);
     assert_eq!(lab.api.get("/api/v1/plates/EXT-CUT").await.status, 404);
+
+    // A well already holding another tube on an existing plate.
+    lab.receive(&["KNOWN-0002", "KNOWN-0003"]).await;
+    lab.drop_file(
+        "decapper",
+        "occupy.csv",
+        map_csv(&[("EXT-OCC", "A1", "KNOWN-0002")]).as_bytes(),
+    );
+    wait_for(
+        &lab.folder("decapper").join("done/occupy.csv"),
+        Duration::from_secs(20),
+    )
+    .await;
+    lab.drop_file(
+        "decapper",
+        "again.csv",
+        map_csv(&[("EXT-OCC", "A1", "KNOWN-0003")]).as_bytes(),
+    );
+    wait_for(&failed.join("again.csv.error.txt"), Duration::from_secs(20)).await;
+    let sidecar = std::fs::read_to_string(failed.join("again.csv.error.txt")).unwrap();
+    assert!(
+        sidecar.contains("well A1 already holds tube KNOWN-0002"),
+        "{sidecar}"
+    );
+    assert_eq!(
+        wells(&lab.api, "EXT-OCC").await,
+        [("A1".to_owned(), "KNOWN-0002".to_owned())]
+    );
 }
 
 /// Results of one tube as the API shows them.
@@ -611,4 +639,50 @@ async fn a_crash_between_import_and_move_does_not_import_twice() {
         .filter(|e| e["action"] == "plate.mapped")
         .count();
     assert_eq!(mapped, 1, "{audit}");
+}
+
+#[test]
+fn a_folder_config_with_problems_stops_the_daemon_naming_each_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = format!(
+        r#"{TEST_CONFIG}
+[[folders]]
+name = "decapper"
+path = "in"
+kind = "plate_map"
+kit = "no-such-kit"
+
+[[folders]]
+name = "qs"
+path = "in"
+kind = "result"
+"#
+    );
+    let path = dir.path().join("pcrd.toml");
+    std::fs::write(&path, &config).unwrap();
+    let err = pcrd_tests::spawn_serve(
+        &path,
+        &dir.path().join("store"),
+        &dir.path().join("stderr.log"),
+        Duration::from_secs(30),
+    )
+    .unwrap_err();
+    assert!(err.contains("kind \"result\""), "{err}");
+    assert!(err.contains("needs kit"), "{err}");
+    assert!(err.contains("watched by another folder"), "{err}");
+
+    // With the config fixed but the kit unknown, the kit is named.
+    let config = config.replace(
+        "path = \"in\"\nkind = \"result\"\n",
+        "path = \"qs\"\nkind = \"results\"\nkit = \"sarscov2-orf1ab-n-ic\"\n",
+    );
+    std::fs::write(&path, &config).unwrap();
+    let err = pcrd_tests::spawn_serve(
+        &path,
+        &dir.path().join("store"),
+        &dir.path().join("stderr2.log"),
+        Duration::from_secs(30),
+    )
+    .unwrap_err();
+    assert!(err.contains("unknown kit \"no-such-kit\""), "{err}");
 }
