@@ -158,6 +158,9 @@ pub struct FolderConfig {
 }
 
 pub const DEFAULT_POLL_MS: u64 = 1000;
+/// Largest export file read. A 384-well RDML run with three targets and 45 cycles
+/// is about 2 MB of XML; anything far larger is not an export of one run.
+pub const MAX_FILE_BYTES: u64 = 64 * 1024 * 1024;
 pub const DEFAULT_SETTLE_MS: u64 = 2000;
 
 /// Validates `[[folders]]`; relative paths are resolved against `base` (the config
@@ -963,13 +966,40 @@ async fn handle(
     let file = name.to_string_lossy().into_owned();
     let path = config.path.join(name);
     let started = Instant::now();
+    if stamp.len > MAX_FILE_BYTES {
+        folder.counters.seen.fetch_add(1, Ordering::Relaxed);
+        let reason = format!(
+            "the file has {} bytes; pcrd reads export files of at most {MAX_FILE_BYTES} bytes",
+            stamp.len
+        );
+        // Not read, so not fingerprinted: the sidecar shows the hash of no bytes.
+        return fail(
+            lab,
+            folders,
+            folder,
+            name,
+            fingerprint(&[]),
+            reason,
+            started,
+        )
+        .await;
+    }
     let bytes = match tokio::fs::read(&path).await {
         Ok(bytes) => bytes,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Handled::NotSettled,
         Err(e) => {
             folder.counters.seen.fetch_add(1, Ordering::Relaxed);
             let reason = format!("the file cannot be read: {e}");
-            return fail(lab, folders, folder, name, &[], reason, started).await;
+            return fail(
+                lab,
+                folders,
+                folder,
+                name,
+                fingerprint(&[]),
+                reason,
+                started,
+            )
+            .await;
         }
     };
     // A writer that resumed while the file was read: not settled after all.
@@ -1039,7 +1069,16 @@ async fn handle(
 
     let outcome = match config.kind {
         FolderKind::PlateMap => import_plate_map(lab, config, &bytes).await,
-        FolderKind::Results => import_results(lab, config, &file, &print, &bytes),
+        FolderKind::Results => {
+            // Curve analysis of a whole run is CPU work: off the async workers.
+            let (lab, config, file, print) =
+                (Arc::clone(lab), config.clone(), file.clone(), print.clone());
+            tokio::task::spawn_blocking(move || {
+                import_results(&lab, &config, &file, &print, &bytes)
+            })
+            .await
+            .unwrap_or_else(|e| Err(refused(format!("the import stopped: {e}"))))
+        }
     };
     let imported = match outcome {
         Ok(imported) => imported,
@@ -1048,7 +1087,7 @@ async fn handle(
             return Handled::Retry(format!("store: {e}"));
         }
         Err(ImportError::Refused(reason)) => {
-            return fail(lab, folders, folder, name, &bytes, reason, started).await;
+            return fail(lab, folders, folder, name, print, reason, started).await;
         }
     };
     let at = now();
@@ -1148,13 +1187,12 @@ async fn fail(
     folders: &Folders,
     folder: &Folder,
     name: &OsStr,
-    bytes: &[u8],
+    print: String,
     reason: String,
     started: Instant,
 ) -> Handled {
     let config = &folder.config;
     let file = name.to_string_lossy().into_owned();
-    let print = fingerprint(bytes);
     let event = ImportEvent {
         folder: config.name.clone(),
         file: file.clone(),
