@@ -502,6 +502,30 @@ async fn a_quantstudio_results_file_puts_its_cts_and_calls_on_the_tubes() {
     let text = std::fs::read_to_string(sidecar).unwrap();
     assert!(text.contains("\"RdRp\""), "{text}");
     assert_eq!(results_of(&lab.api, "FLD-0001").await.len(), 1);
+
+    // Sample names swapped between A1 and B1 against the plate's layout: the plate
+    // was loaded wrong or the file is another plate's; the whole file fails.
+    let swapped = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../testdata/folders/qs5_results.csv"),
+    )
+    .unwrap()
+    .replace("A1,false,FLD-0001", "A1,false,SWAP")
+    .replace("B1,false,FLD-0002", "B1,false,FLD-0001")
+    .replace("A1,false,SWAP", "A1,false,FLD-0002");
+    lab.drop_file("qs5", "swapped.csv", swapped.as_bytes());
+    let sidecar = lab.folder("qs5").join("failed/swapped.csv.error.txt");
+    wait_for(&sidecar, Duration::from_secs(20)).await;
+    let text = std::fs::read_to_string(sidecar).unwrap();
+    assert!(
+        text.contains("well A1 of plate PCR-FOLDER-01 holds tube FLD-0001, but the file names tube FLD-0002 there"),
+        "{text}"
+    );
+    assert_eq!(
+        results_of(&lab.api, "FLD-0001").await.len(),
+        1,
+        "nothing stored"
+    );
+    assert_eq!(results_of(&lab.api, "FLD-0002").await.len(), 1);
 }
 
 /// A curve positive at about `ct`, or flat (as in tests/analyze.rs).
@@ -586,6 +610,15 @@ async fn an_rdml_file_is_analysed_and_judged_onto_the_tubes() {
     assert_eq!(import["tubes"], 3, "{import}");
     // The other 91 specimen wells of the run have no tube: kept as unmatched.
     assert_eq!(import["unmatched"].as_array().unwrap().len(), 91);
+
+    // A file cut short (a copy interrupted) is refused with the reason.
+    let whole = rdml::write(&doc);
+    lab.drop_file("qs5", "cut.rdml", &whole[..whole.len() / 2]);
+    let sidecar = lab.folder("qs5").join("failed/cut.rdml.error.txt");
+    wait_for(&sidecar, Duration::from_secs(30)).await;
+    let text = std::fs::read_to_string(sidecar).unwrap();
+    assert!(text.contains("not a readable RDML file"), "{text}");
+    assert_eq!(results_of(&lab.api, "RDML-0001").await.len(), 1);
 }
 
 #[tokio::test]
