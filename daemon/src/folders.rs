@@ -1918,4 +1918,129 @@ mod tests {
         assert!(bytes.len() < 64 * 1024, "{}", bytes.len());
         assert_eq!(decode::<ImportEvent>(b"k", &bytes).unwrap(), event);
     }
+
+    fn open_lab(dir: &Path) -> Arc<Lab> {
+        let store = crate::store::Store::open(&crate::store::StoreOptions {
+            path: dir.join("store"),
+            cache_bytes: 1024 * 1024,
+        })
+        .unwrap();
+        Lab::open(store, KitRegistry::load(None).unwrap(), "LAB".into()).unwrap()
+    }
+
+    fn tech() -> Actor {
+        Actor {
+            user: "t".into(),
+            reason: None,
+        }
+    }
+
+    fn folder_config(kind: FolderKind, kit: &str) -> FolderConfig {
+        FolderConfig {
+            name: "f".into(),
+            path: PathBuf::from("/nonexistent"),
+            kind,
+            kit: kit.into(),
+            format: ResultsFormat::Auto,
+            plate_format: None,
+            poll: Duration::from_millis(50),
+            settle: Duration::ZERO,
+            done: "done".into(),
+            failed: "failed".into(),
+            hold_before_move: Duration::ZERO,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_map_applied_twice_changes_nothing_the_second_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let lab = open_lab(dir.path());
+        let tubes = ["TWO-0001", "TWO-0002"].map(|b| crate::lab::TubeIntake {
+            barcode: b.into(),
+            pool_size: None,
+            priority: None,
+            due: None,
+        });
+        lab.receive_tubes(tech(), tubes.to_vec()).await.unwrap();
+        let config = folder_config(FolderKind::PlateMap, "sarscov2-orf1ab-n-ic");
+        let map = b"Plate,Well,Tube\nEXT-TWO,A1,TWO-0001\nEXT-TWO,B1,TWO-0002\n";
+        let first = import_plate_map(&lab, &config, map).await.unwrap();
+        assert_eq!(first.tubes, 2);
+        assert!(
+            first.summary.starts_with("created plate EXT-TWO"),
+            "{}",
+            first.summary
+        );
+        let entries = lab.verify_audit().unwrap().entries;
+        // As after a crash between the lab's commit and the import record.
+        let second = import_plate_map(&lab, &config, map).await.unwrap();
+        assert_eq!(second.tubes, 0);
+        assert!(
+            second.summary.contains("2 already in place"),
+            "{}",
+            second.summary
+        );
+        assert_eq!(lab.verify_audit().unwrap().entries, entries, "no change");
+    }
+
+    #[tokio::test]
+    async fn results_for_a_plate_of_another_kit_or_with_omitted_wells() {
+        let dir = tempfile::tempdir().unwrap();
+        let lab = open_lab(dir.path());
+        lab.receive_tubes(
+            tech(),
+            vec![crate::lab::TubeIntake {
+                barcode: "OMIT-0001".into(),
+                pool_size: None,
+                priority: None,
+                due: None,
+            }],
+        )
+        .await
+        .unwrap();
+        lab.create_plate(
+            tech(),
+            "sarscov2-orf1ab-n-ic".into(),
+            None,
+            Some("PCR-OMIT".into()),
+        )
+        .await
+        .unwrap();
+        lab.assign(
+            tech(),
+            "PCR-OMIT".into(),
+            Vec::new(),
+            vec![("A1".into(), "OMIT-0001".into())],
+        )
+        .await
+        .unwrap();
+        let mut csv = String::from(
+            "* Experiment Barcode = PCR-OMIT\n[Results]\nWell Position,Omit,Sample Name,Target Name,Reporter,CT\n",
+        );
+        for (well, omit, ct) in [
+            ("A1", "true", "25.0"),
+            ("G12", "false", "Undetermined"),
+            ("H12", "false", "28.0"),
+        ] {
+            for (target, dye) in [("ORF1ab", "FAM"), ("N", "VIC"), ("IC", "CY5")] {
+                csv.push_str(&format!("{well},{omit},S,{target},{dye},{ct}\n"));
+            }
+        }
+        let config = folder_config(FolderKind::Results, "sarscov2-orf1ab-n-ic");
+        let imported = import_results(&lab, &config, "x.csv", "fp", csv.as_bytes()).unwrap();
+        assert!(imported.results.is_empty(), "an omitted well gets no call");
+        assert_eq!(imported.unmatched.len(), 1);
+        assert_eq!(imported.unmatched[0].well, "A1");
+        assert!(imported.unmatched[0].reason.contains("omitted"));
+
+        let other = folder_config(FolderKind::Results, "cdc-n1-n2-rp");
+        let err = import_results(&lab, &other, "x.csv", "fp", csv.as_bytes()).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("was set up for kit sarscov2-orf1ab-n-ic"),
+            "{err}"
+        );
+        let err = import_results(&lab, &config, "x.xlsx", "fp", csv.as_bytes()).unwrap_err();
+        assert!(err.to_string().contains("extension \"xlsx\""), "{err}");
+    }
 }
