@@ -52,6 +52,9 @@ struct RawConfig {
     extractors: Vec<RawExtractor>,
     #[serde(default)]
     sinks: Vec<RawSink>,
+    /// Watched export folders (`[[folders]]`, see `crate::folders`).
+    #[serde(default)]
+    folders: Vec<crate::folders::RawFolder>,
 }
 
 /// `[[sinks]]`: where released results go (issue 6); exactly one kind table each.
@@ -126,6 +129,8 @@ pub struct Config {
     pub extractors: Vec<ExtractorConfig>,
     /// Where released results go (`[[sinks]]`).
     pub sinks: Vec<crate::sinks::SinkConfig>,
+    /// Watched export folders of file-only instruments (`[[folders]]`).
+    pub folders: Vec<crate::folders::FolderConfig>,
 }
 
 /// One extractor: where it is and the register-map profile it is read with.
@@ -282,6 +287,7 @@ impl Config {
 
         let extractors = parse_extractors(raw.extractors, base, &mut problems);
         let sinks = parse_sinks(raw.sinks, base, &env, &mut problems);
+        let folders = crate::folders::parse_folders(raw.folders, base, &mut problems);
 
         if !problems.is_empty() {
             return Err(problems);
@@ -298,6 +304,7 @@ impl Config {
             users,
             extractors,
             sinks,
+            folders,
         })
     }
 }

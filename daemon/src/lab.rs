@@ -1648,3 +1648,196 @@ fn index_seqs(
     }
     Ok(seqs)
 }
+
+// ----- plate maps from a watched export folder (issue 8; see `crate::folders`) -----
+
+/// One plate of an instrument's plate map: its barcode, format and tube per well.
+#[derive(Clone, Debug)]
+pub struct MappedPlate {
+    pub id: String,
+    pub format: PlateFormat,
+    pub placements: Vec<(Well, Barcode)>,
+}
+
+/// What applying one [`MappedPlate`] did.
+#[derive(Clone, Debug)]
+pub struct MappedOutcome {
+    pub plate: PlateId,
+    /// The plate did not exist and was created (open, with the kit's controls).
+    pub created: bool,
+    /// Tubes put in their wells now.
+    pub placed: Vec<(Well, Barcode)>,
+    /// Tubes that were already in exactly the well the map names: a map applied
+    /// again (after a crash before its import was recorded) changes nothing.
+    pub already_placed: usize,
+}
+
+impl Lab {
+    /// Applies a whole plate-map file in one transaction: every plate is created (if
+    /// new) with `kit`'s layout and gets its tubes in the wells named. All or nothing:
+    /// a tube never received or on another plate or well, a well holding another tube
+    /// or reserved for a control, a plate of another kit or sealed refuses the whole
+    /// file, naming every problem. A tube already in the very well named is not a
+    /// problem, so applying the same map twice is harmless.
+    pub async fn apply_plate_maps(
+        self: &Arc<Self>,
+        actor: Actor,
+        kit: String,
+        maps: Vec<MappedPlate>,
+    ) -> Result<Vec<MappedOutcome>, LabError> {
+        if maps.is_empty() {
+            return Err(LabError::invalid("the plate map names no plate"));
+        }
+        let created_by = actor.user.clone();
+        let outcomes = self
+            .change(actor, move |lab, writer, changes, at| {
+                let kit = lab.kits.find(&kit).map_err(LabError::invalid)?;
+                let mut problems = Vec::new();
+                let mut planned = Vec::new();
+                for map in maps {
+                    let existing = lab.load_plate(&map.id)?;
+                    let created = existing.is_none();
+                    let mut plate = match existing {
+                        Some(plate) => {
+                            if plate.state != PlateState::Open {
+                                problems.push(format!(
+                                    "plate {} is sealed; its contents can no longer change",
+                                    plate.id
+                                ));
+                                continue;
+                            }
+                            if plate.kit_id != kit.id {
+                                problems.push(format!(
+                                    "plate {} was created for kit {}, but this folder's kit is {}",
+                                    plate.id,
+                                    plate.kit_id,
+                                    kit.key()
+                                ));
+                                continue;
+                            }
+                            plate
+                        }
+                        None => {
+                            let Some(template) = kit.template(map.format) else {
+                                problems.push(format!(
+                                    "plate {}: kit {} has no {}-well layout",
+                                    map.id,
+                                    kit.key(),
+                                    map.format
+                                ));
+                                continue;
+                            };
+                            let id = match lab.new_plate_id(writer, changes, Some(map.id.clone()))
+                            {
+                                Ok(id) => id,
+                                Err(e) => {
+                                    problems.push(e.to_string());
+                                    continue;
+                                }
+                            };
+                            PlateRecord {
+                                id,
+                                kind: PlateKind::Extraction,
+                                kit_id: kit.id.clone(),
+                                kit_version: kit.version.clone(),
+                                format: map.format,
+                                state: PlateState::Open,
+                                layout: Layout::from_template(template),
+                                lineage: None,
+                                children: Vec::new(),
+                                created_at: at,
+                                created_by: created_by.clone(),
+                                sealed_at: None,
+                                sealed_by: None,
+                            }
+                        }
+                    };
+                    let mut layout = plate.layout.clone();
+                    let mut records = HashMap::new();
+                    let mut placed = Vec::new();
+                    let mut already_placed = 0;
+                    for (well, barcode) in map.placements {
+                        let Some(tube) = lab.load_tube(&barcode)? else {
+                            problems.push(format!(
+                                "tube {barcode} (plate {}, well {well}) has not been received",
+                                plate.id
+                            ));
+                            continue;
+                        };
+                        match &tube.placement {
+                            Some(p) if p.plate == plate.id && p.well == well => {
+                                already_placed += 1;
+                                continue;
+                            }
+                            Some(p) => {
+                                problems.push(format!(
+                                    "tube {barcode} is already on plate {} in well {}; the map puts it in well {well} of plate {}",
+                                    p.plate, p.well, plate.id
+                                ));
+                                continue;
+                            }
+                            None => {}
+                        }
+                        match layout.place(well, barcode.clone()) {
+                            Ok(()) => {
+                                records.insert(barcode.clone(), tube);
+                                placed.push((well, barcode));
+                            }
+                            Err(e) => problems.push(format!("plate {}: {e}", plate.id)),
+                        }
+                    }
+                    if created {
+                        plate.layout = layout.clone();
+                        changes.put_plate(&plate);
+                        changes.audit(
+                            "plate.created",
+                            Some(&plate.id),
+                            Vec::new(),
+                            format!(
+                                "created {}-well extraction plate {} with kit {} from an instrument's plate map",
+                                plate.format,
+                                plate.id,
+                                kit.key()
+                            ),
+                        );
+                    }
+                    planned.push((plate, layout, placed, records, created, already_placed));
+                }
+                if !problems.is_empty() {
+                    return Err(LabError::conflict_all(
+                        format!(
+                            "{} problem(s) in the plate map; nothing was applied",
+                            problems.len()
+                        ),
+                        problems,
+                    ));
+                }
+                let mut outcomes = Vec::new();
+                for (mut plate, layout, placed, records, created, already_placed) in planned {
+                    if !placed.is_empty() {
+                        lab.record_placements(
+                            changes,
+                            &mut plate,
+                            &layout,
+                            &placed,
+                            &records,
+                            "plate.mapped",
+                        );
+                    }
+                    outcomes.push(MappedOutcome {
+                        plate: plate.id,
+                        created,
+                        placed,
+                        already_placed,
+                    });
+                }
+                Ok(outcomes)
+            })
+            .await?;
+        let created = outcomes.iter().filter(|o| o.created).count() as u64;
+        self.counters
+            .plates_created
+            .fetch_add(created, Ordering::Relaxed);
+        Ok(outcomes)
+    }
+}

@@ -593,3 +593,13 @@ pub struct SinkDeliveryView {
     /// pending, in_flight, delivered or dead.
     pub state: String,
 }
+
+/// Query of `GET /api/v1/imports`.
+#[derive(Debug, Deserialize, IntoParams)]
+pub struct ImportsQuery {
+    /// Only this watched folder (its configured name).
+    pub folder: Option<String>,
+    /// Newest first, at most this many (default 100).
+    #[param(minimum = 1, maximum = 10000)]
+    pub limit: Option<u32>,
+}

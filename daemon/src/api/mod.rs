@@ -30,6 +30,7 @@ use dto::*;
 pub struct AppState {
     pub lab: Arc<Lab>,
     pub instruments: Arc<Instruments>,
+    pub folders: Arc<crate::folders::Folders>,
     users: Arc<Vec<User>>,
     metrics: Arc<HttpMetrics>,
 }
@@ -312,7 +313,7 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     modifiers(&BearerAuth),
     components(schemas(ErrorBody)),
     security(("bearer" = [])),
-    tags((name = "tubes"), (name = "plates"), (name = "audit"), (name = "kits"), (name = "instruments"), (name = "outbox"))
+    tags((name = "tubes"), (name = "plates"), (name = "audit"), (name = "kits"), (name = "instruments"), (name = "outbox"), (name = "folders"))
 )]
 struct ApiDoc;
 
@@ -382,12 +383,14 @@ impl Modify for StandardErrors {
 pub fn router(
     lab: Arc<Lab>,
     instruments: Arc<Instruments>,
+    folders: Arc<crate::folders::Folders>,
     users: Vec<User>,
     max_body_bytes: usize,
 ) -> Router {
     let state = AppState {
         lab,
         instruments,
+        folders,
         users: Arc::new(users),
         metrics: Arc::new(HttpMetrics::default()),
     };
@@ -411,6 +414,9 @@ pub fn router(
         .routes(routes!(outbox_dead))
         .routes(routes!(outbox_retry))
         .routes(routes!(outbox_delivery))
+        .routes(routes!(list_folders))
+        .routes(routes!(list_imports))
+        .routes(routes!(imported_results))
         .split_for_parts();
     // Modifiers in #[openapi] run before the routes add their paths, so this one runs
     // on the finished document.
@@ -1066,6 +1072,7 @@ async fn metrics_text(State(state): State<AppState>) -> impl IntoResponse {
         );
     }
     state.instruments.render_metrics(&mut out);
+    state.folders.render_metrics(&mut out);
     lab.outbox().render_metrics(lab.store(), &mut out);
     (
         [(
@@ -1243,4 +1250,58 @@ async fn outbox_delivery(
             })
             .collect(),
     }))
+}
+
+#[utoipa::path(get, path = "/api/v1/folders", tag = "folders",
+    responses((status = 200, body = Vec<crate::folders::FolderView>)))]
+async fn list_folders(
+    State(state): State<AppState>,
+    _caller: Caller,
+) -> ApiResult<Json<Vec<crate::folders::FolderView>>> {
+    Ok(Json(
+        state
+            .folders
+            .status(&state.lab)
+            .map_err(|e| ApiError::from(LabError::Store(e)))?,
+    ))
+}
+
+#[utoipa::path(get, path = "/api/v1/imports", tag = "folders", params(ImportsQuery),
+    responses((status = 200, body = Vec<crate::folders::ImportView>), (status = 404, body = ErrorBody)))]
+async fn list_imports(
+    State(state): State<AppState>,
+    _caller: Caller,
+    Query(q): Query<ImportsQuery>,
+) -> ApiResult<Json<Vec<crate::folders::ImportView>>> {
+    let limit = in_range("limit", q.limit.map(u64::from), 1, 10_000)?.unwrap_or(100);
+    if let Some(name) = &q.folder
+        && !state.folders.has(name)
+    {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("no watched folder named {name:?}"),
+        ));
+    }
+    Ok(Json(
+        state
+            .folders
+            .events(&state.lab, q.folder.as_deref(), limit as usize)
+            .map_err(|e| ApiError::from(LabError::Store(e)))?,
+    ))
+}
+
+#[utoipa::path(get, path = "/api/v1/tubes/{barcode}/imported-results", tag = "folders",
+    params(("barcode" = String, Path, description = "Tube barcode")),
+    responses((status = 200, body = Vec<crate::folders::ImportedResult>), (status = 404, body = ErrorBody)))]
+async fn imported_results(
+    State(state): State<AppState>,
+    _caller: Caller,
+    Path(barcode): Path<String>,
+) -> ApiResult<Json<Vec<crate::folders::ImportedResult>>> {
+    state.lab.tube(&barcode)?;
+    Ok(Json(
+        crate::folders::Folders::results_for_tube(&state.lab, &barcode)
+            .map_err(|e| ApiError::from(LabError::Store(e)))?,
+    ))
 }

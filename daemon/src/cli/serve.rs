@@ -33,6 +33,15 @@ pub(super) fn load(
         }
         ExitCode::from(exit::USAGE)
     })?;
+    // Watched folders name kits, which the config parser cannot check.
+    let folder_problems = crate::folders::check_kits(&config.folders, &kits);
+    if !folder_problems.is_empty() {
+        eprintln!("pcrd: invalid configuration {}:", config_path.display());
+        for problem in &folder_problems {
+            eprintln!("  - {problem}");
+        }
+        return Err(ExitCode::from(exit::USAGE));
+    }
     Ok((config, kits))
 }
 
@@ -122,9 +131,12 @@ async fn serve(config: Config, lab: Arc<Lab>) -> ExitCode {
         eprintln!("pcrd: {e}");
         return ExitCode::from(exit::USAGE);
     }
+    // One polling task per watched export folder (issue 8).
+    let folders = crate::folders::Folders::start(Arc::clone(&lab), &config.folders);
     let app = crate::api::router(
         Arc::clone(&lab),
         Arc::clone(&instruments),
+        folders,
         config.users,
         config.max_body_bytes,
     );

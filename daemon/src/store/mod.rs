@@ -117,7 +117,11 @@ pub struct Trees {
     pub cycles: sled::Tree,
     /// Messages received from analysers (raw bytes kept); key layout in `crate::analysers`.
     pub messages: sled::Tree,
-    /// Files imported from watched folders, by fingerprint; key layout in `crate::folders`.
+    /// Files imported from watched folders, by fingerprint; key layout in `crate::folders`:
+    /// `f` ++ sha256 hex -> `ImportRecord` (the once-only index);
+    /// `l` ++ folder ++ 0x00 ++ time (ms, ordered i64 BE) ++ sha256 hex -> `ImportEvent`
+    /// (every outcome, per folder in time order);
+    /// `r` ++ tube barcode ++ 0x00 ++ sha256 hex -> `ImportedResult` (results per tube).
     pub imports: sled::Tree,
 }
 
