@@ -71,7 +71,8 @@ fn api_args(command: &Command) -> Option<&ApiArgs> {
         | Command::Completions { .. }
         | Command::Store(_)
         | Command::Instrument(_)
-        | Command::Analyze(_) => None,
+        | Command::Analyze(_)
+        | Command::Sink(_) => None,
     }
 }
 
@@ -89,7 +90,8 @@ async fn dispatch(client: &Client, command: Command) -> Result<(), ClientError> 
         | Command::Completions { .. }
         | Command::Store(_)
         | Command::Instrument(_)
-        | Command::Analyze(_) => Err(ClientError::usage("not a client command")),
+        | Command::Analyze(_)
+        | Command::Sink(_) => Err(ClientError::usage("not a client command")),
     }
 }
 

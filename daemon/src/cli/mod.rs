@@ -7,6 +7,7 @@ mod import;
 mod instrument;
 mod render;
 mod serve;
+mod sink;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -60,6 +61,9 @@ pub enum Command {
     /// Work on the store directly (the daemon must be stopped).
     #[command(subcommand)]
     Store(StoreCommand),
+    /// Offline sink helpers: `pcrd sink schema postgres` prints the exchange table's DDL.
+    #[command(subcommand)]
+    Sink(sink::SinkCommand),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
     Completions {
         #[arg(value_enum)]
@@ -330,6 +334,7 @@ pub fn main() -> ExitCode {
         }) => check_store(&config, data_dir, json),
         Command::Analyze(args) => analyze::run(args),
         Command::Instrument(command) => instrument::run(command),
+        Command::Sink(command) => sink::run(command),
         Command::Completions { shell } => {
             clap_complete::generate(shell, &mut Cli::command(), "pcrd", &mut std::io::stdout());
             ExitCode::SUCCESS
