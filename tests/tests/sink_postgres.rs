@@ -299,3 +299,31 @@ async fn a_table_lacking_columns_is_named_in_the_retry() {
         other => panic!("{other:?}"),
     }
 }
+
+#[tokio::test]
+async fn a_large_batch_is_written_by_two_sessions_and_a_refusal_in_either_stays_alone() {
+    let server = PgServer::start();
+    let db = server.create_database("exchange");
+    let mut sink = sink(&server, &db, None, true);
+    all_delivered(&sink.deliver(&items(0..1000, 1)).await, 1000);
+    let sessions = count(
+        &server,
+        &db,
+        "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'pcrd'",
+    );
+    assert_eq!(sessions, 2, "the default is two sessions");
+
+    let mut batch = items(1000..2000, 1);
+    batch[100].record.released_at = "never".into();
+    batch[900].record.released_at = "later".into();
+    let outcomes = sink.deliver(&batch).await;
+    for (i, outcome) in outcomes.iter().enumerate() {
+        match (i, outcome) {
+            (100 | 900, ItemOutcome::Dead { reason, .. }) => {
+                assert_eq!(*reason, DeadReason::Rejected)
+            }
+            (_, other) => assert_eq!(*other, ItemOutcome::Delivered, "item {i}"),
+        }
+    }
+    assert_eq!(count(&server, &db, "SELECT count(*) FROM pcrd_results"), 1998);
+}

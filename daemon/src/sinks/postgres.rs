@@ -57,6 +57,8 @@ pub struct RawPostgresConfig {
     /// Create the exchange table (and its view) at first connect if it is missing.
     #[serde(default)]
     pub create_table: bool,
+    /// Sessions writing parts of a large batch concurrently (1..=8, default 2).
+    pub connections: Option<usize>,
 }
 
 /// A validated `[sinks.postgres]`.
@@ -71,6 +73,7 @@ pub struct PostgresConfig {
     pub connect_timeout: Duration,
     pub statement_timeout: Duration,
     pub create_table: bool,
+    pub connections: usize,
 }
 
 impl std::fmt::Debug for PostgresConfig {
@@ -86,6 +89,7 @@ impl std::fmt::Debug for PostgresConfig {
             .field("connect_timeout", &self.connect_timeout)
             .field("statement_timeout", &self.statement_timeout)
             .field("create_table", &self.create_table)
+            .field("connections", &self.connections)
             .finish()
     }
 }
@@ -147,6 +151,12 @@ impl PostgresConfig {
             problems.push("sinks.postgres.user: must not be empty".to_owned());
         }
         let dbname = raw.dbname.unwrap_or_else(|| user.clone());
+        let connections = raw.connections.unwrap_or(2);
+        if !(1..=8).contains(&connections) {
+            problems.push(format!(
+                "sinks.postgres.connections: {connections} is not between 1 and 8"
+            ));
+        }
         match (problems.is_empty(), table) {
             (true, Some(table)) => Ok(PostgresConfig {
                 host: raw.host.unwrap_or_else(|| "127.0.0.1".to_owned()),
@@ -158,6 +168,7 @@ impl PostgresConfig {
                 connect_timeout,
                 statement_timeout,
                 create_table: raw.create_table,
+                connections,
             }),
             _ => Err(problems),
         }
@@ -249,6 +260,34 @@ const COLUMNS: [&str; 21] = [
     "lab_id",
     "targets",
     "record",
+];
+
+/// How each of [`COLUMNS`] is read from a staging row `(idempotency_key, r)`, where
+/// `r` is the record as JSONB: the record is parsed once, on its way into staging, and
+/// every column is taken from it (PostgreSQL spends most of a batch parsing JSON, and
+/// sending the fields and the targets beside the record would parse them twice).
+const SELECT_FROM_STAGING: [&str; 21] = [
+    "r ->> 'result_id'",
+    "(r ->> 'version')::integer",
+    "idempotency_key",
+    "(r ->> 'schema_version')::integer",
+    "r ->> 'tube'",
+    "(r ->> 'pool_size')::smallint",
+    "r ->> 'plate'",
+    "r ->> 'well'",
+    "r ->> 'run'",
+    "r ->> 'instrument'",
+    "r -> 'kit' ->> 'id'",
+    "r -> 'kit' ->> 'version'",
+    "r ->> 'interpretation'",
+    "r ->> 'status'",
+    "r ->> 'correction_reason'",
+    "(r ->> 'tested_at')::timestamptz",
+    "(r ->> 'released_at')::timestamptz",
+    "r ->> 'released_by'",
+    "r ->> 'lab_id'",
+    "r -> 'targets'",
+    "r",
 ];
 
 /// The exchange table's DDL (`pcrd sink schema postgres`): the table, an index by tube
@@ -347,16 +386,28 @@ fn classify(context: &str, error: &tokio_postgres::Error) -> WriteError {
     }
 }
 
-/// The PostgreSQL sink: one connection, opened at the first delivery and again after
-/// it breaks.
+/// The PostgreSQL sink: `connections` sessions ("lanes"), each opened at the first
+/// delivery that needs it and again after it breaks. A large batch is cut into one
+/// part per lane, written concurrently, each part in its own transaction: PostgreSQL
+/// runs one backend per session, so a second session puts the server's second core to
+/// work parsing JSON (where a batch spends most of its time).
 #[derive(Debug)]
 pub struct PostgresSink {
+    shared: Shared,
+    lanes: Vec<Lane>,
+}
+
+/// What every lane reads.
+#[derive(Debug)]
+struct Shared {
     config: PostgresConfig,
-    connection: Option<Connection>,
     copy_sql: String,
     insert_sql: String,
-    /// Reused between batches.
-    buffer: Vec<u8>,
+}
+
+#[derive(Debug, Default)]
+struct Lane {
+    connection: Option<Connection>,
 }
 
 #[derive(Debug)]
@@ -364,47 +415,108 @@ struct Connection {
     client: Client,
 }
 
+/// A batch is cut into parts for several lanes only when each part gets this many.
+const MIN_ITEMS_PER_LANE: usize = 250;
+
 impl PostgresSink {
     pub fn new(config: &PostgresConfig) -> Result<PostgresSink, String> {
-        let columns = COLUMNS.join(", ");
         Ok(PostgresSink {
-            config: config.clone(),
-            connection: None,
-            copy_sql: format!("COPY pg_temp.pcrd_staging ({columns}) FROM STDIN"),
-            insert_sql: format!(
-                "INSERT INTO {} ({columns}) SELECT {columns} FROM pg_temp.pcrd_staging \
-                 ON CONFLICT (result_id, version) DO NOTHING",
-                config.table.quoted()
-            ),
-            buffer: Vec::new(),
+            shared: Shared {
+                config: config.clone(),
+                copy_sql: "COPY pg_temp.pcrd_staging (idempotency_key, r) FROM STDIN".to_owned(),
+                insert_sql: format!(
+                    "INSERT INTO {} ({}) SELECT {} FROM pg_temp.pcrd_staging \
+                     ON CONFLICT (result_id, version) DO NOTHING",
+                    config.table.quoted(),
+                    COLUMNS.join(", "),
+                    SELECT_FROM_STAGING.join(", ")
+                ),
+            },
+            lanes: (0..config.connections.max(1)).map(|_| Lane::default()).collect(),
         })
     }
 
-    /// Delivers `items` in one transaction; see the module documentation.
+    /// Delivers `items`; see the module documentation. Outcomes keep the outbox's
+    /// order: once an item must be retried, every later item is reported for retry
+    /// too, even one another lane committed (sending it again adds nothing).
     pub async fn deliver(&mut self, items: &[OutboxItem]) -> Vec<ItemOutcome> {
         if items.is_empty() {
             return Vec::new();
         }
-        // Items PostgreSQL text cannot hold are dead before anything is sent.
-        let unencodable: Vec<Option<String>> =
-            items.iter().map(|i| unencodable(&i.record)).collect();
-        if unencodable.iter().any(Option::is_some) {
-            return self.deliver_one_by_one(items).await;
+        let lanes = (items.len() / MIN_ITEMS_PER_LANE).clamp(1, self.lanes.len());
+        // Connect the lanes one after the other: concurrent CREATE TABLE IF NOT EXISTS
+        // can collide in PostgreSQL's catalog.
+        for lane in &mut self.lanes[..lanes] {
+            if let Err(e) = lane.ensure_connected(&self.shared).await {
+                let reason = match e {
+                    WriteError::Data(reason) | WriteError::Transient { reason, .. } => reason,
+                };
+                return all_retry(items, &reason, None);
+            }
         }
-        match self.write(items).await {
+        let part = items.len().div_ceil(lanes);
+        let shared = &self.shared;
+        let writes = self.lanes[..lanes]
+            .iter_mut()
+            .zip(items.chunks(part))
+            .map(|(lane, part)| lane.deliver(shared, part));
+        let mut outcomes: Vec<ItemOutcome> = futures_util::future::join_all(writes)
+            .await
+            .into_iter()
+            .flatten()
+            .collect();
+        if let Some(first) = outcomes
+            .iter()
+            .position(|o| matches!(o, ItemOutcome::Retry { .. }))
+        {
+            let retry = outcomes[first].clone();
+            for later in &mut outcomes[first..] {
+                if *later == ItemOutcome::Delivered {
+                    *later = retry.clone();
+                }
+            }
+        }
+        outcomes
+    }
+}
+
+impl Lane {
+    async fn ensure_connected(&mut self, shared: &Shared) -> Result<(), WriteError> {
+        if self.connection.as_ref().is_none_or(|c| c.client.is_closed()) {
+            self.connection = None;
+            let limit = shared.config.connect_timeout + shared.config.statement_timeout;
+            match tokio::time::timeout(limit, shared.connect()).await {
+                Ok(connection) => self.connection = Some(connection?),
+                Err(_) => return Err(shared.no_answer(limit)),
+            }
+        }
+        Ok(())
+    }
+
+    /// `items` in one transaction; when the table refuses a value, item by item.
+    async fn deliver(&mut self, shared: &Shared, items: &[OutboxItem]) -> Vec<ItemOutcome> {
+        // Items PostgreSQL text cannot hold are dead before anything is sent.
+        if items.iter().any(|i| unencodable(&i.record).is_some()) {
+            return self.deliver_one_by_one(shared, items).await;
+        }
+        match self.write(shared, items).await {
             Ok(()) => vec![ItemOutcome::Delivered; items.len()],
             Err(WriteError::Transient { reason, .. }) => all_retry(items, &reason, None),
             Err(WriteError::Data(reason)) => {
                 tracing::warn!(sink = "postgres", %reason, items = items.len(),
                     "the exchange table refused a value; writing the batch item by item");
-                self.deliver_one_by_one(items).await
+                self.deliver_one_by_one(shared, items).await
             }
         }
     }
 
     /// One transaction per item, to find the ones the table refuses. Stops at the
     /// first transient failure: the rest are retried.
-    async fn deliver_one_by_one(&mut self, items: &[OutboxItem]) -> Vec<ItemOutcome> {
+    async fn deliver_one_by_one(
+        &mut self,
+        shared: &Shared,
+        items: &[OutboxItem],
+    ) -> Vec<ItemOutcome> {
         let mut outcomes = Vec::with_capacity(items.len());
         for (index, item) in items.iter().enumerate() {
             if let Some(detail) = unencodable(&item.record) {
@@ -414,7 +526,7 @@ impl PostgresSink {
                 });
                 continue;
             }
-            match self.write(std::slice::from_ref(item)).await {
+            match self.write(shared, std::slice::from_ref(item)).await {
                 Ok(()) => outcomes.push(ItemOutcome::Delivered),
                 Err(WriteError::Data(detail)) => {
                     tracing::warn!(sink = "postgres", key = %item.record.idempotency_key(),
@@ -435,19 +547,12 @@ impl PostgresSink {
 
     /// Writes `items` in one transaction, connecting first when needed. The whole
     /// attempt is bounded: a server that stops answering is a retry, not a hang.
-    async fn write(&mut self, items: &[OutboxItem]) -> Result<(), WriteError> {
-        let limit = self.config.connect_timeout + self.config.statement_timeout * 3;
-        let result = match tokio::time::timeout(limit, self.write_unbounded(items)).await {
+    async fn write(&mut self, shared: &Shared, items: &[OutboxItem]) -> Result<(), WriteError> {
+        let limit = shared.config.connect_timeout + shared.config.statement_timeout * 3;
+        let result = match tokio::time::timeout(limit, self.write_unbounded(shared, items)).await
+        {
             Ok(result) => result,
-            Err(_) => Err(WriteError::Transient {
-                reason: format!(
-                    "no answer from PostgreSQL at {}:{} within {}",
-                    self.config.host,
-                    self.config.port,
-                    humantime::format_duration(limit)
-                ),
-                reconnect: true,
-            }),
+            Err(_) => Err(shared.no_answer(limit)),
         };
         if let Err(WriteError::Transient {
             reconnect: true, ..
@@ -458,15 +563,16 @@ impl PostgresSink {
         result
     }
 
-    async fn write_unbounded(&mut self, items: &[OutboxItem]) -> Result<(), WriteError> {
-        if self.connection.as_ref().is_none_or(|c| c.client.is_closed()) {
-            self.connection = None;
-            self.connection = Some(self.connect().await?);
-        }
-        let mut buffer = std::mem::take(&mut self.buffer);
-        buffer.clear();
+    async fn write_unbounded(
+        &mut self,
+        shared: &Shared,
+        items: &[OutboxItem],
+    ) -> Result<(), WriteError> {
+        self.ensure_connected(shared).await?;
+        let mut rows = Vec::with_capacity(items.len() * 1200);
+        let mut scratch = Vec::with_capacity(2048);
         for item in items {
-            encode_row(&item.record, &mut buffer);
+            encode_row(&item.record, &mut scratch, &mut rows);
         }
         let Some(connection) = self.connection.as_mut() else {
             return Err(WriteError::Transient {
@@ -474,15 +580,27 @@ impl PostgresSink {
                 reconnect: true,
             });
         };
-        let result = write_batch(
+        write_batch(
             &mut connection.client,
-            &self.copy_sql,
-            &self.insert_sql,
-            &mut buffer,
+            &shared.copy_sql,
+            &shared.insert_sql,
+            rows,
         )
-        .await;
-        self.buffer = buffer;
-        result
+        .await
+    }
+}
+
+impl Shared {
+    fn no_answer(&self, limit: Duration) -> WriteError {
+        WriteError::Transient {
+            reason: format!(
+                "no answer from PostgreSQL at {}:{} within {}",
+                self.config.host,
+                self.config.port,
+                humantime::format_duration(limit)
+            ),
+            reconnect: true,
+        }
     }
 
     /// Connects, sets the session up (timeouts, staging table) and checks or creates
@@ -536,8 +654,7 @@ impl PostgresSink {
         client
             .batch_execute(&format!(
                 "CREATE TEMP TABLE IF NOT EXISTS pcrd_staging \
-                 (LIKE {} INCLUDING DEFAULTS) ON COMMIT DELETE ROWS",
-                c.table.quoted()
+                 (idempotency_key text NOT NULL, r jsonb NOT NULL) ON COMMIT DELETE ROWS"
             ))
             .await
             .map_err(setup)?;
@@ -599,7 +716,7 @@ async fn write_batch(
     client: &mut Client,
     copy_sql: &str,
     insert_sql: &str,
-    rows: &mut Vec<u8>,
+    rows: Vec<u8>,
 ) -> Result<(), WriteError> {
     let transaction = client
         .transaction()
@@ -610,7 +727,7 @@ async fn write_batch(
         .await
         .map_err(|e| classify("COPY into the staging table", &e))?;
     futures_util::pin_mut!(copy);
-    copy.send(Bytes::from(std::mem::take(rows)))
+    copy.send(Bytes::from(rows))
         .await
         .map_err(|e| classify("COPY into the staging table", &e))?;
     copy.as_mut()
@@ -640,41 +757,26 @@ fn unencodable(record: &ResultRecord) -> Option<String> {
     })
 }
 
-/// Appends one row of `COPY ... FROM STDIN` text format (tab-separated, `\N` for NULL,
-/// backslash escapes) in [`COLUMNS`] order.
-fn encode_row(r: &ResultRecord, out: &mut Vec<u8>) {
-    let mut line = String::with_capacity(1024);
-    let mut field = |value: Option<&str>, last: bool| {
-        match value {
-            None => line.push_str("\\N"),
-            Some(v) => escape_into(v, &mut line),
+/// Appends one staging row in `COPY ... FROM STDIN` text format: the idempotency key,
+/// a tab, the record as JSON, a newline, with COPY's backslash escapes.
+fn encode_row(r: &ResultRecord, scratch: &mut Vec<u8>, out: &mut Vec<u8>) {
+    let mut key = String::new();
+    escape_into(&r.idempotency_key(), &mut key);
+    out.extend_from_slice(key.as_bytes());
+    out.push(b'\t');
+    scratch.clear();
+    // Serialising a struct of strings and numbers does not fail (a non-finite Ct is
+    // written as null).
+    let _ = serde_json::to_writer(&mut *scratch, r);
+    // serde_json writes control characters as escapes, so the JSON holds no raw tab,
+    // newline or carriage return; only its backslashes need doubling for COPY.
+    for &byte in scratch.iter() {
+        if byte == b'\\' {
+            out.push(b'\\');
         }
-        line.push(if last { '\n' } else { '\t' });
-    };
-    let targets = serde_json::to_string(&r.targets).unwrap_or_else(|_| "[]".to_owned());
-    let record = serde_json::to_string(r).unwrap_or_else(|_| "{}".to_owned());
-    field(Some(&r.result_id), false);
-    field(Some(&r.version.to_string()), false);
-    field(Some(&r.idempotency_key()), false);
-    field(Some(&r.schema_version.to_string()), false);
-    field(Some(&r.tube), false);
-    field(Some(&r.pool_size.to_string()), false);
-    field(Some(&r.plate), false);
-    field(Some(&r.well), false);
-    field(Some(&r.run), false);
-    field(Some(&r.instrument), false);
-    field(Some(&r.kit.id), false);
-    field(Some(&r.kit.version), false);
-    field(Some(r.interpretation.as_str()), false);
-    field(Some(r.status.as_str()), false);
-    field(r.correction_reason.as_deref(), false);
-    field(Some(&r.tested_at), false);
-    field(Some(&r.released_at), false);
-    field(Some(&r.released_by), false);
-    field(Some(&r.lab_id), false);
-    field(Some(&targets), false);
-    field(Some(&record), true);
-    out.extend_from_slice(line.as_bytes());
+        out.push(byte);
+    }
+    out.push(b'\n');
 }
 
 fn escape_into(value: &str, out: &mut String) {
