@@ -80,12 +80,22 @@ fn record(n: usize) -> ResultRecord {
             version: "1".into(),
         },
         targets: vec![
-            target("N1", "FAM", Some("94759-8"), (n % 10 == 0).then_some(27.41)),
-            target("N2", "HEX", Some("94760-6"), (n % 10 == 0).then_some(28.02)),
+            target(
+                "N1",
+                "FAM",
+                Some("94759-8"),
+                n.is_multiple_of(10).then_some(27.41),
+            ),
+            target(
+                "N2",
+                "HEX",
+                Some("94760-6"),
+                n.is_multiple_of(10).then_some(28.02),
+            ),
             target("RP", "CY5", None, Some(24.9)),
             target("IC", "ROX", None, Some(30.12)),
         ],
-        interpretation: if n % 10 == 0 {
+        interpretation: if n.is_multiple_of(10) {
             Interpretation::Positive
         } else {
             Interpretation::Negative
@@ -170,9 +180,10 @@ async fn postgres(runs: usize, all: &[OutboxItem], few: &[OutboxItem], batch: us
         let table = TableName::parse(table).map_err(anyhow::Error::msg)?;
         server.psql(&db, &schema_sql(&table));
     }
-    let (client, connection) = tokio_postgres::connect(&server.conninfo(&db), tokio_postgres::NoTls)
-        .await
-        .context("connect the naive client")?;
+    let (client, connection) =
+        tokio_postgres::connect(&server.conninfo(&db), tokio_postgres::NoTls)
+            .await
+            .context("connect the naive client")?;
     tokio::spawn(connection);
     let insert = client
         .prepare(
@@ -196,7 +207,11 @@ async fn postgres(runs: usize, all: &[OutboxItem], few: &[OutboxItem], batch: us
             .psql(&db, "SELECT count(*) FROM pcrd_results")
             .trim()
             .parse()?;
-        ensure!(stored == all.len(), "{stored} rows stored, {} sent", all.len());
+        ensure!(
+            stored == all.len(),
+            "{stored} rows stored, {} sent",
+            all.len()
+        );
 
         let started = Instant::now();
         for item in few {
@@ -245,9 +260,23 @@ async fn postgres(runs: usize, all: &[OutboxItem], few: &[OutboxItem], batch: us
         rows.push(row_rate);
     }
     let (b, r) = (median(&batched), median(&rows));
-    println!("{}", bench("sinks.postgres_batches", b, "results/s", &batched));
-    println!("{}", bench("sinks.postgres_replay", median(&replay), "results/s", &replay));
-    println!("{}", bench("sinks.postgres_row_inserts", r, "results/s", &rows));
+    println!(
+        "{}",
+        bench("sinks.postgres_batches", b, "results/s", &batched)
+    );
+    println!(
+        "{}",
+        bench(
+            "sinks.postgres_replay",
+            median(&replay),
+            "results/s",
+            &replay
+        )
+    );
+    println!(
+        "{}",
+        bench("sinks.postgres_row_inserts", r, "results/s", &rows)
+    );
     println!("{}", bench("sinks.postgres_ratio", b / r, "x", &[b / r]));
     println!("{}", goal("sinks.postgres_batches", b, ">", 100_000.0));
     Ok(())
@@ -298,7 +327,11 @@ async fn http(runs: usize, all: &[OutboxItem], few: &[OutboxItem], batch: usize)
         let mut deliver = async |items: &[OutboxItem]| sink.deliver(items).await;
         let rate = deliver_all(&mut deliver, all, batch).await?;
         let received = keys.lock().unwrap_or_else(|p| p.into_inner()).len();
-        ensure!(received == all.len(), "{received} received, {} sent", all.len());
+        ensure!(
+            received == all.len(),
+            "{received} received, {} sent",
+            all.len()
+        );
 
         let mut one = HttpSink::new(&config(1)?).map_err(anyhow::Error::msg)?;
         let mut deliver_one = async |items: &[OutboxItem]| one.deliver(items).await;
@@ -310,7 +343,10 @@ async fn http(runs: usize, all: &[OutboxItem], few: &[OutboxItem], batch: usize)
     server.abort();
     let (b, s) = (median(&batched), median(&single));
     println!("{}", bench("sinks.http_batches", b, "results/s", &batched));
-    println!("{}", bench("sinks.http_one_per_result", s, "results/s", &single));
+    println!(
+        "{}",
+        bench("sinks.http_one_per_result", s, "results/s", &single)
+    );
     println!("{}", bench("sinks.http_ratio", b / s, "x", &[b / s]));
     println!("{}", goal("sinks.http_batches", b, ">", 50_000.0));
     Ok(())

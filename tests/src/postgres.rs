@@ -36,7 +36,7 @@ pub fn bin_dir() -> Result<PathBuf, String> {
     majors
         .pop()
         .map(|(_, bin)| bin)
-        .ok_or_else(|| format!("no /usr/lib/postgresql/*/bin/initdb"))
+        .ok_or_else(|| "no /usr/lib/postgresql/*/bin/initdb".to_owned())
 }
 
 fn running_as_root() -> bool {
@@ -62,7 +62,9 @@ impl PgServer {
     pub fn start() -> PgServer {
         let bin = match bin_dir() {
             Ok(bin) => bin,
-            Err(e) => panic!("PostgreSQL server binaries are missing ({e}); install them: {INSTALL_HINT}"),
+            Err(e) => {
+                panic!("PostgreSQL server binaries are missing ({e}); install them: {INSTALL_HINT}")
+            }
         };
         let as_postgres_user = running_as_root();
         let dir = tempfile::Builder::new()
@@ -151,12 +153,18 @@ impl PgServer {
         let log = self.dir.path().join("server.log").display().to_string();
         self.run_ok(
             "pg_ctl",
-            &["-D", &data, "-l", &log, "-o", &options, "-w", "-t", "60", "start"],
+            &[
+                "-D", &data, "-l", &log, "-o", &options, "-w", "-t", "60", "start",
+            ],
         );
         // pg_ctl -w waits for the server; make sure TCP answers too.
         let deadline = Instant::now() + Duration::from_secs(30);
         while std::net::TcpStream::connect((self.host(), self.port)).is_err() {
-            assert!(Instant::now() < deadline, "PostgreSQL did not listen on {}", self.port);
+            assert!(
+                Instant::now() < deadline,
+                "PostgreSQL did not listen on {}",
+                self.port
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -175,8 +183,22 @@ impl PgServer {
         let output = self.run(
             "psql",
             &[
-                "-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-h", &socket, "-p", &port, "-U",
-                "postgres", "-d", dbname, "-c", sql,
+                "-X",
+                "-q",
+                "-A",
+                "-t",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-h",
+                &socket,
+                "-p",
+                &port,
+                "-U",
+                "postgres",
+                "-d",
+                dbname,
+                "-c",
+                sql,
             ],
         );
         assert!(
@@ -211,7 +233,8 @@ impl PgServer {
     fn run_ok(&self, program: &str, args: &[&str]) {
         let output = self.run(program, args);
         if !output.status.success() {
-            let log = std::fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default();
+            let log =
+                std::fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default();
             panic!(
                 "{program} {args:?} failed ({}):\n{}\n{}\nserver log:\n{log}",
                 output.status,

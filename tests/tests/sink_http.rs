@@ -95,7 +95,9 @@ struct Seen {
 type Shared = Arc<Mutex<Seen>>;
 
 async fn receive(State(seen): State<Shared>, headers: HeaderMap, body: Bytes) -> Response {
-    if headers.get("authorization") != Some(&HeaderValue::from_static("Bearer central-system-token-1")) {
+    if headers.get("authorization")
+        != Some(&HeaderValue::from_static("Bearer central-system-token-1"))
+    {
         return (StatusCode::UNAUTHORIZED, "bad token").into_response();
     }
     let Ok(batch) = serde_json::from_slice::<serde_json::Value>(&body) else {
@@ -143,9 +145,10 @@ async fn receive(State(seen): State<Shared>, headers: HeaderMap, body: Bytes) ->
             let mut response =
                 (StatusCode::from_u16(status).expect("status"), body).into_response();
             if let Some(value) = retry_after {
-                response
-                    .headers_mut()
-                    .insert("retry-after", HeaderValue::from_str(&value).expect("header"));
+                response.headers_mut().insert(
+                    "retry-after",
+                    HeaderValue::from_str(&value).expect("header"),
+                );
             }
             return response;
         }
@@ -213,13 +216,16 @@ impl Drop for Receiver {
 }
 
 fn sink_to(url: &str, token: Option<&str>, batch_size: usize, timeout: &str) -> HttpSink {
-    sink_with(RawHttpConfig {
-        url: Some(url.to_owned()),
-        token_env: Some("CENTRAL_TOKEN".into()),
-        timeout: Some(timeout.into()),
-        batch_size: Some(batch_size),
-        ca_file: None,
-    }, token)
+    sink_with(
+        RawHttpConfig {
+            url: Some(url.to_owned()),
+            token_env: Some("CENTRAL_TOKEN".into()),
+            timeout: Some(timeout.into()),
+            batch_size: Some(batch_size),
+            ca_file: None,
+        },
+        token,
+    )
 }
 
 fn sink_with(raw: RawHttpConfig, token: Option<&str>) -> HttpSink {
@@ -272,7 +278,11 @@ async fn batches_arrive_with_the_token_and_a_stable_key_and_duplicates_are_harml
     all_delivered(&restarted.deliver(&items(0..250)).await, 250);
     let again = receiver.requests();
     assert_eq!(again.len(), 6);
-    assert_eq!(again[..3], again[3..], "the same items give the same Idempotency-Key");
+    assert_eq!(
+        again[..3],
+        again[3..],
+        "the same items give the same Idempotency-Key"
+    );
     assert_eq!(receiver.unique_keys(), 250);
     assert_eq!(receiver.seen.lock().expect("lock").accepted, 500);
 }
@@ -287,9 +297,16 @@ async fn a_500_and_a_hang_are_retried_and_the_next_attempt_delivers() {
         body: "database busy",
     });
     let (reason, after) = all_retry(&sink.deliver(&items(0..25)).await, 25);
-    assert!(reason.contains("500") && reason.contains("database busy"), "{reason}");
+    assert!(
+        reason.contains("500") && reason.contains("database busy"),
+        "{reason}"
+    );
     assert_eq!(after, None);
-    assert_eq!(receiver.requests().len(), 1, "after a retry the rest is not sent");
+    assert_eq!(
+        receiver.requests().len(),
+        1,
+        "after a retry the rest is not sent"
+    );
 
     receiver.cue(Cue::Hang(Duration::from_secs(3)));
     let (reason, _) = all_retry(&sink.deliver(&items(0..25)).await, 25);

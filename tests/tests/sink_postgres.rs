@@ -107,13 +107,19 @@ async fn batches_land_once_and_a_resent_batch_adds_nothing() {
     for start in [0, 100, 200] {
         all_delivered(&sink.deliver(&items(start..start + 100, 1)).await, 100);
     }
-    assert_eq!(count(&server, &db, "SELECT count(*) FROM pcrd_results"), 300);
+    assert_eq!(
+        count(&server, &db, "SELECT count(*) FROM pcrd_results"),
+        300
+    );
     // A crash after the commit and before the outbox cursor moved: the same batch again.
     all_delivered(&sink.deliver(&items(100..200, 1)).await, 100);
     // And a new sink (a restarted daemon) sending it once more.
     let mut again = self::sink(&server, &db, None, true);
     all_delivered(&again.deliver(&items(0..50, 1)).await, 50);
-    assert_eq!(count(&server, &db, "SELECT count(*) FROM pcrd_results"), 300);
+    assert_eq!(
+        count(&server, &db, "SELECT count(*) FROM pcrd_results"),
+        300
+    );
 
     // The row holds the record's fields, its targets, the whole record and the key.
     let row = server.psql(
@@ -215,10 +221,7 @@ async fn a_server_stopped_mid_way_means_retry_and_after_restart_delivery() {
     let outcomes = sink.deliver(&items(100..200, 1)).await;
     assert_eq!(outcomes.len(), 100);
     for outcome in &outcomes {
-        assert!(
-            matches!(outcome, ItemOutcome::Retry { .. }),
-            "{outcome:?}"
-        );
+        assert!(matches!(outcome, ItemOutcome::Retry { .. }), "{outcome:?}");
     }
     // Still down on the next attempt: retried again, with the connection error.
     let outcomes = sink.deliver(&items(100..200, 1)).await;
@@ -230,7 +233,10 @@ async fn a_server_stopped_mid_way_means_retry_and_after_restart_delivery() {
     }
     server.start_again();
     all_delivered(&sink.deliver(&items(100..200, 1)).await, 100);
-    assert_eq!(count(&server, &db, "SELECT count(*) FROM pcrd_results"), 200);
+    assert_eq!(
+        count(&server, &db, "SELECT count(*) FROM pcrd_results"),
+        200
+    );
 }
 
 #[tokio::test]
@@ -250,7 +256,13 @@ async fn a_missing_table_is_retried_with_the_fix_and_the_cli_ddl_creates_a_worki
     }
 
     let output = Command::new(pcrd_tests::pcrd_bin())
-        .args(["sink", "schema", "postgres", "--table", "central.lab_results"])
+        .args([
+            "sink",
+            "schema",
+            "postgres",
+            "--table",
+            "central.lab_results",
+        ])
         .output()
         .expect("run pcrd sink schema");
     assert!(output.status.success(), "{output:?}");
@@ -294,7 +306,10 @@ async fn a_table_lacking_columns_is_named_in_the_retry() {
     let mut sink = sink(&server, &db, None, false);
     match &sink.deliver(&items(0..1, 1)).await[0] {
         ItemOutcome::Retry { reason, .. } => {
-            assert!(reason.contains("lacks the columns idempotency_key"), "{reason}")
+            assert!(
+                reason.contains("lacks the columns idempotency_key"),
+                "{reason}"
+            )
         }
         other => panic!("{other:?}"),
     }
@@ -325,5 +340,8 @@ async fn a_large_batch_is_written_by_two_sessions_and_a_refusal_in_either_stays_
             (_, other) => assert_eq!(*other, ItemOutcome::Delivered, "item {i}"),
         }
     }
-    assert_eq!(count(&server, &db, "SELECT count(*) FROM pcrd_results"), 1998);
+    assert_eq!(
+        count(&server, &db, "SELECT count(*) FROM pcrd_results"),
+        1998
+    );
 }

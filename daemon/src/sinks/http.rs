@@ -119,13 +119,13 @@ impl HttpConfig {
                 }
             },
         };
-        if let Some(token) = &token {
-            if HeaderValue::from_str(&format!("Bearer {token}")).is_err() {
-                problems.push(format!(
-                    "sinks.http.token_env: the token in {} holds characters a header cannot carry",
-                    raw.token_env.as_deref().unwrap_or_default()
-                ));
-            }
+        if let Some(token) = &token
+            && HeaderValue::from_str(&format!("Bearer {token}")).is_err()
+        {
+            problems.push(format!(
+                "sinks.http.token_env: the token in {} holds characters a header cannot carry",
+                raw.token_env.as_deref().unwrap_or_default()
+            ));
         }
         let ca_file = raw.ca_file.map(|p| base.join(p));
         let ca_pem = match &ca_file {
@@ -202,7 +202,10 @@ enum Answer {
         after: Option<Duration>,
     },
     /// The receiver refused the content: cut the batch down to the refused item.
-    Refused { status: StatusCode, body: String },
+    Refused {
+        status: StatusCode,
+        body: String,
+    },
 }
 
 impl HttpSink {
@@ -324,8 +327,10 @@ impl HttpSink {
             Ok(bytes) => truncate(&String::from_utf8_lossy(&bytes), DETAIL_LIMIT),
             Err(e) => format!("(body unreadable: {e})"),
         };
-        let retry_status = matches!(status.as_u16(), 408 | 429 | 401 | 403 | 404 | 405 | 407 | 421)
-            || !status.is_client_error();
+        let retry_status = matches!(
+            status.as_u16(),
+            408 | 429 | 401 | 403 | 404 | 405 | 407 | 421
+        ) || !status.is_client_error();
         if retry_status {
             Answer::Retry {
                 reason: format!("HTTP {status} from {}: {body}", self.config.url),
@@ -417,7 +422,10 @@ mod tests {
         let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_784_000_000);
         assert_eq!(parse_retry_after("7", now), Some(Duration::from_secs(7)));
         let later = httpdate::fmt_http_date(now + Duration::from_secs(90));
-        assert_eq!(parse_retry_after(&later, now), Some(Duration::from_secs(90)));
+        assert_eq!(
+            parse_retry_after(&later, now),
+            Some(Duration::from_secs(90))
+        );
         let earlier = httpdate::fmt_http_date(now - Duration::from_secs(90));
         assert_eq!(parse_retry_after(&earlier, now), Some(Duration::ZERO));
         assert_eq!(parse_retry_after("999999999", now), Some(RETRY_AFTER_CAP));
