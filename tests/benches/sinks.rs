@@ -8,6 +8,10 @@
 //!   COPY into staging + INSERT ... ON CONFLICT + COMMIT per batch;
 //! - `sinks.postgres_replay`: the same results delivered again (all duplicates, what a
 //!   crash before the cursor moved costs);
+//! - `sinks.postgres_psql_copy`: an independent peer for the ceiling: psql's `\copy`
+//!   of the same results as 21 typed columns straight into an empty table of the same
+//!   shape (one transaction, no staging, no conflict check), timed around the psql
+//!   process; `sinks.postgres_share_of_copy` is the sink's rate over it;
 //! - `sinks.postgres_row_inserts`: the naive path, one `INSERT` of one row per
 //!   transaction (a prepared statement, autocommit) with tokio-postgres into a table of
 //!   the same shape on the same server;
@@ -196,7 +200,23 @@ async fn postgres(runs: usize, all: &[OutboxItem], few: &[OutboxItem], batch: us
         )
         .await?;
 
-    let (mut batched, mut replay, mut rows) = (Vec::new(), Vec::new(), Vec::new());
+    // psql's \copy of the same results, as 21 typed columns, straight into an empty
+    // table (no staging, no conflict check): PostgreSQL's own bulk path, the ceiling.
+    let tsv_dir = tempfile::tempdir()?;
+    let tsv = tsv_dir.path().join("results.tsv");
+    std::fs::write(&tsv, copy_text(all)?)?;
+    std::fs::set_permissions(
+        tsv_dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )?;
+    std::fs::set_permissions(&tsv, std::os::unix::fs::PermissionsExt::from_mode(0o644))?;
+    let psql_copy = format!(
+        "\\copy naive_results ({COLUMN_LIST}) FROM '{}'",
+        tsv.display()
+    );
+
+    let (mut batched, mut replay, mut rows, mut ceiling) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for run in 0..runs {
         server.psql(&db, "TRUNCATE pcrd_results; TRUNCATE naive_results");
         let mut sink = PostgresSink::new(&config).map_err(anyhow::Error::msg)?;
@@ -212,6 +232,12 @@ async fn postgres(runs: usize, all: &[OutboxItem], few: &[OutboxItem], batch: us
             "{stored} rows stored, {} sent",
             all.len()
         );
+
+        server.psql(&db, "TRUNCATE naive_results");
+        let started = Instant::now();
+        server.psql(&db, &psql_copy);
+        let copy_rate = all.len() as f64 / started.elapsed().as_secs_f64();
+        server.psql(&db, "TRUNCATE naive_results");
 
         let started = Instant::now();
         for item in few {
@@ -253,13 +279,24 @@ async fn postgres(runs: usize, all: &[OutboxItem], few: &[OutboxItem], batch: us
         }
         let row_rate = few.len() as f64 / started.elapsed().as_secs_f64();
         println!(
-            "  run {run}: batches {rate:.0}/s, replay {again:.0}/s, row inserts {row_rate:.0}/s"
+            "  run {run}: batches {rate:.0}/s, replay {again:.0}/s, psql \\copy {copy_rate:.0}/s, \
+             row inserts {row_rate:.0}/s"
         );
+        ceiling.push(copy_rate);
         batched.push(rate);
         replay.push(again);
         rows.push(row_rate);
     }
     let (b, r) = (median(&batched), median(&rows));
+    let c = median(&ceiling);
+    println!(
+        "{}",
+        bench("sinks.postgres_psql_copy", c, "results/s", &ceiling)
+    );
+    println!(
+        "{}",
+        bench("sinks.postgres_share_of_copy", b / c, "x", &[b / c])
+    );
     println!(
         "{}",
         bench("sinks.postgres_batches", b, "results/s", &batched)
@@ -280,6 +317,64 @@ async fn postgres(runs: usize, all: &[OutboxItem], few: &[OutboxItem], batch: us
     println!("{}", bench("sinks.postgres_ratio", b / r, "x", &[b / r]));
     println!("{}", goal("sinks.postgres_batches", b, ">", 100_000.0));
     Ok(())
+}
+
+const COLUMN_LIST: &str = "result_id, version, idempotency_key, schema_version, tube, \
+    pool_size, plate, well, run, instrument, kit_id, kit_version, interpretation, status, \
+    correction_reason, tested_at, released_at, released_by, lab_id, targets, record";
+
+/// The results as `COPY` text rows of [`COLUMN_LIST`].
+fn copy_text(items: &[OutboxItem]) -> Result<Vec<u8>> {
+    fn field(out: &mut String, value: Option<&str>, last: bool) {
+        match value {
+            None => out.push_str("\\N"),
+            Some(v) => {
+                for c in v.chars() {
+                    match c {
+                        '\\' => out.push_str("\\\\"),
+                        '\t' => out.push_str("\\t"),
+                        '\n' => out.push_str("\\n"),
+                        '\r' => out.push_str("\\r"),
+                        c => out.push(c),
+                    }
+                }
+            }
+        }
+        out.push(if last { '\n' } else { '\t' });
+    }
+    let mut out = String::new();
+    for item in items {
+        let r = &item.record;
+        let targets = serde_json::to_string(&r.targets)?;
+        let whole = serde_json::to_string(r)?;
+        let fields: [Option<&str>; 21] = [
+            Some(&r.result_id),
+            Some(&r.version.to_string()),
+            Some(&r.idempotency_key()),
+            Some(&r.schema_version.to_string()),
+            Some(&r.tube),
+            Some(&r.pool_size.to_string()),
+            Some(&r.plate),
+            Some(&r.well),
+            Some(&r.run),
+            Some(&r.instrument),
+            Some(&r.kit.id),
+            Some(&r.kit.version),
+            Some(r.interpretation.as_str()),
+            Some(r.status.as_str()),
+            r.correction_reason.as_deref(),
+            Some(&r.tested_at),
+            Some(&r.released_at),
+            Some(&r.released_by),
+            Some(&r.lab_id),
+            Some(&targets),
+            Some(&whole),
+        ];
+        for (i, value) in fields.iter().enumerate() {
+            field(&mut out, *value, i == 20);
+        }
+    }
+    Ok(out.into_bytes())
 }
 
 type Keys = Arc<Mutex<HashSet<String>>>;
