@@ -432,6 +432,23 @@ mod tests {
         assert_eq!(parse_retry_after("soon", now), None);
     }
 
+    proptest::proptest! {
+        #[test]
+        fn retry_after_never_panics_and_never_exceeds_the_cap(value in ".{0,64}") {
+            if let Some(wait) = parse_retry_after(&value, SystemTime::now()) {
+                proptest::prop_assert!(wait <= RETRY_AFTER_CAP);
+            }
+        }
+
+        #[test]
+        fn truncation_never_panics_and_keeps_a_prefix(text in "\\PC{0,300}", limit in 0usize..400) {
+            let cut = truncate(&text, limit);
+            let kept = cut.split("... (").next().unwrap_or_default();
+            proptest::prop_assert!(text.starts_with(kept));
+            proptest::prop_assert!(kept.len() <= limit.max(text.len().min(limit)));
+        }
+    }
+
     #[test]
     fn truncation_keeps_char_boundaries() {
         let long = "é".repeat(2000);

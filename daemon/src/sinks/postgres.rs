@@ -214,7 +214,7 @@ impl TableName {
                  at most 63 characters each)"
             ));
         }
-        // Two more characters are appended for the view's and index's names.
+        // The view's name appends "_targets" and must stay within 63 bytes too.
         if name.len() > 63 - "_targets".len() {
             return Err(format!("{text:?} is too long (at most 55 characters)"));
         }
