@@ -11,6 +11,12 @@ cd "$(dirname "$0")/.."
 command -v cargo >/dev/null || { echo "cargo is required" >&2; exit 1; }
 command -v python3 >/dev/null || { apt-get update -qq && apt-get install -y -qq python3 python3-pip; }
 command -v kill >/dev/null || { apt-get update -qq && apt-get install -y -qq procps; }
+# PostgreSQL server binaries: the PostgreSQL sink's tests and bench start a throwaway
+# server from them (tests/src/postgres.rs, issue 6). Debian's package, any major version.
+if ! compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null; then
+  echo "== installing postgresql-15"
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql-15
+fi
 
 PEERS="$PWD/.peers"
 export PCRD_PEERS="$PEERS"

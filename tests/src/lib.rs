@@ -4,6 +4,7 @@
 //! run in parallel without fixed ports and without sleeping for start-up.
 
 pub mod bench;
+pub mod postgres;
 pub mod results;
 
 use std::io::{BufRead, BufReader};

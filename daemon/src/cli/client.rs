@@ -72,7 +72,8 @@ fn api_args(command: &Command) -> Option<&ApiArgs> {
         | Command::Store(_)
         | Command::Instrument(_)
         | Command::Outbox(_)
-        | Command::Analyze(_) => None,
+        | Command::Analyze(_)
+        | Command::Sink(_) => None,
     }
 }
 
@@ -91,7 +92,8 @@ async fn dispatch(client: &Client, command: Command) -> Result<(), ClientError> 
         | Command::Store(_)
         | Command::Instrument(_)
         | Command::Outbox(_)
-        | Command::Analyze(_) => Err(ClientError::usage("not a client command")),
+        | Command::Analyze(_)
+        | Command::Sink(_) => Err(ClientError::usage("not a client command")),
     }
 }
 

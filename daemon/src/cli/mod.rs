@@ -8,6 +8,7 @@ mod instrument;
 mod outbox;
 mod render;
 mod serve;
+mod sink;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -64,6 +65,9 @@ pub enum Command {
     /// The outbox of released results: status per sink, dead letters, retry.
     #[command(subcommand)]
     Outbox(outbox::OutboxCommand),
+    /// Offline sink helpers: `pcrd sink schema postgres` prints the exchange table's DDL.
+    #[command(subcommand)]
+    Sink(sink::SinkCommand),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
     Completions {
         #[arg(value_enum)]
@@ -335,6 +339,7 @@ pub fn main() -> ExitCode {
         Command::Analyze(args) => analyze::run(args),
         Command::Instrument(command) => instrument::run(command),
         Command::Outbox(command) => outbox::run(command),
+        Command::Sink(command) => sink::run(command),
         Command::Completions { shell } => {
             clap_complete::generate(shell, &mut Cli::command(), "pcrd", &mut std::io::stdout());
             ExitCode::SUCCESS

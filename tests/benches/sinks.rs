@@ -1,0 +1,448 @@
+//! PostgreSQL and HTTP sink throughput on loopback (issue 6, "Speed"), each beside the
+//! naive path measured in the same run on the same server.
+//!
+//! Figures (results per second, median of `PCRD_BENCH_RUNS` runs):
+//! - `sinks.postgres_batches`: `PostgresSink::deliver` with outbox batches of
+//!   `PCRD_BENCH_BATCH` (1,000) into a throwaway PostgreSQL server on 127.0.0.1
+//!   (tests/src/postgres.rs; fsync on), the exchange table emptied before each run:
+//!   COPY into staging + INSERT ... ON CONFLICT + COMMIT per batch;
+//! - `sinks.postgres_replay`: the same results delivered again (all duplicates, what a
+//!   crash before the cursor moved costs);
+//! - `sinks.postgres_psql_copy`: an independent peer for the ceiling: psql's `\copy`
+//!   of the same results as 21 typed columns straight into an empty table of the same
+//!   shape (one transaction, no staging, no conflict check), timed around the psql
+//!   process; `sinks.postgres_share_of_copy` is the sink's rate over it;
+//! - `sinks.postgres_row_inserts`: the naive path, one `INSERT` of one row per
+//!   transaction (a prepared statement, autocommit) with tokio-postgres into a table of
+//!   the same shape on the same server;
+//! - `sinks.http_batches`: `HttpSink::deliver` with batches of `PCRD_BENCH_BATCH` to an
+//!   axum receiver on 127.0.0.1 in this process that parses every record
+//!   (`ResultRecord`) and keeps its key in a set;
+//! - `sinks.http_one_per_result`: the same sink and receiver, one result per request
+//!   (keep-alive connection).
+//!
+//! Run with `cargo bench -p pcrd-tests --bench sinks` (needs the PostgreSQL server
+//! binaries, which `scripts/test.sh` installs). Knobs: `PCRD_BENCH_RUNS` (3),
+//! `PCRD_BENCH_RESULTS` (results per batched run, 100,000), `PCRD_BENCH_BATCH` (1,000),
+//! `PCRD_BENCH_NAIVE` (results per naive run, 5,000).
+
+use std::collections::HashSet;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use anyhow::{Context as _, Result, ensure};
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::post;
+use pcrd::sinks::http::{HttpConfig, HttpSink, RawHttpConfig};
+use pcrd::sinks::postgres::{
+    PostgresConfig, PostgresSink, RawPostgresConfig, TableName, schema_sql,
+};
+use pcrd::sinks::{ItemOutcome, OutboxItem};
+use pcrd_protocol::upstream::{
+    Interpretation, KitRef, RESULT_SCHEMA_VERSION, ResultRecord, ResultStatus, TargetCall,
+    TargetResult,
+};
+use pcrd_tests::bench::{bench, goal, median};
+use pcrd_tests::postgres::PgServer;
+
+fn knob(name: &str, default: usize) -> Result<usize> {
+    match std::env::var(name) {
+        Ok(v) => v.parse().with_context(|| format!("{name}={v:?}")),
+        Err(_) => Ok(default),
+    }
+}
+
+/// A result as the CDC kit gives it: four targets.
+fn record(n: usize) -> ResultRecord {
+    let target = |name: &str, dye: &str, loinc: Option<&str>, ct: Option<f64>| TargetResult {
+        name: name.into(),
+        dye: dye.into(),
+        loinc: loinc.map(Into::into),
+        ct,
+        call: if ct.is_some() {
+            TargetCall::Detected
+        } else {
+            TargetCall::NotDetected
+        },
+    };
+    ResultRecord {
+        schema_version: RESULT_SCHEMA_VERSION,
+        result_id: format!("LAB1-R{:05}-{n:08}", n / 384),
+        version: 1,
+        tube: format!("T{n:09}"),
+        pool_size: 5,
+        plate: format!("P{:06}", n / 96),
+        well: "H12".into(),
+        run: format!("R{:05}", n / 384),
+        instrument: "cycler-07".into(),
+        kit: KitRef {
+            id: "cdc-n1-n2-rp".into(),
+            version: "1".into(),
+        },
+        targets: vec![
+            target(
+                "N1",
+                "FAM",
+                Some("94759-8"),
+                n.is_multiple_of(10).then_some(27.41),
+            ),
+            target(
+                "N2",
+                "HEX",
+                Some("94760-6"),
+                n.is_multiple_of(10).then_some(28.02),
+            ),
+            target("RP", "CY5", None, Some(24.9)),
+            target("IC", "ROX", None, Some(30.12)),
+        ],
+        interpretation: if n.is_multiple_of(10) {
+            Interpretation::Positive
+        } else {
+            Interpretation::Negative
+        },
+        status: ResultStatus::Final,
+        correction_reason: None,
+        tested_at: "2026-11-27T06:00:00.000Z".into(),
+        released_at: "2026-11-27T06:10:00.123Z".into(),
+        released_by: "auto".into(),
+        lab_id: "LAB1".into(),
+    }
+}
+
+fn items(count: usize) -> Vec<OutboxItem> {
+    (0..count)
+        .map(|n| OutboxItem {
+            seq: n as u64,
+            record: record(n),
+            attempt: 0,
+        })
+        .collect()
+}
+
+async fn deliver_all(
+    deliver: &mut impl AsyncFnMut(&[OutboxItem]) -> Vec<ItemOutcome>,
+    all: &[OutboxItem],
+    batch: usize,
+) -> Result<f64> {
+    let started = Instant::now();
+    for chunk in all.chunks(batch) {
+        let outcomes = deliver(chunk).await;
+        ensure!(
+            outcomes.iter().all(|o| *o == ItemOutcome::Delivered),
+            "not delivered: {:?}",
+            outcomes.iter().find(|o| **o != ItemOutcome::Delivered)
+        );
+    }
+    Ok(all.len() as f64 / started.elapsed().as_secs_f64())
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if !args.iter().any(|a| a == "--bench") {
+        println!(
+            "sinks: skipped: this is a benchmark, not a test; run \
+             `cargo bench -p pcrd-tests --bench sinks`"
+        );
+        return Ok(());
+    }
+    let runs = knob("PCRD_BENCH_RUNS", 3)?.max(1);
+    let count = knob("PCRD_BENCH_RESULTS", 100_000)?;
+    let batch = knob("PCRD_BENCH_BATCH", 1_000)?.max(1);
+    let naive = knob("PCRD_BENCH_NAIVE", 5_000)?;
+    let all = items(count);
+    let few = &all[..naive.min(all.len())];
+    println!("sinks: {runs} runs, {count} results in batches of {batch}, naive {naive}");
+
+    postgres(runs, &all, few, batch).await?;
+    http(runs, &all, few, batch).await?;
+    Ok(())
+}
+
+async fn postgres(runs: usize, all: &[OutboxItem], few: &[OutboxItem], batch: usize) -> Result<()> {
+    let server = PgServer::start();
+    let db = server.create_database("exchange");
+    let config = PostgresConfig::from_raw(
+        RawPostgresConfig {
+            host: Some(server.host().into()),
+            port: Some(server.port()),
+            user: Some(server.user().into()),
+            dbname: Some(db.clone()),
+            create_table: true,
+            ..Default::default()
+        },
+        Path::new("."),
+        &|_| None,
+    )
+    .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    // The sink's table, and the naive peer's: the same shape, its own name.
+    for table in ["pcrd_results", "naive_results"] {
+        let table = TableName::parse(table).map_err(anyhow::Error::msg)?;
+        server.psql(&db, &schema_sql(&table));
+    }
+    let (client, connection) =
+        tokio_postgres::connect(&server.conninfo(&db), tokio_postgres::NoTls)
+            .await
+            .context("connect the naive client")?;
+    tokio::spawn(connection);
+    let insert = client
+        .prepare(
+            "INSERT INTO naive_results (result_id, version, idempotency_key, schema_version, \
+             tube, pool_size, plate, well, run, instrument, kit_id, kit_version, \
+             interpretation, status, correction_reason, tested_at, released_at, released_by, \
+             lab_id, targets, record) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, \
+             $12, $13, $14, $15, $16::text::timestamptz, $17::text::timestamptz, $18, $19, \
+             $20::text::jsonb, $21::text::jsonb) ON CONFLICT (result_id, version) DO NOTHING",
+        )
+        .await?;
+
+    // psql's \copy of the same results, as 21 typed columns, straight into an empty
+    // table (no staging, no conflict check): PostgreSQL's own bulk path, the ceiling.
+    let tsv_dir = tempfile::tempdir()?;
+    let tsv = tsv_dir.path().join("results.tsv");
+    std::fs::write(&tsv, copy_text(all)?)?;
+    std::fs::set_permissions(
+        tsv_dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )?;
+    std::fs::set_permissions(&tsv, std::os::unix::fs::PermissionsExt::from_mode(0o644))?;
+    let psql_copy = format!(
+        "\\copy naive_results ({COLUMN_LIST}) FROM '{}'",
+        tsv.display()
+    );
+
+    let (mut batched, mut replay, mut rows, mut ceiling) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for run in 0..runs {
+        server.psql(&db, "TRUNCATE pcrd_results; TRUNCATE naive_results");
+        let mut sink = PostgresSink::new(&config).map_err(anyhow::Error::msg)?;
+        let mut deliver = async |items: &[OutboxItem]| sink.deliver(items).await;
+        let rate = deliver_all(&mut deliver, all, batch).await?;
+        let again = deliver_all(&mut deliver, all, batch).await?;
+        let stored: usize = server
+            .psql(&db, "SELECT count(*) FROM pcrd_results")
+            .trim()
+            .parse()?;
+        ensure!(
+            stored == all.len(),
+            "{stored} rows stored, {} sent",
+            all.len()
+        );
+
+        server.psql(&db, "TRUNCATE naive_results");
+        let started = Instant::now();
+        server.psql(&db, &psql_copy);
+        let copy_rate = all.len() as f64 / started.elapsed().as_secs_f64();
+        server.psql(&db, "TRUNCATE naive_results");
+
+        let started = Instant::now();
+        for item in few {
+            let r = &item.record;
+            let version = i32::try_from(r.version)?;
+            let schema = i32::try_from(r.schema_version)?;
+            let pool = i16::from(r.pool_size);
+            let targets = serde_json::to_string(&r.targets)?;
+            let whole = serde_json::to_string(r)?;
+            let key = r.idempotency_key();
+            client
+                .execute(
+                    &insert,
+                    &[
+                        &r.result_id,
+                        &version,
+                        &key,
+                        &schema,
+                        &r.tube,
+                        &pool,
+                        &r.plate,
+                        &r.well,
+                        &r.run,
+                        &r.instrument,
+                        &r.kit.id,
+                        &r.kit.version,
+                        &r.interpretation.as_str(),
+                        &r.status.as_str(),
+                        &r.correction_reason,
+                        &r.tested_at,
+                        &r.released_at,
+                        &r.released_by,
+                        &r.lab_id,
+                        &targets,
+                        &whole,
+                    ],
+                )
+                .await?;
+        }
+        let row_rate = few.len() as f64 / started.elapsed().as_secs_f64();
+        println!(
+            "  run {run}: batches {rate:.0}/s, replay {again:.0}/s, psql \\copy {copy_rate:.0}/s, \
+             row inserts {row_rate:.0}/s"
+        );
+        ceiling.push(copy_rate);
+        batched.push(rate);
+        replay.push(again);
+        rows.push(row_rate);
+    }
+    let (b, r) = (median(&batched), median(&rows));
+    let c = median(&ceiling);
+    println!(
+        "{}",
+        bench("sinks.postgres_psql_copy", c, "results/s", &ceiling)
+    );
+    println!(
+        "{}",
+        bench("sinks.postgres_share_of_copy", b / c, "x", &[b / c])
+    );
+    println!(
+        "{}",
+        bench("sinks.postgres_batches", b, "results/s", &batched)
+    );
+    println!(
+        "{}",
+        bench(
+            "sinks.postgres_replay",
+            median(&replay),
+            "results/s",
+            &replay
+        )
+    );
+    println!(
+        "{}",
+        bench("sinks.postgres_row_inserts", r, "results/s", &rows)
+    );
+    println!("{}", bench("sinks.postgres_ratio", b / r, "x", &[b / r]));
+    println!("{}", goal("sinks.postgres_batches", b, ">", 100_000.0));
+    Ok(())
+}
+
+const COLUMN_LIST: &str = "result_id, version, idempotency_key, schema_version, tube, \
+    pool_size, plate, well, run, instrument, kit_id, kit_version, interpretation, status, \
+    correction_reason, tested_at, released_at, released_by, lab_id, targets, record";
+
+/// The results as `COPY` text rows of [`COLUMN_LIST`].
+fn copy_text(items: &[OutboxItem]) -> Result<Vec<u8>> {
+    fn field(out: &mut String, value: Option<&str>, last: bool) {
+        match value {
+            None => out.push_str("\\N"),
+            Some(v) => {
+                for c in v.chars() {
+                    match c {
+                        '\\' => out.push_str("\\\\"),
+                        '\t' => out.push_str("\\t"),
+                        '\n' => out.push_str("\\n"),
+                        '\r' => out.push_str("\\r"),
+                        c => out.push(c),
+                    }
+                }
+            }
+        }
+        out.push(if last { '\n' } else { '\t' });
+    }
+    let mut out = String::new();
+    for item in items {
+        let r = &item.record;
+        let targets = serde_json::to_string(&r.targets)?;
+        let whole = serde_json::to_string(r)?;
+        let fields: [Option<&str>; 21] = [
+            Some(&r.result_id),
+            Some(&r.version.to_string()),
+            Some(&r.idempotency_key()),
+            Some(&r.schema_version.to_string()),
+            Some(&r.tube),
+            Some(&r.pool_size.to_string()),
+            Some(&r.plate),
+            Some(&r.well),
+            Some(&r.run),
+            Some(&r.instrument),
+            Some(&r.kit.id),
+            Some(&r.kit.version),
+            Some(r.interpretation.as_str()),
+            Some(r.status.as_str()),
+            r.correction_reason.as_deref(),
+            Some(&r.tested_at),
+            Some(&r.released_at),
+            Some(&r.released_by),
+            Some(&r.lab_id),
+            Some(&targets),
+            Some(&whole),
+        ];
+        for (i, value) in fields.iter().enumerate() {
+            field(&mut out, *value, i == 20);
+        }
+    }
+    Ok(out.into_bytes())
+}
+
+type Keys = Arc<Mutex<HashSet<String>>>;
+
+/// The receiver: parse every record, remember its key.
+async fn receive(State(keys): State<Keys>, body: Bytes) -> StatusCode {
+    #[derive(serde::Deserialize)]
+    struct Batch {
+        results: Vec<ResultRecord>,
+    }
+    let Ok(batch) = serde_json::from_slice::<Batch>(&body) else {
+        return StatusCode::BAD_REQUEST;
+    };
+    let mut keys = keys.lock().unwrap_or_else(|p| p.into_inner());
+    for r in batch.results {
+        keys.insert(r.idempotency_key());
+    }
+    StatusCode::NO_CONTENT
+}
+
+async fn http(runs: usize, all: &[OutboxItem], few: &[OutboxItem], batch: usize) -> Result<()> {
+    let keys = Keys::default();
+    let app = Router::new()
+        .route("/results", post(receive))
+        .with_state(keys.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let server = tokio::spawn(async move { axum::serve(listener, app).await });
+    let config = |batch_size: usize| {
+        HttpConfig::from_raw(
+            RawHttpConfig {
+                url: Some(format!("http://{addr}/results")),
+                batch_size: Some(batch_size),
+                ..Default::default()
+            },
+            Path::new("."),
+            &|_| None,
+        )
+        .map_err(|e| anyhow::anyhow!("{e:?}"))
+    };
+    let (mut batched, mut single) = (Vec::new(), Vec::new());
+    for run in 0..runs {
+        keys.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        let mut sink = HttpSink::new(&config(batch)?).map_err(anyhow::Error::msg)?;
+        let mut deliver = async |items: &[OutboxItem]| sink.deliver(items).await;
+        let rate = deliver_all(&mut deliver, all, batch).await?;
+        let received = keys.lock().unwrap_or_else(|p| p.into_inner()).len();
+        ensure!(
+            received == all.len(),
+            "{received} received, {} sent",
+            all.len()
+        );
+
+        let mut one = HttpSink::new(&config(1)?).map_err(anyhow::Error::msg)?;
+        let mut deliver_one = async |items: &[OutboxItem]| one.deliver(items).await;
+        let one_rate = deliver_all(&mut deliver_one, few, 1).await?;
+        println!("  run {run}: batches {rate:.0}/s, one per request {one_rate:.0}/s");
+        batched.push(rate);
+        single.push(one_rate);
+    }
+    server.abort();
+    let (b, s) = (median(&batched), median(&single));
+    println!("{}", bench("sinks.http_batches", b, "results/s", &batched));
+    println!(
+        "{}",
+        bench("sinks.http_one_per_result", s, "results/s", &single)
+    );
+    println!("{}", bench("sinks.http_ratio", b / s, "x", &[b / s]));
+    println!("{}", goal("sinks.http_batches", b, ">", 50_000.0));
+    Ok(())
+}

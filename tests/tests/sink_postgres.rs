@@ -1,0 +1,347 @@
+//! The PostgreSQL table-exchange sink against a real PostgreSQL server started by the
+//! harness (tests/src/postgres.rs): each test has its own server and database.
+
+use std::path::Path;
+use std::process::Command;
+
+use pcrd::sinks::postgres::{PostgresConfig, PostgresSink, RawPostgresConfig};
+use pcrd::sinks::{DeadReason, ItemOutcome, OutboxItem};
+use pcrd_protocol::upstream::{
+    Interpretation, KitRef, RESULT_SCHEMA_VERSION, ResultRecord, ResultStatus, TargetCall,
+    TargetResult,
+};
+use pcrd_tests::postgres::PgServer;
+
+fn record(n: u32, version: u32) -> ResultRecord {
+    ResultRecord {
+        schema_version: RESULT_SCHEMA_VERSION,
+        result_id: format!("LAB1-R0001-{n:06}"),
+        version,
+        tube: format!("T{n:07}"),
+        pool_size: 5,
+        plate: "P0001".into(),
+        well: "A1".into(),
+        run: "R0001".into(),
+        instrument: "cycler-1".into(),
+        kit: KitRef {
+            id: "cdc-n1-n2-rp".into(),
+            version: "1".into(),
+        },
+        targets: vec![
+            TargetResult {
+                name: "N1".into(),
+                dye: "FAM".into(),
+                loinc: Some("94759-8".into()),
+                ct: Some(24.31),
+                call: TargetCall::Detected,
+            },
+            TargetResult {
+                name: "RP".into(),
+                dye: "HEX".into(),
+                loinc: None,
+                ct: None,
+                call: TargetCall::NotDetected,
+            },
+        ],
+        interpretation: Interpretation::Positive,
+        status: if version == 1 {
+            ResultStatus::Final
+        } else {
+            ResultStatus::Corrected
+        },
+        correction_reason: (version > 1).then(|| "well swap\tfound on review\\".to_owned()),
+        tested_at: "2026-11-27T06:00:00.000Z".into(),
+        released_at: "2026-11-27T06:10:00.000Z".into(),
+        released_by: "auto".into(),
+        lab_id: "LAB1".into(),
+    }
+}
+
+fn items(range: std::ops::Range<u32>, version: u32) -> Vec<OutboxItem> {
+    range
+        .map(|n| OutboxItem {
+            seq: u64::from(n),
+            record: record(n, version),
+            attempt: 0,
+        })
+        .collect()
+}
+
+fn sink(server: &PgServer, dbname: &str, table: Option<&str>, create: bool) -> PostgresSink {
+    let raw = RawPostgresConfig {
+        host: Some(server.host().to_owned()),
+        port: Some(server.port()),
+        user: Some(server.user().to_owned()),
+        dbname: Some(dbname.to_owned()),
+        table: table.map(str::to_owned),
+        connect_timeout: Some("3s".into()),
+        statement_timeout: Some("5s".into()),
+        create_table: create,
+        ..Default::default()
+    };
+    let config = PostgresConfig::from_raw(raw, Path::new("."), &|_| None).expect("valid config");
+    PostgresSink::new(&config).expect("sink")
+}
+
+fn count(server: &PgServer, dbname: &str, sql: &str) -> u64 {
+    server
+        .psql(dbname, sql)
+        .trim()
+        .parse()
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+}
+
+fn all_delivered(outcomes: &[ItemOutcome], n: usize) {
+    assert_eq!(outcomes.len(), n);
+    assert!(
+        outcomes.iter().all(|o| *o == ItemOutcome::Delivered),
+        "{outcomes:?}"
+    );
+}
+
+#[tokio::test]
+async fn batches_land_once_and_a_resent_batch_adds_nothing() {
+    let server = PgServer::start();
+    let db = server.create_database("exchange");
+    let mut sink = sink(&server, &db, None, true);
+    for start in [0, 100, 200] {
+        all_delivered(&sink.deliver(&items(start..start + 100, 1)).await, 100);
+    }
+    assert_eq!(
+        count(&server, &db, "SELECT count(*) FROM pcrd_results"),
+        300
+    );
+    // A crash after the commit and before the outbox cursor moved: the same batch again.
+    all_delivered(&sink.deliver(&items(100..200, 1)).await, 100);
+    // And a new sink (a restarted daemon) sending it once more.
+    let mut again = self::sink(&server, &db, None, true);
+    all_delivered(&again.deliver(&items(0..50, 1)).await, 50);
+    assert_eq!(
+        count(&server, &db, "SELECT count(*) FROM pcrd_results"),
+        300
+    );
+
+    // The row holds the record's fields, its targets, the whole record and the key.
+    let row = server.psql(
+        &db,
+        "SELECT idempotency_key, tube, pool_size, kit_id, interpretation, status, \
+         tested_at = '2026-11-27T06:00:00Z'::timestamptz, jsonb_array_length(targets), \
+         targets -> 1 -> 'ct' = 'null'::jsonb, record ->> 'released_by', \
+         correction_reason IS NULL \
+         FROM pcrd_results WHERE result_id = 'LAB1-R0001-000042'",
+    );
+    assert_eq!(
+        row.trim(),
+        "LAB1-R0001-000042:1|T0000042|5|cdc-n1-n2-rp|positive|final|t|2|t|auto|t"
+    );
+    let record_json = server.psql(
+        &db,
+        "SELECT record FROM pcrd_results WHERE result_id = 'LAB1-R0001-000007'",
+    );
+    let stored: ResultRecord = serde_json::from_str(record_json.trim()).expect("record JSON");
+    assert_eq!(stored, record(7, 1));
+    // The per-target view.
+    assert_eq!(
+        server
+            .psql(
+                &db,
+                "SELECT name || ',' || coalesce(ct::text, 'null') || ',' || call \
+                 FROM pcrd_results_targets WHERE result_id = 'LAB1-R0001-000007' \
+                 ORDER BY target_index"
+            )
+            .trim(),
+        "N1,24.31,detected\nRP,null,not_detected"
+    );
+}
+
+#[tokio::test]
+async fn a_correction_lands_as_a_new_row_beside_the_first_version() {
+    let server = PgServer::start();
+    let db = server.create_database("exchange");
+    let mut sink = sink(&server, &db, None, true);
+    all_delivered(&sink.deliver(&items(0..10, 1)).await, 10);
+    all_delivered(&sink.deliver(&items(3..4, 2)).await, 1);
+    assert_eq!(count(&server, &db, "SELECT count(*) FROM pcrd_results"), 11);
+    assert_eq!(
+        server
+            .psql(
+                &db,
+                "SELECT version || '|' || status || '|' || coalesce(correction_reason, '-') \
+                 FROM pcrd_results WHERE result_id = 'LAB1-R0001-000003' ORDER BY version"
+            )
+            .trim(),
+        // The tab and backslash survive COPY's text format.
+        "1|final|-\n2|corrected|well swap\tfound on review\\"
+    );
+}
+
+#[tokio::test]
+async fn a_value_the_table_refuses_dead_letters_only_that_item() {
+    let server = PgServer::start();
+    let db = server.create_database("exchange");
+    let mut sink = sink(&server, &db, None, true);
+    let mut batch = items(0..6, 1);
+    batch[2].record.tested_at = "yesterday-ish".into();
+    batch[4].record.plate = "P\u{0}1".into();
+    let outcomes = sink.deliver(&batch).await;
+    assert_eq!(outcomes.len(), 6);
+    for (i, outcome) in outcomes.iter().enumerate() {
+        match (i, outcome) {
+            (
+                2,
+                ItemOutcome::Dead {
+                    reason: DeadReason::Rejected,
+                    detail,
+                },
+            ) => assert!(detail.contains("yesterday-ish"), "{detail}"),
+            (
+                4,
+                ItemOutcome::Dead {
+                    reason: DeadReason::Unencodable,
+                    detail,
+                },
+            ) => assert!(detail.contains("NUL"), "{detail}"),
+            (2 | 4, other) => panic!("item {i}: {other:?}"),
+            (_, other) => assert_eq!(*other, ItemOutcome::Delivered, "item {i}"),
+        }
+    }
+    assert_eq!(count(&server, &db, "SELECT count(*) FROM pcrd_results"), 4);
+    // The connection is still good for the next batch.
+    all_delivered(&sink.deliver(&items(10..20, 1)).await, 10);
+    assert_eq!(count(&server, &db, "SELECT count(*) FROM pcrd_results"), 14);
+}
+
+#[tokio::test]
+async fn a_server_stopped_mid_way_means_retry_and_after_restart_delivery() {
+    let server = PgServer::start();
+    let db = server.create_database("exchange");
+    let mut sink = sink(&server, &db, None, true);
+    all_delivered(&sink.deliver(&items(0..100, 1)).await, 100);
+    server.stop();
+    let outcomes = sink.deliver(&items(100..200, 1)).await;
+    assert_eq!(outcomes.len(), 100);
+    for outcome in &outcomes {
+        assert!(matches!(outcome, ItemOutcome::Retry { .. }), "{outcome:?}");
+    }
+    // Still down on the next attempt: retried again, with the connection error.
+    let outcomes = sink.deliver(&items(100..200, 1)).await;
+    match &outcomes[0] {
+        ItemOutcome::Retry { reason, .. } => {
+            assert!(reason.contains("cannot connect"), "{reason}")
+        }
+        other => panic!("{other:?}"),
+    }
+    server.start_again();
+    all_delivered(&sink.deliver(&items(100..200, 1)).await, 100);
+    assert_eq!(
+        count(&server, &db, "SELECT count(*) FROM pcrd_results"),
+        200
+    );
+}
+
+#[tokio::test]
+async fn a_missing_table_is_retried_with_the_fix_and_the_cli_ddl_creates_a_working_table() {
+    let server = PgServer::start();
+    let db = server.create_database("exchange");
+    server.psql(&db, "CREATE SCHEMA central");
+    let mut sink = sink(&server, &db, Some("central.lab_results"), false);
+    let outcomes = sink.deliver(&items(0..5, 1)).await;
+    match &outcomes[4] {
+        ItemOutcome::Retry { reason, .. } => assert!(
+            reason.contains("does not exist")
+                && reason.contains("pcrd sink schema postgres --table central.lab_results"),
+            "{reason}"
+        ),
+        other => panic!("{other:?}"),
+    }
+
+    let output = Command::new(pcrd_tests::pcrd_bin())
+        .args([
+            "sink",
+            "schema",
+            "postgres",
+            "--table",
+            "central.lab_results",
+        ])
+        .output()
+        .expect("run pcrd sink schema");
+    assert!(output.status.success(), "{output:?}");
+    let ddl = String::from_utf8(output.stdout).expect("UTF-8 DDL");
+    assert!(ddl.contains("PRIMARY KEY (result_id, version)"), "{ddl}");
+    server.psql(&db, &ddl);
+    // Idempotent: applying it twice is harmless.
+    server.psql(&db, &ddl);
+
+    all_delivered(&sink.deliver(&items(0..5, 1)).await, 5);
+    assert_eq!(
+        count(&server, &db, "SELECT count(*) FROM central.lab_results"),
+        5
+    );
+    assert_eq!(
+        count(
+            &server,
+            &db,
+            "SELECT count(*) FROM central.lab_results_targets"
+        ),
+        10
+    );
+
+    // A bad table name is refused by the CLI with a message.
+    let output = Command::new(pcrd_tests::pcrd_bin())
+        .args(["sink", "schema", "postgres", "--table", "x; DROP TABLE y"])
+        .output()
+        .expect("run pcrd sink schema");
+    assert_eq!(output.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("not a table name"));
+}
+
+#[tokio::test]
+async fn a_table_lacking_columns_is_named_in_the_retry() {
+    let server = PgServer::start();
+    let db = server.create_database("exchange");
+    server.psql(
+        &db,
+        "CREATE TABLE pcrd_results (result_id text, version integer, tube text)",
+    );
+    let mut sink = sink(&server, &db, None, false);
+    match &sink.deliver(&items(0..1, 1)).await[0] {
+        ItemOutcome::Retry { reason, .. } => {
+            assert!(
+                reason.contains("lacks the columns idempotency_key"),
+                "{reason}"
+            )
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_large_batch_is_written_by_two_sessions_and_a_refusal_in_either_stays_alone() {
+    let server = PgServer::start();
+    let db = server.create_database("exchange");
+    let mut sink = sink(&server, &db, None, true);
+    all_delivered(&sink.deliver(&items(0..1000, 1)).await, 1000);
+    let sessions = count(
+        &server,
+        &db,
+        "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'pcrd'",
+    );
+    assert_eq!(sessions, 2, "the default is two sessions");
+
+    let mut batch = items(1000..2000, 1);
+    batch[100].record.released_at = "never".into();
+    batch[900].record.released_at = "later".into();
+    let outcomes = sink.deliver(&batch).await;
+    for (i, outcome) in outcomes.iter().enumerate() {
+        match (i, outcome) {
+            (100 | 900, ItemOutcome::Dead { reason, .. }) => {
+                assert_eq!(*reason, DeadReason::Rejected)
+            }
+            (_, other) => assert_eq!(*other, ItemOutcome::Delivered, "item {i}"),
+        }
+    }
+    assert_eq!(
+        count(&server, &db, "SELECT count(*) FROM pcrd_results"),
+        1998
+    );
+}
