@@ -76,7 +76,6 @@ use pcrd_protocol::kit::KitDefinition;
 use pcrd_protocol::rdml;
 use pcrd_protocol::run_analysis::{RunSettings, analyze_run, judge_run, kit_target};
 use serde::{Deserialize, Serialize};
-use sled::transaction::{ConflictableTransactionError, TransactionError};
 use tracing::Instrument;
 
 use crate::kits::KitRegistry;
@@ -933,6 +932,8 @@ struct Imported {
     unmatched: Vec<UnmatchedWell>,
     missing: Vec<String>,
     results: Vec<ImportedResult>,
+    /// Review candidates of the same results (issue 7), staged with the import.
+    candidates: Vec<crate::review::Candidate>,
 }
 
 fn now() -> Timestamp {
@@ -1120,7 +1121,7 @@ async fn handle(
     for result in &mut results {
         result.source.imported_at = rfc3339(at);
     }
-    match commit_import(lab, &record, &event, &results).await {
+    match commit_import(lab, &record, &event, &results, imported.candidates).await {
         Ok(true) => {}
         Ok(false) => {
             // Another folder imported the same bytes in the meantime; nothing of
@@ -1306,38 +1307,32 @@ async fn commit_event(lab: &Lab, event: &ImportEvent) -> Result<(), StoreError> 
     lab.store().durable().await
 }
 
-/// Writes the import's record, event and results in one transaction, unless the
-/// fingerprint was recorded meanwhile (false); then waits for the barrier.
+/// Writes the import's record, event and results, and stages its review candidates
+/// (with any release by policy), in one lab transaction, unless the fingerprint was
+/// recorded meanwhile (false); then waits for the barrier (see `crate::review::stage`).
 async fn commit_import(
-    lab: &Lab,
+    lab: &Arc<Lab>,
     record: &ImportRecord,
     event: &ImportEvent,
     results: &[ImportedResult],
-) -> Result<bool, StoreError> {
+    mut candidates: Vec<crate::review::Candidate>,
+) -> Result<bool, LabError> {
     let record_key = record_key(&record.fingerprint);
-    let record_value = encode(record);
-    let event_value = (event_key(event), encode(event));
-    let result_values: Vec<(Vec<u8>, Vec<u8>)> =
-        results.iter().map(|r| (result_key(r), encode(r))).collect();
-    let tree = &lab.store().trees().imports;
-    let outcome: Result<(), TransactionError<()>> = tree.transaction(|tx| {
-        if tx.get(&record_key)?.is_some() {
-            return Err(ConflictableTransactionError::Abort(()));
-        }
-        tx.insert(record_key.as_slice(), record_value.as_slice())?;
-        tx.insert(event_value.0.as_slice(), event_value.1.as_slice())?;
-        for (key, value) in &result_values {
-            tx.insert(key.as_slice(), value.as_slice())?;
-        }
-        Ok(())
-    });
-    match outcome {
-        Ok(()) => {}
-        Err(TransactionError::Abort(())) => return Ok(false),
-        Err(TransactionError::Storage(e)) => return Err(StoreError::Sled(e)),
+    let mut writes = vec![
+        (record_key.clone(), encode(record)),
+        (event_key(event), encode(event)),
+    ];
+    writes.extend(results.iter().map(|r| (result_key(r), encode(r))));
+    for candidate in &mut candidates {
+        candidate.tested_at_ms = record.imported_at.as_millis();
     }
-    lab.store().durable().await?;
-    Ok(true)
+    let actor = Actor {
+        user: format!("folder:{}", record.folder),
+        reason: None,
+    };
+    let staged =
+        crate::review::stage(lab, actor, candidates, writes, Some(record_key)).await?;
+    Ok(staged.is_some())
 }
 
 // ----- plate maps -----
@@ -1518,6 +1513,16 @@ fn import_results(
     let mut imported = Imported::default();
     let mut problems = Vec::new();
     let mut parts = Vec::new();
+    let provenance = crate::review::Provenance {
+        run: format!("import-{}", print.get(..12).unwrap_or(print)),
+        instrument: config.name.clone(),
+        source: crate::review::CandidateSource {
+            kind: "file_import".to_owned(),
+            id: print.to_owned(),
+            detail: format!("{}/{file}", config.name),
+        },
+        tested_at_ms: 0,
+    };
     for judged in judged {
         let plate = &judged.plate;
         let id = plate.id.to_string();
@@ -1537,6 +1542,9 @@ fn import_results(
                     }
                     with_result.insert(*well);
                     on_tubes += 1;
+                    imported.candidates.push(crate::review::candidate_for_well(
+                        lab, plate, *well, barcode, call, validity, &provenance,
+                    )?);
                     imported.results.push(ImportedResult {
                         tube: barcode.to_string(),
                         plate: id.clone(),

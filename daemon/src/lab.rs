@@ -231,6 +231,10 @@ enum T {
     Results,
     Outbox,
     SinkState,
+    /// Watched-folder imports (`crate::folders`), staged with their candidates.
+    Imports,
+    /// Review candidates, the rerun list and turnaround stamps (`crate::review`).
+    Review,
 }
 
 /// Sequence numbers of the audit entries one draft becomes (a draft listing many
@@ -339,6 +343,8 @@ pub struct Lab {
     writer: Mutex<Writer>,
     counters: LabCounters,
     outbox: crate::outbox::Outbox,
+    /// Review policy, due-time state and review metrics (`crate::review`).
+    review: crate::review::ReviewRuntime,
 }
 
 fn now() -> Timestamp {
@@ -379,6 +385,111 @@ fn check_mark(store: &Store, last_seq: u64, head: &[u8; 32]) -> Result<(), Store
         )));
     }
     Ok(())
+}
+
+/// The writes a `crate::review` change may plan, inside [`Lab::review_change`].
+#[derive(Debug)]
+pub struct ReviewTx<'a> {
+    lab: &'a Lab,
+    writer: &'a Writer,
+    changes: &'a mut Changes,
+    /// When the change happens.
+    pub at: Timestamp,
+}
+
+impl ReviewTx<'_> {
+    pub fn lab(&self) -> &Lab {
+        self.lab
+    }
+    pub fn put_review(&mut self, key: Vec<u8>, value: Vec<u8>) {
+        self.changes.put_raw(T::Review, key, value);
+    }
+    pub fn remove_review(&mut self, key: Vec<u8>) {
+        self.changes.remove(T::Review, key);
+    }
+    pub fn put_import(&mut self, key: Vec<u8>, value: Vec<u8>) {
+        self.changes.put_raw(T::Imports, key, value);
+    }
+    pub fn audit(
+        &mut self,
+        action: &'static str,
+        plate: Option<&PlateId>,
+        tubes: Vec<Barcode>,
+        detail: String,
+    ) {
+        self.changes.audit(action, plate, tubes, detail);
+    }
+
+    /// Plans the release of `records` (results + outbox entries + audit), exactly as
+    /// [`Lab::release_results`] does, in this change's transaction. Call once per change.
+    pub fn release(
+        &mut self,
+        records: &[pcrd_protocol::upstream::ResultRecord],
+    ) -> Result<Vec<crate::outbox::Released>, LabError> {
+        let first = self.changes.outbox_next.unwrap_or(self.writer.outbox_next);
+        let plan = crate::outbox::plan_release(
+            &self.lab.store,
+            &self.lab.lab_id,
+            records,
+            first,
+            crate::outbox::now_ms(),
+        )
+        .map_err(|refusal| match refusal {
+            crate::outbox::ReleaseRefusal::Invalid(problems) => LabError::invalid_all(
+                format!("{} problem(s) in the release; nothing was released", problems.len()),
+                problems,
+            ),
+            crate::outbox::ReleaseRefusal::Conflict(problems) => LabError::conflict_all(
+                format!(
+                    "{} result version(s) conflict with earlier releases; nothing was released",
+                    problems.len()
+                ),
+                problems,
+            ),
+        })?;
+        for (key, value) in plan.results {
+            self.changes.put_raw(T::Results, key, value);
+        }
+        for (key, value) in plan.outbox {
+            self.changes.put_raw(T::Outbox, key, value);
+        }
+        self.changes.outbox_next = Some(plan.next_seq);
+        for r in &plan.released {
+            let action = if r.corrected { "result.corrected" } else { "result.released" };
+            self.changes
+                .audit(action, None, vec![r.tube.clone()], r.detail.clone());
+        }
+        Ok(plan.released)
+    }
+
+    /// Puts a tube back into the plating queue for a rerun: off its plate (the plate
+    /// keeps its layout; the audit trail and the review candidate keep where it was),
+    /// promoted to urgent so plating takes it first, its history extended. A tube
+    /// already waiting is left as it is (false).
+    pub fn requeue_for_rerun(
+        &mut self,
+        barcode: &Barcode,
+        plate: Option<&PlateId>,
+        detail: String,
+    ) -> Result<bool, LabError> {
+        let Some(mut tube) = self.lab.load_tube(barcode)? else {
+            return Err(LabError::not_found(format!(
+                "tube {barcode} has not been received"
+            )));
+        };
+        if tube.placement.is_none() {
+            return Ok(false);
+        }
+        let seqs = self
+            .changes
+            .audit("tube.requeued", plate, vec![barcode.clone()], detail);
+        tube.placement = None;
+        tube.priority = Priority::Urgent;
+        tube.history.push(seqs.of_tube(0));
+        self.changes.enqueue(&tube);
+        self.changes.put_tube(&tube);
+        Ok(true)
+    }
 }
 
 /// Formats a timestamp as RFC 3339 UTC with milliseconds.
@@ -437,7 +548,39 @@ impl Lab {
                 plate_counter,
             }),
             counters,
+            review: crate::review::ReviewRuntime::default(),
         }))
+    }
+
+    /// Review policy, due-time state and review metrics.
+    pub fn review(&self) -> &crate::review::ReviewRuntime {
+        &self.review
+    }
+
+    /// Runs a change planned by `crate::review` (staging candidates, releasing,
+    /// re-queueing tubes): one transaction with its audit entries, then the barrier,
+    /// then the outbox workers are told of any release.
+    pub async fn review_change<R, F>(self: &Arc<Self>, actor: Actor, op: F) -> Result<R, LabError>
+    where
+        R: Send + 'static,
+        F: FnOnce(&mut ReviewTx<'_>) -> Result<R, LabError> + Send + 'static,
+    {
+        let (result, next) = self
+            .change(actor, move |lab, writer, changes, at| {
+                let mut tx = ReviewTx {
+                    lab,
+                    writer,
+                    changes,
+                    at,
+                };
+                let result = op(&mut tx)?;
+                Ok((result, changes.outbox_next))
+            })
+            .await?;
+        if let Some(next) = next {
+            self.outbox.released(next);
+        }
+        Ok(result)
     }
 
     pub fn store(&self) -> &Store {
@@ -578,8 +721,10 @@ impl Lab {
             &t.results,
             &t.outbox,
             &t.sink_state,
+            &t.imports,
+            &t.review,
         ];
-        let mut slot = [usize::MAX; 9];
+        let mut slot = [usize::MAX; 11];
         let mut trees = Vec::new();
         for (tree, _, _) in &changes.writes {
             if slot[*tree as usize] == usize::MAX {

@@ -5,6 +5,9 @@
 //! only after the store's durability barrier (see `Lab::change`).
 
 pub mod dto;
+/// Review and release (issue 7); the file lives with `crate::review`.
+#[path = "../review/http.rs"]
+pub mod review;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -313,7 +316,7 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     modifiers(&BearerAuth),
     components(schemas(ErrorBody)),
     security(("bearer" = [])),
-    tags((name = "tubes"), (name = "plates"), (name = "audit"), (name = "kits"), (name = "instruments"), (name = "outbox"), (name = "folders"))
+    tags((name = "tubes"), (name = "plates"), (name = "audit"), (name = "kits"), (name = "instruments"), (name = "outbox"), (name = "folders"), (name = "results"))
 )]
 struct ApiDoc;
 
@@ -417,6 +420,16 @@ pub fn router(
         .routes(routes!(list_folders))
         .routes(routes!(list_imports))
         .routes(routes!(imported_results))
+        .routes(routes!(review::list_results))
+        .routes(routes!(review::get_result))
+        .routes(routes!(review::release_result))
+        .routes(routes!(review::rerun_result))
+        .routes(routes!(review::reject_result))
+        .routes(routes!(review::correct_result))
+        .routes(routes!(review::list_reruns))
+        .routes(routes!(review::tubes_due))
+        .routes(routes!(review::tube_tat))
+        .routes(routes!(review::plate_tat))
         .split_for_parts();
     // Modifiers in #[openapi] run before the routes add their paths, so this one runs
     // on the finished document.
@@ -1074,6 +1087,7 @@ async fn metrics_text(State(state): State<AppState>) -> impl IntoResponse {
     state.instruments.render_metrics(&mut out);
     state.folders.render_metrics(&mut out);
     lab.outbox().render_metrics(lab.store(), &mut out);
+    lab.review().render_metrics(&mut out);
     (
         [(
             header::CONTENT_TYPE,

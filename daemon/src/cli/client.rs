@@ -53,7 +53,8 @@ fn api_args(command: &Command) -> Option<&ApiArgs> {
             TubeCommand::Receive { api, .. }
             | TubeCommand::Import { api, .. }
             | TubeCommand::Show { api, .. }
-            | TubeCommand::Waiting { api, .. },
+            | TubeCommand::Waiting { api, .. }
+            | TubeCommand::Due { api, .. },
         ) => Some(api),
         Command::Plate(
             PlateCommand::Create { api, .. }
@@ -73,7 +74,9 @@ fn api_args(command: &Command) -> Option<&ApiArgs> {
         | Command::Instrument(_)
         | Command::Outbox(_)
         | Command::Analyze(_)
-        | Command::Sink(_) => None,
+        | Command::Sink(_)
+        | Command::Result(_)
+        | Command::Rerun(_) => None,
     }
 }
 
@@ -93,7 +96,9 @@ async fn dispatch(client: &Client, command: Command) -> Result<(), ClientError> 
         | Command::Instrument(_)
         | Command::Outbox(_)
         | Command::Analyze(_)
-        | Command::Sink(_) => Err(ClientError::usage("not a client command")),
+        | Command::Sink(_)
+        | Command::Result(_)
+        | Command::Rerun(_) => Err(ClientError::usage("not a client command")),
     }
 }
 
@@ -416,6 +421,11 @@ async fn tube(client: &Client, command: TubeCommand) -> Result<(), ClientError> 
             let request = client.get(&["tubes"]).query(&[("limit", limit)]);
             let reply = client.send::<WaitingList>(request).await?;
             client.print(&reply, |w| waiting_text(w, SystemTime::now()));
+        }
+        TubeCommand::Due { limit, .. } => {
+            let request = client.get(&["tubes", "due"]).query(&[("limit", limit)]);
+            let reply = client.send::<Vec<serde_json::Value>>(request).await?;
+            client.print(&reply, |rows| super::result::due_text(rows));
         }
     }
     Ok(())

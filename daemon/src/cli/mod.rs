@@ -7,6 +7,7 @@ mod import;
 mod instrument;
 mod outbox;
 mod render;
+mod result;
 mod serve;
 mod sink;
 
@@ -68,6 +69,12 @@ pub enum Command {
     /// Offline sink helpers: `pcrd sink schema postgres` prints the exchange table's DDL.
     #[command(subcommand)]
     Sink(sink::SinkCommand),
+    /// Review results: list, show, release, rerun, reject, correct.
+    #[command(subcommand)]
+    Result(result::ResultCommand),
+    /// The rerun list: tubes to test again and positive pools to follow up.
+    #[command(subcommand)]
+    Rerun(result::RerunCommand),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
     Completions {
         #[arg(value_enum)]
@@ -155,6 +162,13 @@ pub enum TubeCommand {
     Waiting {
         #[arg(long, default_value_t = 100)]
         limit: usize,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Tubes without a released result: past due and at risk first.
+    Due {
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
         #[command(flatten)]
         api: ApiArgs,
     },
@@ -340,6 +354,8 @@ pub fn main() -> ExitCode {
         Command::Instrument(command) => instrument::run(command),
         Command::Outbox(command) => outbox::run(command),
         Command::Sink(command) => sink::run(command),
+        Command::Result(command) => result::run_result(command),
+        Command::Rerun(command) => result::run_rerun(command),
         Command::Completions { shell } => {
             clap_complete::generate(shell, &mut Cli::command(), "pcrd", &mut std::io::stdout());
             ExitCode::SUCCESS

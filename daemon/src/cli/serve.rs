@@ -131,6 +131,10 @@ async fn serve(config: Config, lab: Arc<Lab>) -> ExitCode {
         eprintln!("pcrd: {e}");
         return ExitCode::from(exit::USAGE);
     }
+    // Review policy before the folders start staging results; the due-time watcher
+    // counts tubes at risk for /metrics and warns when one becomes at risk (issue 7).
+    lab.review().set_policy(config.review.clone());
+    crate::review::due::spawn_watcher(Arc::clone(&lab));
     // One polling task per watched export folder (issue 8).
     let folders = crate::folders::Folders::start(Arc::clone(&lab), &config.folders);
     let app = crate::api::router(

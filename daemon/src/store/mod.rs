@@ -123,6 +123,10 @@ pub struct Trees {
     /// (every outcome, per folder in time order);
     /// `r` ++ tube barcode ++ 0x00 ++ sha256 hex -> `ImportedResult` (results per tube).
     pub imports: sled::Tree,
+    /// Review (`crate::review`): `c` ++ result id -> `Candidate` (a tube's computed
+    /// result awaiting or past a decision); `r` ++ entry id -> `RerunEntry` (the rerun
+    /// and pooled follow-up list).
+    pub review: sled::Tree,
 }
 
 /// Store tuning from the config file.
@@ -181,6 +185,7 @@ impl Store {
             cycles: db.open_tree("cycles")?,
             messages: db.open_tree("messages")?,
             imports: db.open_tree("imports")?,
+            review: db.open_tree("review")?,
         };
         match trees.meta.get(META_SCHEMA_VERSION)? {
             Some(raw) => {
