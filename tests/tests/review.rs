@@ -235,7 +235,11 @@ fn results_csv(plate: &str, samples: &[(&str, &str, [Option<f64>; 3])], pc_fails
     let mut rows: Vec<(&str, &str, [Option<f64>; 3])> = samples.to_vec();
     rows.push(("G12", "NTC", [None, None, None]));
     rows.push(("H12", "PC", pc));
-    for (i, (well, sample, cts)) in rows.iter().enumerate() {
+    for (well, sample, cts) in &rows {
+        // QuantStudio numbers wells row by row: A1 = 1, A12 = 12, B1 = 13.
+        let row = u32::from(well.as_bytes()[0] - b'A');
+        let column: u32 = well[1..].parse().unwrap();
+        let number = row * 12 + column;
         for ((target, reporter, quencher), ct) in [
             ("ORF1ab", "FAM", "NFQ-MGB"),
             ("N", "VIC", "NFQ-MGB"),
@@ -246,8 +250,7 @@ fn results_csv(plate: &str, samples: &[(&str, &str, [Option<f64>; 3])], pc_fails
         {
             let ct = ct.map_or("Undetermined".to_string(), |c| format!("{c}"));
             text.push_str(&format!(
-                "{},{well},false,{sample},{target},UNKNOWN,{reporter},{quencher},{ct},,FALSE,0.2,3,18\n",
-                i + 1
+                "{number},{well},false,{sample},{target},UNKNOWN,{reporter},{quencher},{ct},,FALSE,0.2,3,18\n"
             ));
         }
     }
