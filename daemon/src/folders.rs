@@ -1330,8 +1330,7 @@ async fn commit_import(
         user: format!("folder:{}", record.folder),
         reason: None,
     };
-    let staged =
-        crate::review::stage(lab, actor, candidates, writes, Some(record_key)).await?;
+    let staged = crate::review::stage(lab, actor, candidates, writes, Some(record_key)).await?;
     Ok(staged.is_some())
 }
 
@@ -1543,7 +1542,13 @@ fn import_results(
                     with_result.insert(*well);
                     on_tubes += 1;
                     imported.candidates.push(crate::review::candidate_for_well(
-                        lab, plate, *well, barcode, call, validity, &provenance,
+                        lab,
+                        plate,
+                        *well,
+                        barcode,
+                        call,
+                        validity,
+                        &provenance,
                     )?);
                     imported.results.push(ImportedResult {
                         tube: barcode.to_string(),

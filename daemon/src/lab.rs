@@ -436,7 +436,10 @@ impl ReviewTx<'_> {
         )
         .map_err(|refusal| match refusal {
             crate::outbox::ReleaseRefusal::Invalid(problems) => LabError::invalid_all(
-                format!("{} problem(s) in the release; nothing was released", problems.len()),
+                format!(
+                    "{} problem(s) in the release; nothing was released",
+                    problems.len()
+                ),
                 problems,
             ),
             crate::outbox::ReleaseRefusal::Conflict(problems) => LabError::conflict_all(
@@ -455,7 +458,11 @@ impl ReviewTx<'_> {
         }
         self.changes.outbox_next = Some(plan.next_seq);
         for r in &plan.released {
-            let action = if r.corrected { "result.corrected" } else { "result.released" };
+            let action = if r.corrected {
+                "result.corrected"
+            } else {
+                "result.released"
+            };
             self.changes
                 .audit(action, None, vec![r.tube.clone()], r.detail.clone());
         }
@@ -477,7 +484,16 @@ impl ReviewTx<'_> {
                 "tube {barcode} has not been received"
             )));
         };
-        if tube.placement.is_none() {
+        let Some(placement) = &tube.placement else {
+            return Ok(false);
+        };
+        // A tube on a plate still open is taken off with `unassign`, which re-queues
+        // it; doing it here too would queue it twice.
+        if self
+            .lab
+            .load_plate(placement.plate.as_str())?
+            .is_some_and(|p| p.state == PlateState::Open)
+        {
             return Ok(false);
         }
         let seqs = self

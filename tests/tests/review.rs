@@ -99,7 +99,7 @@ impl Lab {
         }
     }
 
-    /// Receives tubes (barcode, pool size, due) and puts them on a new plate.
+    /// Receives tubes (barcode, pool size, due), puts them on a new plate and seals it.
     async fn plate(&self, id: &str, tubes: &[(&str, &str, u32, Value)]) {
         let intake: Vec<Value> = tubes
             .iter()
@@ -111,7 +111,10 @@ impl Lab {
                 tube
             })
             .collect();
-        let reply = self.tech.post("/api/v1/tubes", json!({"tubes": intake})).await;
+        let reply = self
+            .tech
+            .post("/api/v1/tubes", json!({"tubes": intake}))
+            .await;
         assert_eq!(reply.status, 200, "{}", reply.body);
         let reply = self
             .tech
@@ -128,6 +131,12 @@ impl Lab {
                 &format!("/api/v1/plates/{id}/assign"),
                 json!({"placements": placements}),
             )
+            .await;
+        assert_eq!(reply.status, 200, "{}", reply.body);
+        // Sealed, as before any run: its contents are fixed.
+        let reply = self
+            .tech
+            .post(&format!("/api/v1/plates/{id}/seal"), json!({}))
             .await;
         assert_eq!(reply.status, 200, "{}", reply.body);
     }
@@ -291,7 +300,10 @@ async fn a_valid_plate_releases_negatives_by_policy_and_positives_after_review()
 
     // Negatives: released by policy in the import's transaction, then delivered.
     let released = lab.results("?state=released").await;
-    let mut tubes: Vec<&str> = released.iter().map(|r| r["tube"].as_str().unwrap()).collect();
+    let mut tubes: Vec<&str> = released
+        .iter()
+        .map(|r| r["tube"].as_str().unwrap())
+        .collect();
     tubes.sort();
     assert_eq!(tubes, ["REV-NEG-1", "REV-NEG-2"], "{released:?}");
     let keys: Vec<String> = released
@@ -345,10 +357,7 @@ async fn a_valid_plate_releases_negatives_by_policy_and_positives_after_review()
         .await;
     assert_eq!(reply.status, 403, "{}", reply.body);
     assert_eq!(reply.body["error"]["code"], "forbidden");
-    assert_eq!(
-        lab.result_of("REV-POS-1").await["state"],
-        "awaiting_review"
-    );
+    assert_eq!(lab.result_of("REV-POS-1").await["state"], "awaiting_review");
     // Unknown result: 404 with a JSON body.
     let reply = lab
         .reviewer
@@ -369,7 +378,10 @@ async fn a_valid_plate_releases_negatives_by_policy_and_positives_after_review()
     assert_eq!(reply.body["state"], "released");
     assert_eq!(reply.body["versions"][0]["released_by"], "rob");
     let records = lab.wait_delivered(&[format!("{id}:1")]).await;
-    let v1 = records.iter().find(|r| key_of(r) == format!("{id}:1")).unwrap();
+    let v1 = records
+        .iter()
+        .find(|r| key_of(r) == format!("{id}:1"))
+        .unwrap();
     assert_eq!(v1["status"], "final");
     assert_eq!(v1["released_by"], "rob");
     assert_eq!(v1["interpretation"], "positive");
@@ -406,7 +418,10 @@ async fn a_valid_plate_releases_negatives_by_policy_and_positives_after_review()
         .await;
     assert_eq!(reply.status, 200, "{}", reply.body);
     let records = lab.wait_delivered(&[format!("{id}:2")]).await;
-    let v2 = records.iter().find(|r| key_of(r) == format!("{id}:2")).unwrap();
+    let v2 = records
+        .iter()
+        .find(|r| key_of(r) == format!("{id}:2"))
+        .unwrap();
     assert_eq!(v2["status"], "corrected", "{v2}");
     assert_eq!(v2["correction_reason"], "tube swapped at the decapper");
     assert_eq!(v2["interpretation"], "inconclusive");
@@ -446,17 +461,39 @@ async fn a_valid_plate_releases_negatives_by_policy_and_positives_after_review()
 
     // The CLI lists the same.
     let out = std::process::Command::new(pcrd_bin())
-        .args(["rerun", "list", "--api", &lab.daemon.url, "--token", ADMIN_TOKEN])
+        .args([
+            "rerun",
+            "list",
+            "--api",
+            &lab.daemon.url,
+            "--token",
+            ADMIN_TOKEN,
+        ])
         .output()
         .unwrap();
     assert!(out.status.success(), "{out:?}");
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains("pool_follow_up  REV-POOL-1  pool of 5"), "{text}");
+    assert!(
+        text.contains("pool_follow_up  REV-POOL-1  pool of 5"),
+        "{text}"
+    );
     let out = std::process::Command::new(pcrd_bin())
-        .args(["result", "release", &id, "--api", &lab.daemon.url, "--token", "test-technician-token"])
+        .args([
+            "result",
+            "release",
+            &id,
+            "--api",
+            &lab.daemon.url,
+            "--token",
+            "test-technician-token",
+        ])
         .output()
         .unwrap();
-    assert_eq!(out.status.code(), Some(2), "a technician is refused: {out:?}");
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "a technician is refused: {out:?}"
+    );
 
     // Turnaround: stages and a received-to-released histogram.
     let detail = lab.tech.get_ok(&format!("/api/v1/results/{id}")).await;
@@ -467,7 +504,10 @@ async fn a_valid_plate_releases_negatives_by_policy_and_positives_after_review()
         .filter(|s| s["at"].is_string())
         .map(|s| s["stage"].as_str().unwrap())
         .collect();
-    assert_eq!(stages, ["received", "plated", "result_staged", "released"]);
+    assert_eq!(
+        stages,
+        ["received", "plated", "sealed", "result_staged", "released"]
+    );
     let metrics = lab.tech.get_text("/metrics").await.text;
     assert_eq!(
         metric_value(&metrics, "pcrd_tube_received_to_released_seconds_count"),
@@ -517,7 +557,13 @@ async fn an_invalid_plate_sends_every_tube_to_rerun_and_releases_nothing() {
         .reruns()
         .await
         .iter()
-        .map(|r| format!("{} {}", r["kind"].as_str().unwrap(), r["tube"].as_str().unwrap()))
+        .map(|r| {
+            format!(
+                "{} {}",
+                r["kind"].as_str().unwrap(),
+                r["tube"].as_str().unwrap()
+            )
+        })
         .collect();
     reruns.sort();
     assert_eq!(
@@ -549,7 +595,12 @@ async fn tubes_past_due_and_at_risk_are_listed_first() {
             ("A1", "DUE-LATER", 1, json!({"due_in": "48h"})),
             ("B1", "DUE-NONE", 1, Value::Null),
             ("C1", "DUE-SOON", 1, json!({"due_in": "30min"})),
-            ("D1", "DUE-PAST", 1, json!({"due_at": "2020-01-01T00:00:00Z"})),
+            (
+                "D1",
+                "DUE-PAST",
+                1,
+                json!({"due_at": "2020-01-01T00:00:00Z"}),
+            ),
         ],
     )
     .await;
@@ -558,7 +609,12 @@ async fn tubes_past_due_and_at_risk_are_listed_first() {
         .as_array()
         .unwrap()
         .iter()
-        .map(|t| (t["barcode"].as_str().unwrap(), t["due_status"].as_str().unwrap()))
+        .map(|t| {
+            (
+                t["barcode"].as_str().unwrap(),
+                t["due_status"].as_str().unwrap(),
+            )
+        })
         .collect();
     assert_eq!(
         order,
@@ -582,9 +638,15 @@ async fn tubes_past_due_and_at_risk_are_listed_first() {
     );
     lab.import("due.csv", &csv).await;
     let results = lab.results("?state=awaiting_review").await;
-    let tubes: Vec<&str> = results.iter().map(|r| r["tube"].as_str().unwrap()).collect();
+    let tubes: Vec<&str> = results
+        .iter()
+        .map(|r| r["tube"].as_str().unwrap())
+        .collect();
     assert_eq!(tubes, ["DUE-PAST", "DUE-SOON", "DUE-LATER", "DUE-NONE"]);
-    assert_eq!(results[2]["state"], "awaiting_review", "auto release is off");
+    assert_eq!(
+        results[2]["state"], "awaiting_review",
+        "auto release is off"
+    );
 
     // The watcher counts them for /metrics and warns once per tube.
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -613,7 +675,14 @@ async fn tubes_past_due_and_at_risk_are_listed_first() {
         .await;
     assert_eq!(reply.status, 200, "{}", reply.body);
     let out = std::process::Command::new(pcrd_bin())
-        .args(["tube", "due", "--api", &lab.daemon.url, "--token", ADMIN_TOKEN])
+        .args([
+            "tube",
+            "due",
+            "--api",
+            &lab.daemon.url,
+            "--token",
+            ADMIN_TOKEN,
+        ])
         .output()
         .unwrap();
     assert!(out.status.success(), "{out:?}");
@@ -650,7 +719,13 @@ async fn kill9_around_releases_never_releases_twice() {
     let samples: Vec<(&str, &str, [Option<f64>; 3])> = tubes
         .iter()
         .enumerate()
-        .map(|(i, (w, t))| (w.as_str(), t.as_str(), if i % 2 == 0 { POSITIVE } else { NEGATIVE }))
+        .map(|(i, (w, t))| {
+            (
+                w.as_str(),
+                t.as_str(),
+                if i % 2 == 0 { POSITIVE } else { NEGATIVE },
+            )
+        })
         .collect();
     lab.import("kill.csv", &results_csv("PCR-REV-KILL", &samples, false))
         .await;
@@ -672,7 +747,10 @@ async fn kill9_around_releases_never_releases_twice() {
         lab = lab.restart_after_kill();
         let _ = request.await;
         let detail = lab.tech.get_ok(&format!("/api/v1/results/{id}")).await;
-        let stored = lab.tech.get(&format!("/api/v1/outbox/results/{id}:1")).await;
+        let stored = lab
+            .tech
+            .get(&format!("/api/v1/outbox/results/{id}:1"))
+            .await;
         match detail["state"].as_str().unwrap() {
             "released" => assert_eq!(stored.status, 200, "released, so version 1 exists"),
             "awaiting_review" => {
@@ -691,7 +769,10 @@ async fn kill9_around_releases_never_releases_twice() {
             .await;
         assert_eq!(again.status, 409, "{}", again.body);
         assert_eq!(
-            lab.tech.get(&format!("/api/v1/outbox/results/{id}:2")).await.status,
+            lab.tech
+                .get(&format!("/api/v1/outbox/results/{id}:2"))
+                .await
+                .status,
             404,
             "never a second version"
         );
@@ -714,7 +795,10 @@ async fn kill9_around_releases_never_releases_twice() {
             .push(r["version"].as_u64().unwrap());
     }
     assert_eq!(versions.len(), 12);
-    assert!(versions.values().all(|v| v.iter().all(|n| *n == 1)), "{versions:?}");
+    assert!(
+        versions.values().all(|v| v.iter().all(|n| *n == 1)),
+        "{versions:?}"
+    );
     let outbox = lab.tech.get_ok("/api/v1/outbox").await;
     assert_eq!(outbox["next_seq"], 13, "twelve releases, no more: {outbox}");
     lab.tech.audit_intact().await;

@@ -274,13 +274,14 @@ pub(super) fn detail_text(r: &Value) -> String {
         ));
     }
     if let Some(reason) = r["decision_reason"].as_str() {
-        out.push_str(&format!(
-            "  decided by {}: {reason}\n",
-            s(r, "decided_by")
-        ));
+        out.push_str(&format!("  decided by {}: {reason}\n", s(r, "decided_by")));
     }
     if let Some(stages) = r["tat"]["stages"].as_array() {
-        out.push_str(&format!("  due {} ({})\n", s(&r["tat"], "due_at"), s(&r["tat"], "due_status")));
+        out.push_str(&format!(
+            "  due {} ({})\n",
+            s(&r["tat"], "due_at"),
+            s(&r["tat"], "due_status")
+        ));
         for st in stages {
             out.push_str(&format!(
                 "  {:<14} {}{}\n",
@@ -332,7 +333,9 @@ pub(super) fn due_text(rows: &[Value]) -> String {
             s(r, "barcode"),
             s(r, "priority"),
             s(r, "stage"),
-            r["due_at"].as_str().map_or("no due time".to_string(), |d| format!("due {d}")),
+            r["due_at"]
+                .as_str()
+                .map_or("no due time".to_string(), |d| format!("due {d}")),
             r["minutes_left"]
                 .as_i64()
                 .map(|m| format!(" ({m} min)"))

@@ -81,13 +81,13 @@ pub fn by_tube(all: &[Candidate]) -> HashMap<String, TubeReview> {
     let mut map: HashMap<String, TubeReview> = HashMap::new();
     for c in all {
         let t = map.entry(c.tube.clone()).or_default();
-        t.done |= matches!(
-            c.state,
-            CandidateState::Released | CandidateState::Rejected
-        );
+        t.done |= matches!(c.state, CandidateState::Released | CandidateState::Rejected);
         t.awaiting |= c.state == CandidateState::AwaitingReview;
         t.rerun |= c.state == CandidateState::RerunRequested;
-        t.first_staged_ms = Some(t.first_staged_ms.map_or(c.staged_at_ms, |s| s.min(c.staged_at_ms)));
+        t.first_staged_ms = Some(
+            t.first_staged_ms
+                .map_or(c.staged_at_ms, |s| s.min(c.staged_at_ms)),
+        );
         if let Some(v) = c.versions.first()
             && t.first_released_ms.is_none_or(|r| v.released_at_ms < r)
         {
@@ -116,7 +116,11 @@ pub struct DueView {
 
 /// Every tube not done, past due and at risk first. Reads every tube: a request or a
 /// watcher pass, not a hot path.
-pub fn due_tubes(lab: &Lab, now_ms: i64, limit: usize) -> Result<(Vec<DueView>, Counts), StoreError> {
+pub fn due_tubes(
+    lab: &Lab,
+    now_ms: i64,
+    limit: usize,
+) -> Result<(Vec<DueView>, Counts), StoreError> {
     let policy = lab.review().policy();
     let at_risk_ms = policy.at_risk_before.as_millis() as i64;
     let all = candidates(lab, None)?;
@@ -152,7 +156,7 @@ pub fn due_tubes(lab: &Lab, now_ms: i64, limit: usize) -> Result<(Vec<DueView>, 
         };
         rows.push((sort_key(s, due_ms), tube, s, stage));
     }
-    rows.sort_by(|a, b| a.0.cmp(&b.0));
+    rows.sort_by_key(|a| a.0);
     counts.listed = rows.len() as u64;
     let views = rows
         .into_iter()
@@ -197,7 +201,12 @@ pub fn tube_status(
         .and_then(|t| t.due_at.map(|d| d.as_millis()));
     let done = reviews.get(tube).is_some_and(|r| r.done);
     (
-        status(due_ms, done, now_ms, policy.at_risk_before.as_millis() as i64),
+        status(
+            due_ms,
+            done,
+            now_ms,
+            policy.at_risk_before.as_millis() as i64,
+        ),
         due_ms,
     )
 }
@@ -279,16 +288,21 @@ pub fn tube_tat(lab: &Lab, barcode: &str, now_ms: i64) -> Result<TubeTat, LabErr
     let (plated, sealed) = plated_and_sealed(lab, &tube)?;
     let mine = super::candidates_of_tube(lab, barcode)?;
     let review = by_tube(&mine).remove(barcode).unwrap_or_default();
-    let delivered = match review.first_released_key.as_deref().and_then(crate::outbox::split_key) {
-        Some((id, version)) => lab
-            .outbox()
-            .delivery_state(lab.store(), id, version)?
-            .map(|states| {
-                !states.is_empty()
-                    && states
-                        .iter()
-                        .all(|(_, s)| matches!(s, crate::outbox::DeliveryState::Delivered))
-            }),
+    let delivered = match review
+        .first_released_key
+        .as_deref()
+        .and_then(crate::outbox::split_key)
+    {
+        Some((id, version)) => {
+            lab.outbox()
+                .delivery_state(lab.store(), id, version)?
+                .map(|states| {
+                    !states.is_empty()
+                        && states
+                            .iter()
+                            .all(|(_, s)| matches!(s, crate::outbox::DeliveryState::Delivered))
+                })
+        }
         None => None,
     };
     let received = tube.received_at.as_millis();
@@ -311,8 +325,7 @@ pub fn tube_tat(lab: &Lab, barcode: &str, now_ms: i64) -> Result<TubeTat, LabErr
             ("result_staged", review.first_staged_ms),
             ("released", review.first_released_ms),
         ]),
-        turnaround_seconds: (review.first_released_ms.unwrap_or(now_ms) - received) as f64
-            / 1000.0,
+        turnaround_seconds: (review.first_released_ms.unwrap_or(now_ms) - received) as f64 / 1000.0,
         delivered,
     })
 }
@@ -338,7 +351,11 @@ pub fn plate_tat(lab: &Lab, id: &str) -> Result<PlateTat, LabError> {
     let first_staged = mine.iter().map(|c| c.staged_at_ms).min();
     let released: Vec<(String, i64)> = mine
         .iter()
-        .filter_map(|c| c.versions.first().map(|v| (c.tube.clone(), v.released_at_ms)))
+        .filter_map(|c| {
+            c.versions
+                .first()
+                .map(|v| (c.tube.clone(), v.released_at_ms))
+        })
         .collect();
     let last_released = released.iter().map(|(_, at)| *at).max();
     let mut durations: Vec<f64> = released
@@ -374,8 +391,12 @@ pub fn plate_tat(lab: &Lab, id: &str) -> Result<PlateTat, LabError> {
 pub fn check(lab: &Lab, now_ms: i64) -> Result<Counts, StoreError> {
     let (views, counts) = due_tubes(lab, now_ms, usize::MAX)?;
     let review = lab.review();
-    review.tubes_at_risk.store(counts.at_risk, Ordering::Relaxed);
-    review.tubes_past_due.store(counts.past_due, Ordering::Relaxed);
+    review
+        .tubes_at_risk
+        .store(counts.at_risk, Ordering::Relaxed);
+    review
+        .tubes_past_due
+        .store(counts.past_due, Ordering::Relaxed);
     review
         .awaiting_review
         .store(counts.awaiting_review, Ordering::Relaxed);

@@ -156,7 +156,7 @@ pub(super) async fn list_results(
                 ((key, staged), v)
             })
             .collect();
-        rows.sort_by(|a, b| a.0.cmp(&b.0));
+        rows.sort_by_key(|a| a.0);
         Ok(Json(rows.into_iter().take(limit).map(|(_, v)| v).collect()))
     })
     .await
@@ -329,7 +329,7 @@ pub(super) async fn list_reruns(
                 )
             })
             .collect();
-        rows.sort_by(|a, b| a.0.cmp(&b.0));
+        rows.sort_by_key(|a| a.0);
         Ok(Json(rows.into_iter().take(limit).map(|(_, v)| v).collect()))
     })
     .await

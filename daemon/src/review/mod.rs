@@ -100,7 +100,11 @@ pub fn parse_policy(raw: Option<RawReview>, problems: &mut Vec<String>) -> Revie
             }
         }
     };
-    duration("at_risk_before", raw.at_risk_before, &mut policy.at_risk_before);
+    duration(
+        "at_risk_before",
+        raw.at_risk_before,
+        &mut policy.at_risk_before,
+    );
     duration("check_every", raw.check_every, &mut policy.check_every);
     policy
 }
@@ -675,11 +679,10 @@ fn plan_stage(
             continue;
         }
         c.staged_at_ms = at;
-        let barcode =
-            Barcode::new(c.tube.clone()).map_err(|e| LabError::Invalid {
-                message: e.to_string(),
-                problems: Vec::new(),
-            })?;
+        let barcode = Barcode::new(c.tube.clone()).map_err(|e| LabError::Invalid {
+            message: e.to_string(),
+            problems: Vec::new(),
+        })?;
         let plate_id = PlateId::new(c.plate.clone()).ok();
         if !c.plate_valid {
             // Nothing of a failed plate is reported: every tube is tested again.
@@ -972,13 +975,12 @@ pub async fn decide(
     decision: Decision,
 ) -> Result<Candidate, LabError> {
     match &decision {
-        Decision::Rerun { reason } | Decision::Reject { reason } | Decision::Correct { reason, .. }
+        Decision::Rerun { reason }
+        | Decision::Reject { reason }
+        | Decision::Correct { reason, .. }
             if reason.trim().is_empty() =>
         {
-            return Err(invalid(format!(
-                "a {} needs a reason",
-                decision.name()
-            )));
+            return Err(invalid(format!("a {} needs a reason", decision.name())));
         }
         Decision::Correct {
             interpretation: Some(text),

@@ -77,6 +77,7 @@ async fn judged_plate(
     )
     .await
     .unwrap();
+    lab.seal(user("t"), id.into()).await.unwrap();
     let plate = lab.plate(id).unwrap();
     let kit = lab.kits().find(KIT).unwrap();
     let mut readings: BTreeMap<Well, BTreeMap<String, Ct>> = wells
@@ -153,7 +154,10 @@ fn due_status_boundaries_and_order() {
 fn the_review_table_is_validated() {
     let mut problems = Vec::new();
     let policy = parse_policy(None, &mut problems);
-    assert!(!policy.auto_release_negatives, "off unless the config says so");
+    assert!(
+        !policy.auto_release_negatives,
+        "off unless the config says so"
+    );
     let raw: RawReview = toml::from_str(
         "auto_release_negatives = true\nat_risk_before = \"soon\"\ncheck_every = \"0s\"\n",
     )
@@ -161,7 +165,10 @@ fn the_review_table_is_validated() {
     let policy = parse_policy(Some(raw), &mut problems);
     assert!(policy.auto_release_negatives);
     assert_eq!(problems.len(), 2, "{problems:?}");
-    assert!(problems[0].contains("review.at_risk_before"), "{problems:?}");
+    assert!(
+        problems[0].contains("review.at_risk_before"),
+        "{problems:?}"
+    );
     assert!(problems[1].contains("review.check_every"), "{problems:?}");
 }
 
@@ -331,7 +338,11 @@ async fn decisions_follow_the_state_and_refusals_write_nothing() {
     ] {
         assert!(decide(&lab, user("rob"), id, decision).await.is_err());
     }
-    assert_eq!(lab.verify_audit().unwrap().entries, entries, "nothing written");
+    assert_eq!(
+        lab.verify_audit().unwrap().entries,
+        entries,
+        "nothing written"
+    );
     assert_eq!(released_versions(&lab, &pos), None);
 
     let c = decide(&lab, user("rob"), pos.clone(), Decision::Release)
@@ -402,6 +413,70 @@ async fn decisions_follow_the_state_and_refusals_write_nothing() {
     assert_eq!(lab.waiting(10).unwrap().len(), 1);
     assert_eq!(released_versions(&lab, "LAB-R2-B1-D-NEG"), None);
     // The lab's own check still agrees: the requeued tube is counted once.
+    lab.scrub().unwrap();
+}
+
+#[tokio::test]
+async fn a_tube_on_a_plate_still_open_is_not_requeued_twice() {
+    let dir = tempfile::tempdir().unwrap();
+    let lab = open_lab(dir.path());
+    // A retest call (from a sealed plate's judgement), for a tube on a plate not
+    // sealed in pcrd: an instrument's file for a plate the technician never sealed.
+    let (_, judged) = judged_plate(
+        &lab,
+        "PL-U4",
+        &[("A1", "O-RT", 1)],
+        &[("A1", cts(None, Some(33.0), Some(27.0)))],
+        true,
+    )
+    .await;
+    lab.create_plate(user("t"), KIT.into(), None, Some("PL-U4-OPEN".into()))
+        .await
+        .unwrap();
+    lab.receive_tubes(
+        user("t"),
+        vec![TubeIntake {
+            barcode: "O-RT-2".into(),
+            pool_size: None,
+            priority: None,
+            due: None,
+        }],
+    )
+    .await
+    .unwrap();
+    lab.assign(
+        user("t"),
+        "PL-U4-OPEN".into(),
+        Vec::new(),
+        vec![("A1".into(), "O-RT-2".into())],
+    )
+    .await
+    .unwrap();
+    let open_plate = lab.plate("PL-U4-OPEN").unwrap();
+    let call = judged.plate.samples.values().next().unwrap().clone();
+    let candidate = candidate_for_well(
+        &lab,
+        &open_plate,
+        "A1".parse().unwrap(),
+        &pcrd_protocol::domain::Barcode::new("O-RT-2").unwrap(),
+        &call,
+        &judged.plate.validity,
+        &provenance("R4"),
+    )
+    .unwrap();
+    let outcome = stage(&lab, user("cycler"), vec![candidate], Vec::new(), None)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(outcome.reruns, 1);
+    let entry = reruns(&lab).unwrap().pop().unwrap();
+    assert!(!entry.requeued, "the open plate still holds it: {entry:?}");
+    assert!(lab.waiting(10).unwrap().is_empty());
+    // Taken off the open plate, it waits once.
+    lab.unassign(user("t"), "PL-U4-OPEN".into(), vec!["A1".into()])
+        .await
+        .unwrap();
+    assert_eq!(lab.waiting(10).unwrap().len(), 1);
     lab.scrub().unwrap();
 }
 
