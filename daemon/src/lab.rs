@@ -420,8 +420,8 @@ impl ReviewTx<'_> {
         self.changes.audit(action, plate, tubes, detail);
     }
 
-    /// Plans the release of `records` (results + outbox entries + audit), exactly as
-    /// [`Lab::release_results`] does, in this change's transaction. Call once per change.
+    /// Plans the release of `records` (results + outbox entries + audit) in this
+    /// change's transaction; [`Lab::release_results`] is this alone. Call once per change.
     pub fn release(
         &mut self,
         records: &[pcrd_protocol::upstream::ResultRecord],
@@ -813,41 +813,20 @@ impl Lab {
             )));
         }
         let (released, next) = self
-            .change(actor, move |lab, writer, changes, _at| {
-                let plan = crate::outbox::plan_release(
-                    &lab.store,
-                    &lab.lab_id,
-                    &records,
-                    writer.outbox_next,
-                    crate::outbox::now_ms(),
-                )
-                .map_err(|refusal| match refusal {
-                    crate::outbox::ReleaseRefusal::Invalid(problems) => LabError::invalid_all(
-                        format!("{} problem(s) in the release; nothing was released", problems.len()),
-                        problems,
-                    ),
-                    crate::outbox::ReleaseRefusal::Conflict(problems) => LabError::conflict_all(
-                        format!(
-                            "{} result version(s) conflict with earlier releases; nothing was released",
-                            problems.len()
-                        ),
-                        problems,
-                    ),
-                })?;
-                for (key, value) in plan.results {
-                    changes.put_raw(T::Results, key, value);
-                }
-                for (key, value) in plan.outbox {
-                    changes.put_raw(T::Outbox, key, value);
-                }
-                changes.outbox_next = Some(plan.next_seq);
-                let mut released = Vec::with_capacity(plan.released.len());
-                for r in plan.released {
-                    let action = if r.corrected { "result.corrected" } else { "result.released" };
-                    changes.audit(action, None, vec![r.tube], r.detail);
-                    released.push((r.key, r.seq));
-                }
-                Ok((released, plan.next_seq))
+            .change(actor, move |lab, writer, changes, at| {
+                let mut tx = ReviewTx {
+                    lab,
+                    writer,
+                    changes,
+                    at,
+                };
+                let released = tx
+                    .release(&records)?
+                    .into_iter()
+                    .map(|r| (r.key, r.seq))
+                    .collect();
+                let next = changes.outbox_next.unwrap_or(writer.outbox_next);
+                Ok((released, next))
             })
             .await?;
         self.outbox.released(next);
