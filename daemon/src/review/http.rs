@@ -163,16 +163,39 @@ pub(super) async fn list_results(
 }
 
 /// One result candidate with its released versions and its tube's turnaround.
-#[utoipa::path(get, path = "/api/v1/results/{id}", tag = "results",
-    params(("id" = String, Path, description = "The result id (lab-run-well-tube)")),
+#[utoipa::path(get, path = "/api/v1/results/{result_id}", tag = "results",
+    params(("result_id" = String, Path, description = "The result id (lab-run-well-tube)")),
     responses((status = 200, body = ResultDetail), (status = 404, body = crate::api::dto::ErrorBody)))]
 pub(super) async fn get_result(
     State(state): State<AppState>,
     _caller: Caller,
     Path(id): Path<String>,
 ) -> ApiResult<Json<ResultDetail>> {
+    check_id(&id)?;
     let lab = Arc::clone(&state.lab);
     blocking(move || detail(&lab, &id)).await.map(Json)
+}
+
+/// A result id is built from the lab id, run id, well and barcode: letters, digits,
+/// '-', '_' and '.'. Anything else cannot name a result: 422 rather than 404.
+fn check_id(id: &str) -> ApiResult<()> {
+    let well_formed = !id.is_empty()
+        && id.len() <= crate::outbox::MAX_RESULT_ID_LEN
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+    if well_formed {
+        Ok(())
+    } else {
+        Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid",
+            format!(
+                "{:?} is not a result id (lab-run-well-tube: letters, digits, '-', '_', '.')",
+                id.chars().take(140).collect::<String>()
+            ),
+        ))
+    }
 }
 
 fn detail(lab: &crate::lab::Lab, id: &str) -> Result<ResultDetail, LabError> {
@@ -195,6 +218,7 @@ async fn decided(
     reason: Option<String>,
 ) -> ApiResult<Json<ResultDetail>> {
     caller.require(&[Role::Reviewer], "deciding on results")?;
+    check_id(&id)?;
     let name = match &decision {
         Decision::Release => "released",
         Decision::Rerun { .. } => "sent for a rerun",
@@ -209,8 +233,8 @@ async fn decided(
 
 /// Release a result awaiting review as final (reviewer or admin). The result
 /// version and its outbox entry are written with the decision, in one transaction.
-#[utoipa::path(post, path = "/api/v1/results/{id}/release", tag = "results", request_body = ReleaseRequest,
-    params(("id" = String, Path, description = "The result id")),
+#[utoipa::path(post, path = "/api/v1/results/{result_id}/release", tag = "results", request_body = ReleaseRequest,
+    params(("result_id" = String, Path, description = "The result id")),
     responses((status = 200, body = ResultDetail), (status = 404, body = crate::api::dto::ErrorBody),
         (status = 409, body = crate::api::dto::ErrorBody, description = "Not awaiting review, or its plate is invalid")))]
 pub(super) async fn release_result(
@@ -224,8 +248,8 @@ pub(super) async fn release_result(
 
 /// Send a result awaiting review back for a rerun (reviewer or admin): the tube
 /// goes back into the plating queue, first; nothing is released.
-#[utoipa::path(post, path = "/api/v1/results/{id}/rerun", tag = "results", request_body = DecisionRequest,
-    params(("id" = String, Path, description = "The result id")),
+#[utoipa::path(post, path = "/api/v1/results/{result_id}/rerun", tag = "results", request_body = DecisionRequest,
+    params(("result_id" = String, Path, description = "The result id")),
     responses((status = 200, body = ResultDetail), (status = 404, body = crate::api::dto::ErrorBody),
         (status = 409, body = crate::api::dto::ErrorBody, description = "Not awaiting review")))]
 pub(super) async fn rerun_result(
@@ -249,8 +273,8 @@ pub(super) async fn rerun_result(
 
 /// Reject a result awaiting review with a reason (reviewer or admin): nothing is
 /// released and the tube is not rerun.
-#[utoipa::path(post, path = "/api/v1/results/{id}/reject", tag = "results", request_body = DecisionRequest,
-    params(("id" = String, Path, description = "The result id")),
+#[utoipa::path(post, path = "/api/v1/results/{result_id}/reject", tag = "results", request_body = DecisionRequest,
+    params(("result_id" = String, Path, description = "The result id")),
     responses((status = 200, body = ResultDetail), (status = 404, body = crate::api::dto::ErrorBody),
         (status = 409, body = crate::api::dto::ErrorBody, description = "Not awaiting review")))]
 pub(super) async fn reject_result(
@@ -274,8 +298,8 @@ pub(super) async fn reject_result(
 
 /// Correct a released result (reviewer or admin): a new version with status
 /// corrected and the reason, never an overwrite.
-#[utoipa::path(post, path = "/api/v1/results/{id}/correct", tag = "results", request_body = CorrectionRequest,
-    params(("id" = String, Path, description = "The result id")),
+#[utoipa::path(post, path = "/api/v1/results/{result_id}/correct", tag = "results", request_body = CorrectionRequest,
+    params(("result_id" = String, Path, description = "The result id")),
     responses((status = 200, body = ResultDetail), (status = 404, body = crate::api::dto::ErrorBody),
         (status = 409, body = crate::api::dto::ErrorBody, description = "Not released")))]
 pub(super) async fn correct_result(

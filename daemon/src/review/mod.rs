@@ -397,9 +397,20 @@ pub fn rerun_key(entry_id: &str) -> Vec<u8> {
     key
 }
 
-/// The stable result id: lab, run, well and tube.
+/// The stable result id: lab, run, well and tube. Characters other than letters,
+/// digits, '-', '_' and '.' (a lab id with a space, a run id with a colon) become
+/// '_', so the id is one URL path segment and one CSV field as it is.
 pub fn result_id(lab: &str, run: &str, well: &str, tube: &str) -> String {
     format!("{lab}-{run}-{well}-{tube}")
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "-_.".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
 }
 
 fn interpretation_of(call: Call) -> Interpretation {

@@ -121,6 +121,15 @@ fn released_versions(lab: &Lab, id: &str) -> Option<u32> {
 }
 
 #[test]
+fn result_ids_are_one_path_segment() {
+    assert_eq!(result_id("LAB1", "R-7", "A1", "T-1"), "LAB1-R-7-A1-T-1");
+    assert_eq!(
+        result_id("Lab Nord", "run:7/b", "A1", "T-1"),
+        "Lab_Nord-run_7_b-A1-T-1"
+    );
+}
+
+#[test]
 fn due_status_boundaries_and_order() {
     let hour = 3_600_000;
     assert_eq!(status(Some(1000), false, 1001, hour), DueStatus::PastDue);
