@@ -50,6 +50,8 @@ struct RawConfig {
     users: Vec<RawUser>,
     #[serde(default)]
     extractors: Vec<RawExtractor>,
+    #[serde(default)]
+    analysers: Vec<crate::analysers::RawAnalyser>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -111,6 +113,8 @@ pub struct Config {
     pub users: Vec<User>,
     /// Extraction instruments over Modbus (`[[extractors]]`).
     pub extractors: Vec<ExtractorConfig>,
+    /// Analysers reporting over ASTM (`[[analysers]]`).
+    pub analysers: Vec<crate::analysers::AnalyserConfig>,
 }
 
 /// One extractor: where it is and the register-map profile it is read with.
@@ -266,6 +270,7 @@ impl Config {
         }
 
         let extractors = parse_extractors(raw.extractors, base, &mut problems);
+        let analysers = crate::analysers::parse_analysers(raw.analysers, base, &mut problems);
 
         if !problems.is_empty() {
             return Err(problems);
@@ -281,6 +286,7 @@ impl Config {
             kits_dir,
             users,
             extractors,
+            analysers,
         })
     }
 }

@@ -113,6 +113,9 @@ pub struct Trees {
     pub messages: sled::Tree,
     /// Files imported from watched folders, by fingerprint; key layout in `crate::folders`.
     pub imports: sled::Tree,
+    /// Results analysers reported for tubes, listed per tube; key layout in
+    /// `crate::analysers::store`.
+    pub reported: sled::Tree,
 }
 
 /// Store tuning from the config file.
@@ -171,6 +174,7 @@ impl Store {
             cycles: db.open_tree("cycles")?,
             messages: db.open_tree("messages")?,
             imports: db.open_tree("imports")?,
+            reported: db.open_tree("reported")?,
         };
         match trees.meta.get(META_SCHEMA_VERSION)? {
             Some(raw) => {
