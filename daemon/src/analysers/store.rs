@@ -408,7 +408,8 @@ fn clip(mut s: String) -> String {
 }
 
 impl DurableMessages {
-    pub(super) fn new(
+    /// The store for analyser `name`; query answers go to `outgoing`.
+    pub fn new(
         name: String,
         profile: Arc<MappingProfile>,
         lab: Arc<Lab>,
