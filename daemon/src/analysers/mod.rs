@@ -433,13 +433,13 @@ async fn follow_events(analyser: Arc<Analyser>, mut events: mpsc::UnboundedRecei
                 link.reason = None;
                 link.connections += 1;
             }
-            HostEvent::LinkDown { reason, .. } => {
-                // A newer connection may already be up (TCP reconnect).
-                if !analyser.host.is_connected(&analyser.config.name) {
-                    link.up = false;
-                    link.since = SystemTime::now();
-                    link.reason = Some(reason);
-                }
+            // A newer connection may already be up (TCP reconnect).
+            HostEvent::LinkDown { reason, .. }
+                if !analyser.host.is_connected(&analyser.config.name) =>
+            {
+                link.up = false;
+                link.since = SystemTime::now();
+                link.reason = Some(reason);
             }
             HostEvent::PeerRefused { peer } => {
                 link.peers_refused += 1;

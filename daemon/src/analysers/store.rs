@@ -494,18 +494,17 @@ impl DurableMessages {
                 let mut withdrew = None;
                 if let Some(message_id) = withdraw {
                     let key = id_key(b'm', message_id);
-                    if let Some(raw) = m.get(&key)? {
-                        if let Ok(mut record) = decode::<MessageRecord>(&key, &raw) {
-                            if record.state == MessageState::Received {
-                                record.state = MessageState::Withdrawn {
-                                    at,
-                                    reason: item.reason.to_string(),
-                                };
-                                m.insert(key, encode(&record))?;
-                                m.remove(id_key(b's', message_id))?;
-                                withdrew = Some(message_id);
-                            }
-                        }
+                    if let Some(raw) = m.get(&key)?
+                        && let Ok(mut record) = decode::<MessageRecord>(&key, &raw)
+                        && record.state == MessageState::Received
+                    {
+                        record.state = MessageState::Withdrawn {
+                            at,
+                            reason: item.reason.to_string(),
+                        };
+                        m.insert(key, encode(&record))?;
+                        m.remove(id_key(b's', message_id))?;
+                        withdrew = Some(message_id);
                     }
                 }
                 let record = QuarantineRecord {
