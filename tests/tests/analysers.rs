@@ -268,6 +268,42 @@ async fn a_message_acknowledged_survives_kill_9() {
     assert_example_results(&api, "an-1").await;
 }
 
+/// The daemon dies after the last ACK and before any EOT (the analyser sends none):
+/// the message was never confirmed, and the restarted daemon applies it (the
+/// analyser holds an ACK for every frame and will not send it again), once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_pending_at_kill_9_is_applied_at_the_restart() {
+    let mut daemon = start_daemon(tcp_analyser("an-1", false)).await;
+    let api = daemon.client();
+    receive(&api, &["SPC0042", "SPC0043"]).await;
+    let sim = Arc::new(
+        Analyser::connect_tcp(analyser_addr(&api, "an-1").await, AnalyserConfig::default())
+            .await
+            .unwrap(),
+    );
+    sim.send_results(&Scenario::example(), vec![Fault::MissingEot])
+        .await
+        .unwrap();
+    let p = sim.progress();
+    assert_eq!(p.acked, p.frames, "{p:?}");
+    // Well within the 1.5 s receive timer: the daemon has not withdrawn it.
+    daemon.kill9();
+    let daemon = restart(daemon).await;
+    let api = daemon.client();
+    let view = analyser_view(&api, "an-1").await;
+    assert_eq!(view["messages_stored"], 1, "{view:#}");
+    assert_eq!(view["withdrawn"], 0, "{view:#}");
+    assert_eq!(view["reported"], 2, "applied at start-up: {view:#}");
+    assert_example_results(&api, "an-1").await;
+    assert!(
+        daemon
+            .stderr()
+            .contains("Applied analyser messages stored before the last stop"),
+        "{}",
+        daemon.stderr()
+    );
+}
+
 /// The driver-level barrier with the daemon's real store: when the store cannot make
 /// the message durable, the analyser never gets the last frame's ACK (it keeps the
 /// message); the same store working acknowledges every frame.

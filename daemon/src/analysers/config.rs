@@ -244,3 +244,56 @@ pub fn parse_analysers(
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use crate::config::Config;
+    use std::path::Path;
+
+    const BASE: &str = "[lab]\nid = \"LAB-01\"\n[[users]]\nname = \"alice\"\nrole = \"technician\"\ntoken = \"alice-token-0123456789\"\n";
+
+    fn parse(extra: &str) -> Result<Config, Vec<String>> {
+        let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        Config::parse(&format!("{BASE}{extra}"), &repo, |_| None)
+    }
+
+    #[test]
+    fn analysers_are_read_with_their_profiles() {
+        let config = parse(
+            "[[analysers]]\nname = \"an-1\"\nprofile = \"analysers/sim-an01.toml\"\ntcp = { listen = \"0.0.0.0:5001\", peers = [\"192.168.1.60\"] }\naccepts_orders = true\ntext_per_frame = 1000\nreceive_timeout_ms = 5000\n\n[[analysers]]\nname = \"an-2\"\nprofile = \"analysers/sim-an01.toml\"\nserial = { path = \"/dev/ttyUSB0\", baud = 9600 }\n",
+        )
+        .unwrap();
+        assert_eq!(config.analysers.len(), 2);
+        let a = &config.analysers[0];
+        assert_eq!(a.profile.key(), "SIM-AN01@1");
+        assert!(a.accepts_orders);
+        assert_eq!(a.link.text_per_frame, 1000);
+        assert_eq!(a.link.receive_timeout.as_millis(), 5000);
+        assert_eq!(a.transport.describe(), "tcp 0.0.0.0:5001");
+        assert_eq!(
+            config.analysers[1].transport.describe(),
+            "serial /dev/ttyUSB0 @ 9600"
+        );
+    }
+
+    #[test]
+    fn every_problem_is_named() {
+        let problems = parse(
+            "[[analysers]]\nname = \"an-1\"\nprofile = \"analysers/missing.toml\"\ntcp = { listen = \"nowhere\", peers = [\"host-a\"] }\ntext_per_frame = 5\nbogus = 1\n\n[[analysers]]\nname = \"an-1\"\nprofile = \"analysers/sim-an01.toml\"\n",
+        )
+        .unwrap_err();
+        let all = problems.join("\n");
+        for needle in [
+            "unknown key `analysers.0.bogus`",
+            "tcp.listen \"nowhere\" is not an address",
+            "tcp.peers \"host-a\" is not an IP address",
+            "text_per_frame 5 is outside",
+            "analysers/missing.toml",
+            "analyser name appears twice",
+            "needs tcp",
+        ] {
+            assert!(all.contains(needle), "{needle:?} not in:\n{all}");
+        }
+    }
+}

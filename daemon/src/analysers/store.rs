@@ -1018,3 +1018,148 @@ pub(super) fn apply_pending(
 
 /// How long to wait between attempts to send a query answer when the line is busy.
 pub(super) const ANSWER_RETRY: Duration = Duration::from_millis(500);
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use pcrd_drivers::astm::MessageKey;
+
+    fn lab(dir: &std::path::Path) -> Arc<Lab> {
+        let store = Store::open(&crate::store::StoreOptions {
+            path: dir.join("store"),
+            cache_bytes: 8 << 20,
+        })
+        .unwrap();
+        let kits = crate::kits::KitRegistry::load(None).unwrap();
+        Lab::open(store, kits, "LAB-TEST".into()).unwrap()
+    }
+
+    fn messages(lab: &Arc<Lab>) -> DurableMessages {
+        let profile =
+            MappingProfile::from_toml_str(include_str!("../../../analysers/sim-an01.toml"))
+                .unwrap();
+        let (outgoing, _) = mpsc::unbounded_channel();
+        DurableMessages::new(
+            "an-1".into(),
+            Arc::new(profile),
+            Arc::clone(lab),
+            Arc::new(AnalyserMetrics::default()),
+            outgoing,
+        )
+    }
+
+    /// A results message of `specimens` specimens (6 records each).
+    fn big_text(specimens: usize) -> Vec<u8> {
+        let mut text = String::from("H|\\^&|||SIM-AN01\r");
+        for i in 0..specimens {
+            text.push_str(&format!(
+                "P|{n}\rO|1|T-{i:06}||^^^SARS2|R\rR|1|^^^SARS2|NEG\rR|2|^^^SARS2^ORF1ab^Ct|\rR|3|^^^SARS2^N^Ct|\rR|4|^^^SARS2^IC^Ct|28.{d}\r",
+                n = i + 1,
+                d = i % 10
+            ));
+        }
+        text.push_str("L|1|N\r");
+        text.into_bytes()
+    }
+
+    /// A message far over 64 KiB is kept whole, raw bytes, text and records, in
+    /// values that all stay under 64 KiB.
+    #[test]
+    fn large_messages_are_split_into_values_under_64_kib() {
+        let dir = tempfile::tempdir().unwrap();
+        let lab = lab(dir.path());
+        let store = messages(&lab);
+        let text = big_text(3000);
+        assert!(text.len() > 4 * 64 * 1024, "{} bytes", text.len());
+        let mut raw = vec![pcrd_protocol::astm::ENQ];
+        raw.extend_from_slice(&text);
+        let records = Message::parse(&text).unwrap();
+        let message = InboundMessage {
+            key: MessageKey {
+                instrument: "an-1".into(),
+                connection: 0,
+                seq: 0,
+            },
+            text: text.clone(),
+            raw: raw.clone(),
+            records: records.clone(),
+        };
+        let id = store.write_message(&message).unwrap();
+        let s = lab.store();
+        assert_eq!(read_chunks(s, b'm', id, b'r').unwrap(), raw);
+        assert_eq!(read_chunks(s, b'm', id, b't').unwrap(), text);
+        assert_eq!(read_records(s, id).unwrap(), records);
+        let record = read_message(s, id).unwrap().unwrap();
+        assert_eq!(record.state, MessageState::Received);
+        assert_eq!(record.orders, 3000);
+        assert_eq!(pending_ids(s).unwrap(), [id]);
+        for item in s.trees().messages.iter() {
+            let (k, v) = item.unwrap();
+            assert!(v.len() < 64 * 1024, "key {k:?}: {} bytes", v.len());
+        }
+        // Applied once: every specimen is unknown here (no tube received), so each
+        // is an unmatched item; nothing is pending any more, and a second apply
+        // does nothing.
+        let applied = apply_message(&lab, "an-1", &store.profile, id, &records).unwrap();
+        assert_eq!(applied.counts, Some((0, 3000)));
+        assert!(pending_ids(s).unwrap().is_empty());
+        let again = apply_message(&lab, "an-1", &store.profile, id, &records).unwrap();
+        assert_eq!(again.counts, None);
+        let totals = counts(s, "an-1").unwrap();
+        assert_eq!((totals.messages, totals.unmatched), (1, 3000));
+    }
+
+    /// A stored message reported unconfirmed is withdrawn (kept, marked) and never
+    /// applied afterwards.
+    #[test]
+    fn a_withdrawn_message_never_becomes_results() {
+        let dir = tempfile::tempdir().unwrap();
+        let lab = lab(dir.path());
+        let store = messages(&lab);
+        let text = big_text(2);
+        let key = MessageKey {
+            instrument: "an-1".into(),
+            connection: 3,
+            seq: 1,
+        };
+        let records = Message::parse(&text).unwrap();
+        let id = store
+            .write_message(&InboundMessage {
+                key: key.clone(),
+                text: text.clone(),
+                raw: text.clone(),
+                records: records.clone(),
+            })
+            .unwrap();
+        let item = Quarantined {
+            instrument: "an-1".into(),
+            connection: 3,
+            key: Some(key),
+            reason: QuarantineReason::Unconfirmed(pcrd_protocol::astm::link::AbortReason::Timeout),
+            raw: text.clone(),
+        };
+        store.write_quarantine(&item, Some(id)).unwrap();
+        let record = read_message(lab.store(), id).unwrap().unwrap();
+        assert!(
+            matches!(record.state, MessageState::Withdrawn { .. }),
+            "{record:?}"
+        );
+        assert!(pending_ids(lab.store()).unwrap().is_empty());
+        let applied = apply_message(&lab, "an-1", &store.profile, id, &records).unwrap();
+        assert_eq!(applied.counts, None, "a withdrawn message was applied");
+        let quarantined: Vec<QuarantineRecord> = list(lab.store(), b'q', 10).unwrap();
+        assert_eq!(quarantined.len(), 1);
+        assert_eq!(quarantined[0].withdrew, Some(id));
+        assert_eq!(quarantined[0].kind, "unconfirmed");
+        assert_eq!(
+            read_chunks(lab.store(), b'q', quarantined[0].id, b'r').unwrap(),
+            text
+        );
+        let totals = counts(lab.store(), "an-1").unwrap();
+        assert_eq!(
+            (totals.messages, totals.quarantined, totals.withdrawn),
+            (1, 1, 1)
+        );
+    }
+}
