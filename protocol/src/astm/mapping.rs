@@ -730,6 +730,60 @@ mod tests {
         assert!(seen >= 3, "golden files missing in {}", dir.display());
     }
 
+    proptest::proptest! {
+        /// Whatever a parsed message holds, applying the profile never panics, and
+        /// every order with results is accounted for: a reading or an unmatched item.
+        #[test]
+        fn any_message_maps_without_panic_and_nothing_is_dropped(
+            records in proptest::collection::vec(
+                (
+                    proptest::sample::select(vec!["O", "R", "R", "R", "C", "P"]),
+                    proptest::sample::select(vec!["SARS2", "FLUAB", ""]),
+                    proptest::sample::select(vec!["", "ORF1ab", "N", "IC", "RdRP"]),
+                    proptest::sample::select(vec!["", "Ct", "EndPt"]),
+                    "[ -~]{0,8}",
+                ),
+                0..40,
+            )
+        ) {
+            let profile = MappingProfile::from_toml_str(PROFILE).unwrap();
+            let mut text = String::from("H|\\^&\r");
+            let mut open = false;
+            for (kind, code, analyte, value_kind, value) in &records {
+                let value: String = value.chars().filter(|c| !"|\\^&".contains(*c)).collect();
+                match *kind {
+                    "O" => { text.push_str(&format!("O|1|T-1||^^^{code}\r")); open = true; }
+                    "R" if open => text.push_str(&format!("R|1|^^^{code}^{analyte}^{value_kind}|{value}\r")),
+                    "C" if open => text.push_str("C|1|I|note\r"),
+                    "P" => { text.push_str("P|1\r"); open = false; }
+                    _ => {}
+                }
+            }
+            text.push_str("L|1|N\r");
+            let Ok(message) = Message::parse(text.as_bytes()) else {
+                return Ok(());
+            };
+            let mapped = profile.apply(&message);
+            let with_results = order_groups(&message)
+                .iter()
+                .filter(|(_, results)| !results.is_empty())
+                .count();
+            let mut orders: Vec<usize> = mapped
+                .readings
+                .iter()
+                .map(|r| r.order_index)
+                .chain(mapped.unmatched.iter().map(|u| u.order_index))
+                .collect();
+            orders.sort_unstable();
+            orders.dedup();
+            proptest::prop_assert_eq!(orders.len(), with_results);
+            for r in &mapped.readings {
+                proptest::prop_assert_eq!(r.targets.len(), 3);
+                proptest::prop_assert!(r.targets.values().all(|t| t.ct.is_some()));
+            }
+        }
+    }
+
     #[test]
     fn cts_are_numbers_or_undetermined_never_sentinels() {
         let none: Vec<String> = vec!["UNDET".into()];
