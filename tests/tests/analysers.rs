@@ -7,7 +7,7 @@
 //! - results land on their tubes with the analyser's Cts and the kit's calls;
 //! - a message whose last frame the analyser saw acknowledged survives `kill -9`,
 //!   and a store that cannot make it durable never acknowledges it;
-//! - a missing EOT or a broken hierarchy is quarantined with the bytes and makes no
+//! - a missing EOT, a cut line or a broken hierarchy is quarantined with the bytes and makes no
 //!   result; a bad checksum is NAKed, resent, and makes exactly one result;
 //! - an unknown specimen id or test code is listed as unmatched, never dropped;
 //! - host queries are answered with orders, worklists reach the analyser;
@@ -441,6 +441,27 @@ async fn faults_are_quarantined_with_their_bytes_and_make_no_result() {
         metric(&api, "pcrd_analyser_quarantined_total{analyser=\"an-1\"}").await,
         Some(2.0)
     );
+
+    // The line is cut mid-message: the part received is quarantined as aborted, with
+    // its bytes; nothing is stored and no result is added.
+    drop(sim);
+    let cut = Analyser::connect_tcp(addr, AnalyserConfig::default())
+        .await
+        .unwrap();
+    let outcome = cut
+        .send_results(&Scenario::example(), vec![Fault::Disconnect { frame: 3 }])
+        .await;
+    assert!(outcome.is_err(), "{outcome:?}");
+    let q = wait_for(&api, "/api/v1/analysers/quarantine", "three items", |v| {
+        v.as_array().is_some_and(|a| a.len() == 3)
+    })
+    .await;
+    assert_eq!(q[0]["kind"], "aborted", "{q:#}");
+    assert!(q[0]["raw"].as_str().unwrap().contains("<STX>"), "{q:#}");
+    let view = analyser_view(&api, "an-1").await;
+    assert_eq!(view["messages_stored"], 2, "{view:#}");
+    assert_eq!(view["reported"], 2, "{view:#}");
+    assert_eq!(reported(&api, "SPC0042", 1).await.len(), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
