@@ -25,8 +25,7 @@ use pcrd::analysers::AnalyserMetrics;
 use pcrd::analysers::store::{DurableMessages, counts};
 use pcrd::lab::{Actor, Lab, TubeIntake};
 use pcrd_drivers::astm::{
-    HostEvent, InboundMessage, MessageStore, Quarantined, StoreError, TcpHostConfig,
-    spawn_tcp_host,
+    HostEvent, InboundMessage, MessageStore, Quarantined, StoreError, TcpHostConfig, spawn_tcp_host,
 };
 use pcrd_drivers::sim::analyser::{Analyser, AnalyserConfig, Scenario, Specimen, Target};
 use pcrd_protocol::astm::link::LinkConfig;
@@ -48,7 +47,10 @@ impl MessageStore for MemoryStore {
     }
 
     async fn quarantine(&self, item: &Quarantined) -> Result<(), StoreError> {
-        Err(StoreError(format!("unexpected quarantine: {}", item.reason)))
+        Err(StoreError(format!(
+            "unexpected quarantine: {}",
+            item.reason
+        )))
     }
 }
 
@@ -104,8 +106,11 @@ async fn link_up(events: &mut mpsc::UnboundedReceiver<HostEvent>) -> Result<()> 
 async fn memory_runs(text: &[u8], messages: usize) -> Result<Vec<f64>> {
     let store = Arc::new(MemoryStore::default());
     let (host, mut events) = spawn_tcp_host(host_config()?, store.clone()).await?;
-    let sim = Analyser::connect_tcp(host.local_addr().context("addr")?, AnalyserConfig::default())
-        .await?;
+    let sim = Analyser::connect_tcp(
+        host.local_addr().context("addr")?,
+        AnalyserConfig::default(),
+    )
+    .await?;
     link_up(&mut events).await?;
     let mut runs = Vec::new();
     for i in 0..messages + WARM_UP {
@@ -161,8 +166,11 @@ async fn durable_runs(text: &[u8], messages: usize) -> Result<(Vec<f64>, Vec<f64
         outgoing,
     ));
     let (host, mut events) = spawn_tcp_host(host_config()?, messages_store).await?;
-    let sim = Analyser::connect_tcp(host.local_addr().context("addr")?, AnalyserConfig::default())
-        .await?;
+    let sim = Analyser::connect_tcp(
+        host.local_addr().context("addr")?,
+        AnalyserConfig::default(),
+    )
+    .await?;
     link_up(&mut events).await?;
     let (mut acked, mut applied) = (Vec::new(), Vec::new());
     for i in 0..messages + WARM_UP {
@@ -223,8 +231,18 @@ fn main() -> Result<()> {
     let (acked, applied) = runtime.block_on(durable_runs(&text, messages))?;
     let overhead = median(&acked) - median(&memory);
     let lines = [
-        bench("astm_durable.memory_store_message_ms", median(&memory), "ms", &memory),
-        bench("astm_durable.durable_store_message_ms", median(&acked), "ms", &acked),
+        bench(
+            "astm_durable.memory_store_message_ms",
+            median(&memory),
+            "ms",
+            &memory,
+        ),
+        bench(
+            "astm_durable.durable_store_message_ms",
+            median(&acked),
+            "ms",
+            &acked,
+        ),
         format!("BENCH astm_durable.durability_overhead_ms {overhead:.3} ms"),
         bench(
             "astm_durable.enq_to_results_durable_ms",
