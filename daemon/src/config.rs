@@ -55,6 +55,9 @@ struct RawConfig {
     /// Watched export folders (`[[folders]]`, see `crate::folders`).
     #[serde(default)]
     folders: Vec<crate::folders::RawFolder>,
+    /// Analysers reporting over ASTM (`[[analysers]]`, see `crate::analysers`).
+    #[serde(default)]
+    analysers: Vec<crate::analysers::RawAnalyser>,
 }
 
 /// `[[sinks]]`: where released results go (issue 6); exactly one kind table each.
@@ -131,6 +134,8 @@ pub struct Config {
     pub sinks: Vec<crate::sinks::SinkConfig>,
     /// Watched export folders of file-only instruments (`[[folders]]`).
     pub folders: Vec<crate::folders::FolderConfig>,
+    /// Analysers reporting over ASTM (`[[analysers]]`).
+    pub analysers: Vec<crate::analysers::AnalyserConfig>,
 }
 
 /// One extractor: where it is and the register-map profile it is read with.
@@ -288,6 +293,7 @@ impl Config {
         let extractors = parse_extractors(raw.extractors, base, &mut problems);
         let sinks = parse_sinks(raw.sinks, base, &env, &mut problems);
         let folders = crate::folders::parse_folders(raw.folders, base, &mut problems);
+        let analysers = crate::analysers::parse_analysers(raw.analysers, base, &mut problems);
 
         if !problems.is_empty() {
             return Err(problems);
@@ -305,6 +311,7 @@ impl Config {
             extractors,
             sinks,
             folders,
+            analysers,
         })
     }
 }

@@ -6,6 +6,7 @@
 //! version: `store` (sled with a durability barrier), `lab` (state changes, one
 //! transaction each, with the audit trail), `api` (axum, OpenAPI), `cli` (clap).
 
+pub mod analysers;
 pub mod api;
 pub mod cli;
 pub mod config;

@@ -603,3 +603,101 @@ pub struct ImportsQuery {
     #[param(minimum = 1, maximum = 10000)]
     pub limit: Option<u32>,
 }
+// ----- analysers (issue 8) -----
+
+/// An analyser reporting over ASTM, with its line and what it has sent.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct AnalyserView {
+    pub name: String,
+    /// `tcp LISTEN` or `serial PATH @ BAUD`.
+    pub transport: String,
+    /// The address the host listens on (port resolved), for TCP.
+    pub listen: Option<String>,
+    /// The mapping profile, `model@version`.
+    pub profile: String,
+    pub accepts_orders: bool,
+    /// Whether a line to the analyser is up.
+    pub link_up: bool,
+    /// Since when the line is in that state (RFC 3339).
+    pub since: String,
+    /// Why the line is down.
+    pub down_reason: Option<String>,
+    /// Connections (TCP accepts, port opens) since start.
+    pub connections: u64,
+    /// Connections from addresses not on the peer list, refused since start.
+    pub peers_refused: u64,
+    /// Messages stored (all time).
+    pub messages_stored: u64,
+    /// Transmissions quarantined (all time).
+    pub quarantined: u64,
+    /// Stored messages withdrawn as unconfirmed (all time).
+    pub withdrawn: u64,
+    /// Results reported on tubes (all time).
+    pub reported: u64,
+    /// Unmatched items (all time).
+    pub unmatched: u64,
+    /// When the last message was stored (RFC 3339).
+    pub last_message_at: Option<String>,
+    /// Worklists acknowledged by the analyser since start.
+    pub worklists_sent: u64,
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+pub struct AnalyserListQuery {
+    /// At most this many items, newest first (default 100).
+    #[param(minimum = 1, maximum = 10000)]
+    pub limit: Option<u32>,
+}
+
+/// Bytes from an analyser kept for an operator, never turned into results.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct QuarantineView {
+    pub id: u64,
+    pub analyser: String,
+    pub connection: u64,
+    /// The message's number on its connection, when the bytes are a whole message.
+    pub seq: Option<u64>,
+    /// `aborted` (no EOT, cut line, timeout), `unconfirmed` (stored, then the
+    /// transmission broke off: the message was withdrawn), `records` (broken
+    /// hierarchy or delimiters).
+    pub kind: String,
+    pub reason: String,
+    /// The stored message this withdrew, if any.
+    pub withdrew_message: Option<u64>,
+    pub at: String,
+    pub bytes: u64,
+    /// The bytes with control characters as `<STX>`, `<CR>`… (the first 4 KiB).
+    pub raw: String,
+}
+
+/// A result or order the mapping could not put on a tube, kept for the technician.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct UnmatchedView {
+    pub id: u64,
+    pub analyser: String,
+    pub message_id: u64,
+    pub at: String,
+    pub order_index: u32,
+    pub specimen_id: String,
+    pub test_code: String,
+    pub analyte: String,
+    /// `unknown_specimen`, `unknown_test`, `unmapped` or `uninterpretable`.
+    pub kind: String,
+    pub reason: String,
+    /// The records concerned, `test id = value`.
+    pub values: Vec<String>,
+}
+
+/// Tubes to order on an analyser.
+#[derive(Debug, Deserialize, ToSchema)]
+pub struct WorklistRequest {
+    /// Barcodes of received tubes.
+    pub tubes: Vec<String>,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct WorklistSent {
+    pub analyser: String,
+    /// Orders (O records) the analyser acknowledged.
+    pub orders: usize,
+}

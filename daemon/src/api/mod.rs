@@ -31,6 +31,7 @@ pub struct AppState {
     pub lab: Arc<Lab>,
     pub instruments: Arc<Instruments>,
     pub folders: Arc<crate::folders::Folders>,
+    pub analysers: Arc<crate::analysers::Analysers>,
     users: Arc<Vec<User>>,
     metrics: Arc<HttpMetrics>,
 }
@@ -313,7 +314,7 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     modifiers(&BearerAuth),
     components(schemas(ErrorBody)),
     security(("bearer" = [])),
-    tags((name = "tubes"), (name = "plates"), (name = "audit"), (name = "kits"), (name = "instruments"), (name = "outbox"), (name = "folders"))
+    tags((name = "tubes"), (name = "plates"), (name = "audit"), (name = "kits"), (name = "instruments"), (name = "outbox"), (name = "folders"), (name = "analysers"))
 )]
 struct ApiDoc;
 
@@ -384,6 +385,7 @@ pub fn router(
     lab: Arc<Lab>,
     instruments: Arc<Instruments>,
     folders: Arc<crate::folders::Folders>,
+    analysers: Arc<crate::analysers::Analysers>,
     users: Vec<User>,
     max_body_bytes: usize,
 ) -> Router {
@@ -391,6 +393,7 @@ pub fn router(
         lab,
         instruments,
         folders,
+        analysers,
         users: Arc::new(users),
         metrics: Arc::new(HttpMetrics::default()),
     };
@@ -417,6 +420,11 @@ pub fn router(
         .routes(routes!(list_folders))
         .routes(routes!(list_imports))
         .routes(routes!(imported_results))
+        .routes(routes!(list_analysers))
+        .routes(routes!(analyser_quarantine))
+        .routes(routes!(analyser_unmatched))
+        .routes(routes!(analyser_worklist))
+        .routes(routes!(tube_reported))
         .split_for_parts();
     // Modifiers in #[openapi] run before the routes add their paths, so this one runs
     // on the finished document.
@@ -1073,6 +1081,7 @@ async fn metrics_text(State(state): State<AppState>) -> impl IntoResponse {
     }
     state.instruments.render_metrics(&mut out);
     state.folders.render_metrics(&mut out);
+    state.analysers.render_metrics(&mut out);
     lab.outbox().render_metrics(lab.store(), &mut out);
     (
         [(
@@ -1304,4 +1313,172 @@ async fn imported_results(
         crate::folders::Folders::results_for_tube(&state.lab, &barcode)
             .map_err(|e| ApiError::from(LabError::Store(e)))?,
     ))
+}
+
+// ----- analysers (issue 8) -----
+
+/// The analysers pcrd hosts over ASTM (`[[analysers]]` in the config): line state,
+/// messages stored, quarantined and unmatched, last message time.
+#[utoipa::path(get, path = "/api/v1/analysers", tag = "analysers",
+    responses((status = 200, body = Vec<AnalyserView>)))]
+async fn list_analysers(
+    State(state): State<AppState>,
+    _caller: Caller,
+) -> ApiResult<Json<Vec<AnalyserView>>> {
+    use crate::analysers::store::counts;
+    let time = |t: std::time::SystemTime| humantime::format_rfc3339_millis(t).to_string();
+    let mut out = Vec::new();
+    for a in state.analysers.all() {
+        let link = a.link();
+        let c = counts(state.lab.store(), &a.config.name).map_err(LabError::Store)?;
+        out.push(AnalyserView {
+            name: a.config.name.clone(),
+            transport: a.config.transport.describe(),
+            listen: a.local_addr().map(|addr| addr.to_string()),
+            profile: a.config.profile.key(),
+            accepts_orders: a.config.accepts_orders,
+            link_up: link.up,
+            since: time(link.since),
+            down_reason: link.reason,
+            connections: link.connections,
+            peers_refused: link.peers_refused,
+            messages_stored: c.messages,
+            quarantined: c.quarantined,
+            withdrawn: c.withdrawn,
+            reported: c.reported,
+            unmatched: c.unmatched,
+            last_message_at: c.last_message_at.map(crate::lab::rfc3339),
+            worklists_sent: a.sent_orders(),
+        });
+    }
+    Ok(Json(out))
+}
+
+/// Transmissions kept with their bytes and never turned into results (no EOT, a
+/// cut line, broken records, a stored message withdrawn as unconfirmed), newest first.
+#[utoipa::path(get, path = "/api/v1/analysers/quarantine", tag = "analysers",
+    params(AnalyserListQuery),
+    responses((status = 200, body = Vec<QuarantineView>), (status = 422, body = ErrorBody)))]
+async fn analyser_quarantine(
+    State(state): State<AppState>,
+    _caller: Caller,
+    Query(q): Query<AnalyserListQuery>,
+) -> ApiResult<Json<Vec<QuarantineView>>> {
+    use crate::analysers::store::{QuarantineRecord, list, read_chunks};
+    let limit = in_range("limit", q.limit.map(u64::from), 1, 10_000)?.unwrap_or(100) as usize;
+    let store = state.lab.store();
+    let items: Vec<QuarantineRecord> = list(store, b'q', limit).map_err(LabError::Store)?;
+    let mut out = Vec::new();
+    for item in items {
+        let raw = read_chunks(store, b'q', item.id, b'r').map_err(LabError::Store)?;
+        let shown = &raw[..raw.len().min(4096)];
+        out.push(QuarantineView {
+            id: item.id,
+            analyser: item.instrument,
+            connection: item.connection,
+            seq: item.seq,
+            kind: item.kind,
+            reason: item.reason,
+            withdrew_message: item.withdrew,
+            at: crate::lab::rfc3339(item.at),
+            bytes: item.raw_len,
+            raw: pcrd_protocol::astm::to_mnemonics(shown),
+        });
+    }
+    Ok(Json(out))
+}
+
+/// Results the mapping could not put on a tube (unknown specimen id, unknown test
+/// code or analyte, a value that is not a Ct), kept for the technician, newest first.
+#[utoipa::path(get, path = "/api/v1/analysers/unmatched", tag = "analysers",
+    params(AnalyserListQuery),
+    responses((status = 200, body = Vec<UnmatchedView>), (status = 422, body = ErrorBody)))]
+async fn analyser_unmatched(
+    State(state): State<AppState>,
+    _caller: Caller,
+    Query(q): Query<AnalyserListQuery>,
+) -> ApiResult<Json<Vec<UnmatchedView>>> {
+    use crate::analysers::store::{UnmatchedRecord, list};
+    let limit = in_range("limit", q.limit.map(u64::from), 1, 10_000)?.unwrap_or(100) as usize;
+    let items: Vec<UnmatchedRecord> =
+        list(state.lab.store(), b'u', limit).map_err(LabError::Store)?;
+    Ok(Json(
+        items
+            .into_iter()
+            .map(|u| UnmatchedView {
+                id: u.id,
+                analyser: u.instrument,
+                message_id: u.message_id,
+                at: crate::lab::rfc3339(u.at),
+                order_index: u.order_index,
+                specimen_id: u.specimen_id,
+                test_code: u.test_code,
+                analyte: u.analyte,
+                kind: u.kind,
+                reason: u.reason,
+                values: u.values,
+            })
+            .collect(),
+    ))
+}
+
+/// Sends a worklist (one O record per tube) to an analyser that accepts orders, and
+/// answers once the analyser acknowledged it. Not resent on failure.
+#[utoipa::path(post, path = "/api/v1/analysers/{name}/worklist", tag = "analysers",
+    params(("name" = String, Path, description = "The analyser's name in the config")),
+    request_body = WorklistRequest,
+    responses(
+        (status = 200, body = WorklistSent),
+        (status = 404, description = "No analyser of that name", body = ErrorBody),
+        (status = 409, description = "The analyser does not accept orders, or is not connected", body = ErrorBody),
+        (status = 502, description = "The analyser did not acknowledge the worklist", body = ErrorBody),
+    ))]
+async fn analyser_worklist(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(name): Path<String>,
+    JsonBody(body): JsonBody<WorklistRequest>,
+) -> ApiResult<Json<WorklistSent>> {
+    use crate::analysers::WorklistError as E;
+    caller.lab_work("sending a worklist")?;
+    match state.analysers.send_worklist(&name, &body.tubes).await {
+        Ok(orders) => Ok(Json(WorklistSent {
+            analyser: name,
+            orders,
+        })),
+        Err(E::Tubes(e)) => Err(e.into()),
+        Err(e) => {
+            let status = match &e {
+                E::UnknownAnalyser(_) => StatusCode::NOT_FOUND,
+                E::Empty => StatusCode::UNPROCESSABLE_ENTITY,
+                E::NoOrders(_) | E::NotConnected(_) => StatusCode::CONFLICT,
+                _ => StatusCode::BAD_GATEWAY,
+            };
+            let code = if status == StatusCode::BAD_GATEWAY {
+                "not_accepted"
+            } else {
+                error_code(status)
+            };
+            Err(ApiError::new(status, code, e.to_string()))
+        }
+    }
+}
+
+/// The results analysers reported for a tube, oldest first, with their source
+/// (analyser, message). What review and release will act on.
+#[utoipa::path(get, path = "/api/v1/tubes/{barcode}/reported", tag = "tubes",
+    params(("barcode" = String, Path, description = "Tube barcode")),
+    responses(
+        (status = 200, body = Vec<crate::analysers::store::ReportedResult>),
+        (status = 404, description = "The tube has not been received", body = ErrorBody),
+    ))]
+async fn tube_reported(
+    State(state): State<AppState>,
+    _caller: Caller,
+    Path(barcode): Path<String>,
+) -> ApiResult<Json<Vec<crate::analysers::store::ReportedResult>>> {
+    let tube = state.lab.tube(&barcode)?;
+    let results = crate::analysers::store::reported_for(state.lab.store(), tube.barcode.as_str())
+        .map_err(LabError::Store)?;
+    Ok(Json(results))
 }

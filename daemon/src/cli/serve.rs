@@ -120,6 +120,18 @@ async fn serve(config: Config, lab: Arc<Lab>) -> ExitCode {
             return ExitCode::from(exit::UNAVAILABLE);
         }
     };
+    // One ASTM host per configured analyser; profiles are checked against the kits.
+    let analysers =
+        match crate::analysers::Analysers::start(&config.analysers, Arc::clone(&lab)).await {
+            Ok(analysers) => Arc::new(analysers),
+            Err(problems) => {
+                eprintln!("pcrd: the analysers cannot start:");
+                for problem in &problems {
+                    eprintln!("  - {problem}");
+                }
+                return ExitCode::from(exit::USAGE);
+            }
+        };
     // The one line on stdout: scripts and tests read the address from it.
     println!("listening on http://{addr}");
     tracing::info!(%addr, lab = %config.lab_id, "pcrd is serving.");
@@ -137,6 +149,7 @@ async fn serve(config: Config, lab: Arc<Lab>) -> ExitCode {
         Arc::clone(&lab),
         Arc::clone(&instruments),
         folders,
+        analysers,
         config.users,
         config.max_body_bytes,
     );

@@ -123,6 +123,9 @@ pub struct Trees {
     /// (every outcome, per folder in time order);
     /// `r` ++ tube barcode ++ 0x00 ++ sha256 hex -> `ImportedResult` (results per tube).
     pub imports: sled::Tree,
+    /// Results analysers reported for tubes, listed per tube; key layout in
+    /// `crate::analysers::store`.
+    pub reported: sled::Tree,
 }
 
 /// Store tuning from the config file.
@@ -181,6 +184,7 @@ impl Store {
             cycles: db.open_tree("cycles")?,
             messages: db.open_tree("messages")?,
             imports: db.open_tree("imports")?,
+            reported: db.open_tree("reported")?,
         };
         match trees.meta.get(META_SCHEMA_VERSION)? {
             Some(raw) => {
