@@ -9,6 +9,7 @@
 pub mod api;
 pub mod cli;
 pub mod config;
+pub mod cyclers;
 pub mod instruments;
 pub mod kits;
 pub mod lab;

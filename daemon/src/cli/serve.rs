@@ -115,7 +115,17 @@ async fn serve(config: Config, lab: Arc<Lab>) -> ExitCode {
     println!("listening on http://{addr}");
     tracing::info!(%addr, lab = %config.lab_id, "pcrd is serving.");
     // One supervisor per configured extractor; with none configured, nothing starts.
-    let instruments = Arc::new(crate::instruments::Instruments::start(&config.extractors));
+    let instruments = crate::instruments::Instruments::start(&config.extractors);
+    // One supervisor per configured cycler; runs that were in progress are resumed.
+    let instruments = match crate::cyclers::Cyclers::start(&config.cyclers, Arc::clone(&lab)).await
+    {
+        Ok(cyclers) => instruments.with_cyclers(cyclers),
+        Err(e) => {
+            eprintln!("pcrd: cannot read the runs in the store: {e}");
+            return ExitCode::from(exit::STORE);
+        }
+    };
+    let instruments = Arc::new(instruments);
     let app = crate::api::router(
         Arc::clone(&lab),
         Arc::clone(&instruments),
