@@ -368,7 +368,8 @@ impl RunStore {
     /// 1..=cycles_stored. Errors name any cycle that is missing.
     pub fn curves(&self, run: &RunRecord) -> Result<Vec<Vec<Vec<f64>>>, StoreError> {
         let wells = run.format.well_count();
-        let mut curves = vec![vec![Vec::with_capacity(run.cycles_stored as usize); wells]; run.channels.len()];
+        let mut curves =
+            vec![vec![Vec::with_capacity(run.cycles_stored as usize); wells]; run.channels.len()];
         let tree = &self.store.trees().cycles;
         for cycle in 1..=run.cycles_stored {
             for (ch, curve) in curves.iter_mut().enumerate() {
@@ -525,7 +526,10 @@ impl StoreSink {
                 return Ok(());
             }
             if cycle > expected {
-                warn!(expected, "Cycle out of order; refused so the driver fetches the missing ones.");
+                warn!(
+                    expected,
+                    "Cycle out of order; refused so the driver fetches the missing ones."
+                );
                 return Err(SinkError(format!(
                     "cycle {cycle} arrived but cycle {expected} is the next to store"
                 )));
@@ -545,14 +549,10 @@ impl StoreSink {
                         )));
                     }
                     (None, _) => {
-                        return Err(SinkError(format!(
-                            "cycle {cycle}: channel {name} missing"
-                        )));
+                        return Err(SinkError(format!("cycle {cycle}: channel {name} missing")));
                     }
                     (Some(_), Some(_)) => {
-                        return Err(SinkError(format!(
-                            "cycle {cycle}: channel {name} twice"
-                        )));
+                        return Err(SinkError(format!("cycle {cycle}: channel {name} twice")));
                     }
                 }
             }
@@ -706,7 +706,8 @@ impl Cyclers {
             tasks: Vec::new(),
         };
         for config in configs {
-            let mut driver = pcrd_drivers::cycler::CyclerConfig::new(&config.name, config.link.clone());
+            let mut driver =
+                pcrd_drivers::cycler::CyclerConfig::new(&config.name, config.link.clone());
             driver.dialect = config.dialect.clone();
             driver.timeout_cap = config.timeout;
             driver.settle = config.settle;
@@ -829,9 +830,11 @@ impl Cyclers {
                 run.state.as_str()
             )));
         }
-        let status = cycler.handle.status().await.map_err(|e| {
-            RunError::Conflict(format!("{instrument} cannot be started: {e}"))
-        })?;
+        let status = cycler
+            .handle
+            .status()
+            .await
+            .map_err(|e| RunError::Conflict(format!("{instrument} cannot be started: {e}")))?;
         if !matches!(
             status.state,
             DeviceState::Idle | DeviceState::Loaded | DeviceState::Completed | DeviceState::Aborted
@@ -843,12 +846,23 @@ impl Cyclers {
         }
         let run = self
             .runs
-            .create(plate_id, instrument, &protocol, &protocol_text, plate.format, user)
+            .create(
+                plate_id,
+                instrument,
+                &protocol,
+                &protocol_text,
+                plate.format,
+                user,
+            )
             .await?;
         cycler.active.set(Some(run.clone()));
-        cycler.active.unlinked_reported.store(false, Ordering::Relaxed);
+        cycler
+            .active
+            .unlinked_reported
+            .store(false, Ordering::Relaxed);
         cycler.driver_knows_run.store(false, Ordering::Relaxed);
-        let span = tracing::info_span!("run", run = run.id, plate = %plate_id, instrument = %instrument);
+        let span =
+            tracing::info_span!("run", run = run.id, plate = %plate_id, instrument = %instrument);
         async {
             info!(protocol = %protocol.name, "Starting a PCR run.");
             if let Err(e) = cycler.handle.load_plate(map).await {
@@ -923,7 +937,8 @@ impl Cyclers {
                 run.instrument
             )));
         };
-        let span = tracing::info_span!("run", run = id, plate = %run.plate, instrument = %run.instrument);
+        let span =
+            tracing::info_span!("run", run = id, plate = %run.plate, instrument = %run.instrument);
         async {
             match cycler.handle.abort().await {
                 Ok(_) => {
@@ -970,7 +985,9 @@ impl Cyclers {
         let line = format!("{} {text}", reference.commands.load_protocol);
         match Command::parse(&line, &reference) {
             Ok(Command::LoadProtocol(p)) => Ok((p, text)),
-            Ok(_) => Err(RunError::Invalid(format!("protocol {text:?} is not a protocol"))),
+            Ok(_) => Err(RunError::Invalid(format!(
+                "protocol {text:?} is not a protocol"
+            ))),
             Err(e) => Err(RunError::Invalid(format!(
                 "protocol {text:?}: {e} (expected NAME CHANNELS STAGES, e.g. \"PCRD45 FAM,HEX 1x95@120 45x95@3/60@30R\")"
             ))),
@@ -1007,11 +1024,17 @@ impl Cyclers {
                 *by_state.entry(r.state.as_str()).or_default() += 1;
             }
         }
-        let _ = writeln!(out, "# HELP pcrd_runs PCR runs in the store by state.\n# TYPE pcrd_runs gauge");
+        let _ = writeln!(
+            out,
+            "# HELP pcrd_runs PCR runs in the store by state.\n# TYPE pcrd_runs gauge"
+        );
         for (state, n) in by_state {
             let _ = writeln!(out, "pcrd_runs{{state=\"{state}\"}} {n}");
         }
-        let _ = writeln!(out, "# HELP pcrd_cycler_online 1 while the cycler's link is up, else 0.\n# TYPE pcrd_cycler_online gauge");
+        let _ = writeln!(
+            out,
+            "# HELP pcrd_cycler_online 1 while the cycler's link is up, else 0.\n# TYPE pcrd_cycler_online gauge"
+        );
         for c in self.all() {
             let _ = writeln!(
                 out,
@@ -1074,7 +1097,9 @@ impl Cycler {
                     self.driver_knows_run.store(true, Ordering::Relaxed);
                 }
             }
-            Err(e) => error!(run = run.id, error = %e, "The run's channels cannot be read back; it cannot be resumed."),
+            Err(e) => {
+                error!(run = run.id, error = %e, "The run's channels cannot be read back; it cannot be resumed.")
+            }
         }
     }
 
@@ -1173,8 +1198,7 @@ impl Cycler {
                         .await?;
                     }
                     DeviceState::Idle | DeviceState::Loaded
-                        if run.state == RunState::InstrumentOffline
-                            && run.started_at.is_none() =>
+                        if run.state == RunState::InstrumentOffline && run.started_at.is_none() =>
                     {
                         self.end(
                             RunState::Failed,
@@ -1221,17 +1245,19 @@ impl Cycler {
                     warn!(%protocol, "A run started on the cycler that pcrd did not start; its data is not stored.");
                 }
             }
-            EventKind::Refetched { range } => {
-                if self.active.get().is_some() {
-                    info!(first = range.first, last = range.last, "Missing cycles fetched again.");
-                    self.update(|r| {
-                        if r.refetched.len() == 64 {
-                            r.refetched.remove(0);
-                        }
-                        r.refetched.push((range.first, range.last));
-                    })
-                    .await?;
-                }
+            EventKind::Refetched { range } if self.active.get().is_some() => {
+                info!(
+                    first = range.first,
+                    last = range.last,
+                    "Missing cycles fetched again."
+                );
+                self.update(|r| {
+                    if r.refetched.len() == 64 {
+                        r.refetched.remove(0);
+                    }
+                    r.refetched.push((range.first, range.last));
+                })
+                .await?;
             }
             EventKind::RunFinished { outcome, cycles } => {
                 let Some(run) = self.active.get() else {
@@ -1329,7 +1355,10 @@ async fn supervise(cycler: Arc<Cycler>, mut events: broadcast::Receiver<CyclerEv
                 }
             }
             Err(broadcast::error::RecvError::Lagged(missed)) => {
-                warn!(missed, "Cycler events were missed; the run state follows the next ones (cycles are stored by the driver, not through events).");
+                warn!(
+                    missed,
+                    "Cycler events were missed; the run state follows the next ones (cycles are stored by the driver, not through events)."
+                );
             }
             Err(broadcast::error::RecvError::Closed) => return,
         }

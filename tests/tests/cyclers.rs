@@ -64,9 +64,13 @@ async fn sealed_pcr_plate(api: &Api, tag: &str) -> String {
         .post("/api/v1/plates", json!({ "kit": KIT, "id": ext }))
         .await;
     assert_eq!(r.status, 201, "{r:?}");
-    let r = api.post(&format!("/api/v1/plates/{ext}/fill"), json!({})).await;
+    let r = api
+        .post(&format!("/api/v1/plates/{ext}/fill"), json!({}))
+        .await;
     assert_eq!(r.status, 200, "{r:?}");
-    let r = api.post(&format!("/api/v1/plates/{ext}/seal"), json!({})).await;
+    let r = api
+        .post(&format!("/api/v1/plates/{ext}/seal"), json!({}))
+        .await;
     assert_eq!(r.status, 200, "{r:?}");
     let pcr = format!("PCR-{tag}");
     let r = api
@@ -139,10 +143,7 @@ fn curves_of(run: &Value) -> Vec<Vec<Vec<f64>>> {
         .map(|w| w.to_string())
         .collect();
     for c in run["curves"].as_array().unwrap() {
-        let ch = CHANNELS
-            .iter()
-            .position(|n| c["channel"] == *n)
-            .unwrap();
+        let ch = CHANNELS.iter().position(|n| c["channel"] == *n).unwrap();
         let well = wells.iter().position(|w| c["well"] == *w).unwrap();
         out[ch][well] = c["values"]
             .as_array()
@@ -211,7 +212,8 @@ async fn a_whole_run_over_a_pty_is_stored_with_every_cycle() {
     let r = bad(json!({ "plate": plate, "instrument": "qpcr-9" })).await;
     assert_eq!(r.status, 404, "{r:?}");
     assert!(r.message().contains("qpcr-9"), "{r:?}");
-    let r = bad(json!({ "plate": plate, "instrument": "qpcr-1", "protocol": "X FAM 0x95@1" })).await;
+    let r =
+        bad(json!({ "plate": plate, "instrument": "qpcr-1", "protocol": "X FAM 0x95@1" })).await;
     assert_eq!(r.status, 422, "{r:?}");
     assert!(r.message().contains("protocol"), "{r:?}");
     let r = bad(json!({ "plate": plate })).await;
@@ -264,14 +266,19 @@ async fn a_whole_run_over_a_pty_is_stored_with_every_cycle() {
     assert_eq!(r.status, 409, "{r:?}");
     let view = api.get_ok("/api/v1/instruments/qpcr-1").await;
     assert_eq!(view["cycler"]["state"], "idle", "{view:#}");
-    let r = api.post(&format!("/api/v1/runs/{id}/abort"), json!({})).await;
+    let r = api
+        .post(&format!("/api/v1/runs/{id}/abort"), json!({}))
+        .await;
     assert_eq!(r.status, 409, "{r:?}");
 
     assert_eq!(
         metric(&api, "pcrd_cycles_stored_total").await,
         Some(f64::from(CYCLES))
     );
-    assert_eq!(metric(&api, "pcrd_runs{state=\"finished\"}").await, Some(1.0));
+    assert_eq!(
+        metric(&api, "pcrd_runs{state=\"finished\"}").await,
+        Some(1.0)
+    );
     assert_eq!(
         metric(&api, "pcrd_cycler_online{instrument=\"qpcr-1\"}").await,
         Some(1.0)
