@@ -385,17 +385,18 @@ fn parse_cyclers(
                 None
             }
         };
-        let mut ms = |key: &str, value: Option<u64>, default: u64, range: std::ops::RangeInclusive<u64>| {
-            let v = value.unwrap_or(default);
-            if !range.contains(&v) {
-                problems.push(format!(
-                    "{at}: {key} {v} is outside {}..={}",
-                    range.start(),
-                    range.end()
-                ));
-            }
-            Duration::from_millis(v)
-        };
+        let mut ms =
+            |key: &str, value: Option<u64>, default: u64, range: std::ops::RangeInclusive<u64>| {
+                let v = value.unwrap_or(default);
+                if !range.contains(&v) {
+                    problems.push(format!(
+                        "{at}: {key} {v} is outside {}..={}",
+                        range.start(),
+                        range.end()
+                    ));
+                }
+                Duration::from_millis(v)
+            };
         let timeout = c
             .timeout_ms
             .map(|t| ms("timeout_ms", Some(t), t, 10..=120_000));
@@ -676,9 +677,18 @@ mod tests {
             .replace("127.0.0.1:5025", "nowhere")
             .replace("qpcr-2", "qpcr-1");
         let problems = parse(&bad).unwrap_err();
-        assert!(problems.iter().any(|p| p.contains("serial.baud 300")), "{problems:?}");
-        assert!(problems.iter().any(|p| p.contains("\"nowhere\"")), "{problems:?}");
-        assert!(problems.iter().any(|p| p.contains("appears twice")), "{problems:?}");
+        assert!(
+            problems.iter().any(|p| p.contains("serial.baud 300")),
+            "{problems:?}"
+        );
+        assert!(
+            problems.iter().any(|p| p.contains("\"nowhere\"")),
+            "{problems:?}"
+        );
+        assert!(
+            problems.iter().any(|p| p.contains("appears twice")),
+            "{problems:?}"
+        );
     }
 
     #[test]

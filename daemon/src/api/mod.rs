@@ -1001,10 +1001,7 @@ fn cycler_view(cycler: &crate::cyclers::Cycler) -> InstrumentView {
         poll_errors: 0,
         reconnects: 0,
         cycler: Some(CyclerView {
-            state: run
-                .as_ref()
-                .map_or("idle", |r| r.state.as_str())
-                .to_owned(),
+            state: run.as_ref().map_or("idle", |r| r.state.as_str()).to_owned(),
             run: run.as_ref().map(run_view),
             device_state: device.map(|d| format!("{:?}", d.state).to_lowercase()),
             device_cycle: device.map(|d| d.cycle),
