@@ -1364,3 +1364,141 @@ async fn supervise(cycler: Arc<Cycler>, mut events: broadcast::Receiver<CyclerEv
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn protocol(channels: &str, cycles: u32) -> ThermalProtocol {
+        let reference = Dialect::reference();
+        let line = format!("PROT:LOAD T {channels} 1x95@120 {cycles}x95@3/60@30R");
+        match Command::parse(&line, &reference).unwrap() {
+            Command::LoadProtocol(p) => p,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn open(dir: &std::path::Path) -> Arc<RunStore> {
+        let store = Store::open(&crate::store::StoreOptions {
+            path: dir.join("store"),
+            cache_bytes: 1024 * 1024,
+        })
+        .unwrap();
+        Arc::new(RunStore::open(store).unwrap())
+    }
+
+    fn data(cycle: u32, channel: &str, wells: usize) -> CycleData {
+        CycleData {
+            cycle,
+            channel: Channel::new(channel).unwrap(),
+            values: (0..wells)
+                .map(|w| f64::from(cycle) * 1000.0 + w as f64)
+                .collect(),
+        }
+    }
+
+    #[tokio::test]
+    async fn cycles_are_stored_in_order_and_anything_else_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let runs = open(dir.path());
+        let p = protocol("FAM,HEX", 40);
+        let run = runs
+            .create("PCR-1", "q1", &p, "T", PlateFormat::Wells96, "tina")
+            .await
+            .unwrap();
+        let active = Arc::new(ActiveRun::default());
+        active.set(Some(run.clone()));
+        let sink = StoreSink::new(Arc::clone(&runs), Arc::clone(&active), "q1");
+        let good = |c| vec![data(c, "HEX", 96), data(c, "FAM", 96)];
+
+        // A gap: cycle 2 before cycle 1.
+        let e = sink.store_cycle(2, &good(2)).await.unwrap_err();
+        assert!(e.0.contains("cycle 1 is the next"), "{e}");
+        sink.store_cycle(1, &good(1)).await.unwrap();
+        // Fetched again after a reconnect: already stored, accepted, not counted twice.
+        sink.store_cycle(1, &good(1)).await.unwrap();
+        assert_eq!(active.get().unwrap().cycles_stored, 1);
+        // Wrong well count, a missing channel, a channel twice.
+        let e = sink
+            .store_cycle(2, &[data(2, "FAM", 95), data(2, "HEX", 96)])
+            .await
+            .unwrap_err();
+        assert!(e.0.contains("95 readings for 96 wells"), "{e}");
+        let e = sink
+            .store_cycle(2, &[data(2, "FAM", 96)])
+            .await
+            .unwrap_err();
+        assert!(e.0.contains("channel HEX missing"), "{e}");
+        let e = sink
+            .store_cycle(2, &[data(2, "FAM", 96), data(2, "FAM", 96)])
+            .await
+            .unwrap_err();
+        assert!(e.0.contains("twice"), "{e}");
+        sink.store_cycle(2, &good(2)).await.unwrap();
+
+        // The record in the store says what is stored, and the curves have it
+        // in the protocol's channel order whatever the arrival order.
+        let stored = runs.get(run.id).unwrap().unwrap();
+        assert_eq!(stored.cycles_stored, 2);
+        assert_eq!(stored.state, RunState::Running);
+        let curves = runs.curves(&stored).unwrap();
+        assert_eq!(curves.len(), 2);
+        assert_eq!(curves[0][5], vec![1005.0, 2005.0]);
+        assert_eq!(runs.metrics.cycles_stored.load(Ordering::Relaxed), 2);
+        assert_eq!(runs.metrics.recent_latencies().len(), 2);
+
+        // Run ids go on after a reopen.
+        let next = runs
+            .create("PCR-2", "q1", &p, "T", PlateFormat::Wells96, "tina")
+            .await
+            .unwrap();
+        assert_eq!(next.id, run.id + 1);
+        runs.store().close().unwrap();
+        drop(sink);
+        drop(runs);
+        let runs = open(dir.path());
+        let third = runs
+            .create("PCR-3", "q1", &p, "T", PlateFormat::Wells96, "tina")
+            .await
+            .unwrap();
+        assert_eq!(third.id, run.id + 2);
+    }
+
+    #[tokio::test]
+    async fn rejected_lines_are_kept_under_the_run() {
+        let dir = tempfile::tempdir().unwrap();
+        let runs = open(dir.path());
+        let p = protocol("FAM", 40);
+        let mut run = runs
+            .create("PCR-1", "q1", &p, "T", PlateFormat::Wells96, "tina")
+            .await
+            .unwrap();
+        for (i, line) in ["!PAUSED", "!CYCLE 2 FAM 3 1,x,2"].iter().enumerate() {
+            run.lines_rejected += 1;
+            let entry = RejectedLine {
+                at: 0,
+                line: (*line).to_owned(),
+                reason: format!("reason {i}"),
+                after_cycle: 0,
+            };
+            runs.write_rejected(&run, &entry).unwrap();
+        }
+        let kept = runs.rejected(run.id).unwrap();
+        let lines: Vec<&str> = kept.iter().map(|r| r.line.as_str()).collect();
+        assert_eq!(lines, ["!PAUSED", "!CYCLE 2 FAM 3 1,x,2"]);
+        assert_eq!(runs.get(run.id).unwrap().unwrap().lines_rejected, 2);
+    }
+
+    #[test]
+    fn the_largest_cycle_value_is_far_below_64_kib() {
+        // 1,536 wells in one channel: the largest value written per key.
+        let value = encode(&ChannelReadings {
+            channel: "ABCDEFGHIJKLMNOPQRSTUVWXYZ012345".into(),
+            values: vec![f64::MAX; 1536],
+        });
+        assert!(value.len() < 16 * 1024, "{}", value.len());
+        assert!(sized("cycles", b"k", vec![0; MAX_VALUE_BYTES]).is_err());
+        assert!(sized("cycles", b"k", vec![0; MAX_VALUE_BYTES - 1]).is_ok());
+    }
+}
