@@ -662,6 +662,10 @@ pub struct Cycler {
     driver_knows_run: AtomicBool,
     /// Held while a run is being started or aborted: never two at once.
     command: tokio::sync::Mutex<()>,
+    /// Set while an abort from the API is under way: the cycler's
+    /// `!FINISHED ABORTED` may reach the supervisor before the command's reply,
+    /// and the run's reason must still name who aborted it and why.
+    abort_reason: Mutex<Option<String>>,
     runs: Arc<RunStore>,
 }
 
@@ -752,6 +756,7 @@ impl Cyclers {
                 }),
                 driver_knows_run: AtomicBool::new(false),
                 command: tokio::sync::Mutex::new(()),
+                abort_reason: Mutex::new(None),
                 runs: Arc::clone(&runs),
             });
             if let Some(run) = &resume {
@@ -940,20 +945,28 @@ impl Cyclers {
         let span =
             tracing::info_span!("run", run = id, plate = %run.plate, instrument = %run.instrument);
         async {
-            match cycler.handle.abort().await {
+            let why = match reason {
+                Some(r) if !r.trim().is_empty() => format!("aborted by {user}: {r}"),
+                _ => format!("aborted by {user}"),
+            };
+            *lock(&cycler.abort_reason) = Some(why.clone());
+            let result = match cycler.handle.abort().await {
                 Ok(_) => {
-                    let why = match reason {
-                        Some(r) if !r.trim().is_empty() => format!("aborted by {user}: {r}"),
-                        _ => format!("aborted by {user}"),
-                    };
                     warn!(reason = %why, "Run aborted.");
-                    cycler.end(RunState::Aborted, Some(why)).await?;
-                    Ok(self.runs.get(id)?.unwrap_or(run.clone()))
+                    // A no-op when the supervisor already ended it on `!FINISHED`.
+                    cycler
+                        .end(RunState::Aborted, Some(why))
+                        .await
+                        .map_err(RunError::from)
                 }
                 Err(e) => Err(RunError::Instrument(format!(
                     "the cycler did not confirm the abort: {e}"
                 ))),
-            }
+            };
+            // Cleared only now: the supervisor may still be handling `!FINISHED`.
+            lock(&cycler.abort_reason).take();
+            result?;
+            Ok(self.runs.get(id)?.unwrap_or(run.clone()))
         }
         .instrument(span)
         .await
@@ -1197,8 +1210,15 @@ impl Cycler {
                         )
                         .await?;
                     }
+                    // A start never confirmed (its reply lost, or the daemon died
+                    // while starting) and the cycler idle: it did not take. Not while
+                    // the API is still starting it (the command lock is held then).
                     DeviceState::Idle | DeviceState::Loaded
-                        if run.state == RunState::InstrumentOffline && run.started_at.is_none() =>
+                        if matches!(
+                            run.state,
+                            RunState::InstrumentOffline | RunState::Starting
+                        ) && run.started_at.is_none()
+                            && self.command.try_lock().is_ok() =>
                     {
                         self.end(
                             RunState::Failed,
@@ -1281,11 +1301,10 @@ impl Cycler {
                     }
                     _ => {
                         warn!(run = run.id, plate = %run.plate, cycles, "PCR run aborted on the cycler.");
-                        self.end(
-                            RunState::Aborted,
-                            Some(format!("aborted on the cycler after cycle {cycles}")),
-                        )
-                        .await?;
+                        let why = lock(&self.abort_reason).clone().unwrap_or_else(|| {
+                            format!("aborted on the cycler after cycle {cycles}")
+                        });
+                        self.end(RunState::Aborted, Some(why)).await?;
                     }
                 }
             }

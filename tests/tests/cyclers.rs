@@ -495,3 +495,90 @@ async fn bad_lines_are_rejected_with_the_line_kept_and_the_run_is_not_corrupted(
     assert!(metric(&api, "pcrd_cycler_lines_rejected_total").await >= Some(5.0));
     drop(slave);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fault_fails_the_run_and_an_abort_is_confirmed() {
+    // The lid opens when cycle 6 would be read: the run fails with the reason,
+    // cycles 1..=5 are kept, and the cycler (in its error state) takes no new run.
+    let lid_sim = sim(20);
+    lid_sim.inject(CyclerFault::LidOpensAt { at_cycle: 6 });
+    let addr = lid_sim.serve_tcp().await.unwrap();
+    let daemon = start_daemon(cycler_config("qpcr-5", &format!("tcp = \"{addr}\""))).await;
+    let api = daemon.client();
+    wait_for(&api, "/api/v1/instruments/qpcr-5", "online", |v| {
+        v["online"] == true
+    })
+    .await;
+    let plate = sealed_pcr_plate(&api, "F").await;
+    let id = start_run(&api, &plate, "qpcr-5").await;
+    let failed = wait_for(&api, &format!("/api/v1/runs/{id}"), "failed", |v| {
+        v["state"] == "failed"
+    })
+    .await;
+    let reason = failed["reason"].as_str().unwrap();
+    assert!(reason.contains("LidOpened"), "{failed:#}");
+    assert_eq!(failed["cycles_stored"], 5, "{failed:#}");
+    let view = api.get_ok("/api/v1/instruments/qpcr-5").await;
+    assert_eq!(view["cycler"]["state"], "idle", "{view:#}");
+    assert!(view["cycler"]["last_fault"].is_string(), "{view:#}");
+    let other = sealed_pcr_plate(&api, "H").await;
+    let r = api
+        .post(
+            "/api/v1/runs",
+            json!({ "plate": other, "instrument": "qpcr-5" }),
+        )
+        .await;
+    assert_eq!(r.status, 409, "{r:?}");
+    assert!(r.message().contains("not idle"), "{r:?}");
+
+    // A second daemon with a second cycler: a run aborted through the API.
+    let sim2 = sim(40);
+    let addr2 = sim2.serve_tcp().await.unwrap();
+    drop(daemon);
+    let config = format!(
+        "{}\n[[cyclers]]\nname = \"qpcr-6\"\ntcp = \"{addr2}\"\ntimeout_ms = 2000\nsettle_ms = 200\nreconnect_max_ms = 200\n",
+        cycler_config("qpcr-5", &format!("tcp = \"{addr}\""))
+    );
+    let daemon = start_daemon(config).await;
+    let api = daemon.client();
+    wait_for(&api, "/api/v1/instruments/qpcr-6", "online", |v| {
+        v["online"] == true
+    })
+    .await;
+    let plate = sealed_pcr_plate(&api, "P").await;
+    let id = start_run(&api, &plate, "qpcr-6").await;
+    wait_for(&api, &format!("/api/v1/runs/{id}"), "at cycle 3", |v| {
+        v["cycles_stored"].as_u64() >= Some(3)
+    })
+    .await;
+    let r = daemon
+        .client_as(REVIEWER_TOKEN)
+        .post(&format!("/api/v1/runs/{id}/abort"), json!({}))
+        .await;
+    assert_eq!(r.status, 403, "{r:?}");
+    let r = api
+        .post(
+            &format!("/api/v1/runs/{id}/abort"),
+            json!({ "reason": "wrong plate loaded" }),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.body["state"], "aborted");
+    assert!(
+        r.body["reason"]
+            .as_str()
+            .unwrap()
+            .contains("aborted by tina: wrong plate loaded"),
+        "{r:?}"
+    );
+    assert_eq!(
+        sim2.status().state,
+        pcrd_protocol::cycler::RunState::Aborted
+    );
+    let view = api.get_ok("/api/v1/instruments/qpcr-6").await;
+    assert_eq!(view["cycler"]["state"], "idle", "{view:#}");
+    let r = api
+        .post(&format!("/api/v1/runs/{id}/abort"), json!({}))
+        .await;
+    assert_eq!(r.status, 409, "{r:?}");
+}
