@@ -18,6 +18,9 @@
 //!   durability barrier per well reading (1,536 per cycle). Over the first
 //!   `PCRD_BENCH_NAIVE_CYCLES` (default 3) cycles; `cycler.naive_ratio` is its
 //!   median over pcrd's.
+//! - `cycler.disk_floor_ms_p50` / `_p99`: 16 KiB appended to a plain file and
+//!   fdatasync'ed, once per cycle measured, right after the runs: the disk's
+//!   own latency at that moment, under whatever else the machine is doing.
 //!
 //! Run with `cargo bench -p pcrd-tests --bench cycler`. Knobs: `PCRD_BENCH_RUNS`
 //! (default 3), `PCRD_BENCH_CYCLE_MS`, `PCRD_BENCH_NAIVE_CYCLES`. Stores go in
@@ -175,6 +178,24 @@ async fn naive_cycle(store: &Store, run: u64, cycle: u32, readings: &[Vec<f64>])
     Ok(started.elapsed().as_secs_f64() * 1e3)
 }
 
+/// 16 KiB (a 384 x 4 cycle and its run record) appended and fdatasync'ed, `n` times.
+fn disk_floor(dir: &std::path::Path, n: usize) -> Result<Vec<f64>> {
+    use std::io::Write as _;
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("floor"))?;
+    let block = vec![0x5au8; 16 * 1024];
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        let started = Instant::now();
+        file.write_all(&block)?;
+        file.sync_data()?;
+        out.push(started.elapsed().as_secs_f64() * 1e3);
+    }
+    Ok(out)
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> Result<()> {
     let runs_wanted = env_or("PCRD_BENCH_RUNS", 3) as usize;
@@ -250,6 +271,50 @@ async fn main() -> Result<()> {
             "x",
             &[]
         )
+    );
+    // The floor under every figure, measured in the same run on the same disk:
+    // a cycle's worth of bytes appended to a plain file, then fdatasync, as
+    // many times as there were cycles. The 2 cores and the disk are shared, so
+    // a slow pcrd p99 with a slow floor p99 is the machine, not the store.
+    let floor = disk_floor(dir.path(), latencies.len())?;
+    println!(
+        "{}",
+        bench(
+            "cycler.disk_floor_ms_p50",
+            percentile(&floor, 50.0),
+            "ms",
+            &floor
+        )
+    );
+    println!(
+        "{}",
+        bench(
+            "cycler.disk_floor_ms_p99",
+            percentile(&floor, 99.0),
+            "ms",
+            &floor
+        )
+    );
+    // Where slow cycles spent their time: the barrier (flush + fdatasync, on its
+    // own thread) or elsewhere (commit, scheduling of the waiting task).
+    let mut text = String::new();
+    store
+        .barrier_stats()
+        .duration
+        .render(&mut text, "b", "barriers");
+    let bucket = |le: &str| -> f64 {
+        text.lines()
+            .find(|l| l.starts_with(&format!("b_bucket{{le=\"{le}\"}}")))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(f64::NAN)
+    };
+    let barriers = bucket("+Inf");
+    println!(
+        "INFO cycler.barriers_over_5ms {} of {barriers} (all barriers of the run, naive path included); cycles over 5 ms: {} of {}",
+        barriers - bucket("0.005"),
+        latencies.iter().filter(|l| **l > 5.0).count(),
+        latencies.len()
     );
     println!("{}", goal("cycler.cycle_to_durable_ms_p99", p99, "<", 5.0));
     store.close()?;
