@@ -319,9 +319,16 @@ async fn kill_9_mid_run_loses_no_stored_cycle_and_fetches_the_missed_ones() {
     })
     .await;
     // Cycles counted here were durable (the counter moves after the barrier).
-    let durable = metric(&api, "pcrd_cycles_stored_total").await.unwrap() as u64;
+    let deadline = Instant::now() + DEADLINE;
+    let durable = loop {
+        let n = metric(&api, "pcrd_cycles_stored_total").await.unwrap() as u64;
+        if n >= 10 {
+            break n;
+        }
+        assert!(Instant::now() < deadline, "cycle 10 never became durable");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
     let before = api.get_ok(&format!("{path}?curves=true")).await;
-    assert!(durable >= 10, "{durable}");
     daemon.kill9();
     let killed_at = sim.cycles_read();
     // The instrument runs on while the daemon is down.
