@@ -10,6 +10,7 @@ pub mod analysers;
 pub mod api;
 pub mod cli;
 pub mod config;
+pub mod cyclers;
 pub mod folders;
 pub mod instruments;
 pub mod kits;

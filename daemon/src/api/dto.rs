@@ -442,6 +442,117 @@ pub struct InstrumentView {
     pub poll_errors: u64,
     /// Times the link was opened again after being lost.
     pub reconnects: u64,
+    /// For a cycler (`kind` = `cycler`): its run and device state.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cycler: Option<CyclerView>,
+}
+
+/// A cycler's state as its supervisor holds it.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct CyclerView {
+    /// `idle` (no pcrd run), or the active run's state: `starting`, `running`,
+    /// `instrument_offline`.
+    pub state: String,
+    /// The active run, if any.
+    pub run: Option<RunView>,
+    /// The device's own state from its last status (`idle`, `loaded`, `running`,
+    /// `completed`, `aborted`, `error`); absent before the first status read.
+    pub device_state: Option<String>,
+    /// The device's current data cycle from its last status.
+    pub device_cycle: Option<u32>,
+    pub lid: Option<String>,
+    pub block_c: Option<f64>,
+    /// Lines refused since the daemon started.
+    pub lines_rejected: u64,
+    /// The last lines refused (newest last), with why.
+    pub recent_rejected: Vec<RejectedLineView>,
+    pub last_fault: Option<String>,
+}
+
+/// Start a PCR run of a sealed plate on a cycler.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct StartRunRequest {
+    /// A sealed plate.
+    pub plate: String,
+    /// A cycler's name in the config.
+    pub instrument: String,
+    /// The thermal protocol in pcrd's notation, `NAME CHANNELS STAGES`
+    /// (docs/cycler-protocol.md), e.g. `PCRD45 FAM,HEX 1x95@120 45x95@3/60@30R`.
+    /// Default: 45 cycles reading every channel of the plate's kit.
+    pub protocol: Option<String>,
+}
+
+/// `GET /api/v1/runs/{id}` options.
+#[derive(Debug, Deserialize, IntoParams)]
+pub struct RunQuery {
+    /// Include the per-well curves (every channel; one well with `well`).
+    pub curves: Option<bool>,
+    /// Only this well's curves (e.g. `A1`).
+    pub well: Option<String>,
+}
+
+/// A PCR run.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct RunView {
+    pub id: u64,
+    pub plate: String,
+    pub instrument: String,
+    pub protocol: String,
+    /// The protocol in pcrd's notation.
+    pub protocol_text: String,
+    /// Wells on the plate (96 or 384).
+    pub format: u32,
+    pub channels: Vec<String>,
+    /// `starting`, `running`, `instrument_offline` (the link is down; not a
+    /// failure), `finished`, `failed` or `aborted`.
+    pub state: String,
+    /// Why it failed, was aborted or is offline.
+    pub reason: Option<String>,
+    /// Cycles 1..=cycles_stored are durable, every channel and well.
+    pub cycles_stored: u32,
+    pub cycles_expected: u32,
+    /// Lines refused during the run (kept, see `rejected`).
+    pub lines_rejected: u32,
+    /// Cycle ranges fetched again after a gap or a reconnect.
+    pub refetched: Vec<CycleRangeView>,
+    pub started_by: String,
+    pub created_at: String,
+    pub started_at: Option<String>,
+    pub ended_at: Option<String>,
+    pub updated_at: String,
+    /// The lines refused during the run (with `curves=true`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rejected: Option<Vec<RejectedLineView>>,
+    /// Per well and channel, the readings of cycles 1..=cycles_stored (with `curves=true`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub curves: Option<Vec<CurveView>>,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct CycleRangeView {
+    pub first: u32,
+    pub last: u32,
+}
+
+/// A line from a cycler that was refused, as received.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct RejectedLineView {
+    pub line: String,
+    pub reason: String,
+    /// When (RFC 3339); absent for lines only held in memory.
+    pub at: Option<String>,
+    /// The last cycle stored when it arrived.
+    pub after_cycle: Option<u32>,
+}
+
+/// One well's curve in one channel.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct CurveView {
+    pub well: String,
+    pub channel: String,
+    /// Raw fluorescence, cycle 1 first.
+    pub values: Vec<f64>,
 }
 
 /// An extractor's status registers, decoded by its profile.

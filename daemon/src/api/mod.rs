@@ -314,7 +314,7 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     modifiers(&BearerAuth),
     components(schemas(ErrorBody)),
     security(("bearer" = [])),
-    tags((name = "tubes"), (name = "plates"), (name = "audit"), (name = "kits"), (name = "instruments"), (name = "outbox"), (name = "folders"), (name = "analysers"))
+    tags((name = "tubes"), (name = "plates"), (name = "audit"), (name = "kits"), (name = "instruments"), (name = "outbox"), (name = "folders"), (name = "analysers"), (name = "runs"))
 )]
 struct ApiDoc;
 
@@ -407,6 +407,9 @@ pub fn router(
         .routes(routes!(unassign))
         .routes(routes!(seal))
         .routes(routes!(transfer))
+        .routes(routes!(start_run))
+        .routes(routes!(get_run))
+        .routes(routes!(abort_run))
         .routes(routes!(combine))
         .routes(routes!(audit))
         .routes(routes!(audit_verify))
@@ -897,7 +900,11 @@ async fn list_instruments(
     State(state): State<AppState>,
     _caller: Caller,
 ) -> Json<Vec<InstrumentView>> {
-    Json(state.instruments.all().map(instrument_view).collect())
+    let mut all: Vec<InstrumentView> = state.instruments.all().map(instrument_view).collect();
+    if let Some(cyclers) = state.instruments.cyclers() {
+        all.extend(cyclers.all().map(cycler_view));
+    }
+    Json(all)
 }
 
 /// One instrument by its configured name.
@@ -916,6 +923,10 @@ async fn get_instrument(
         .instruments
         .get(&name)
         .map(|i| Json(instrument_view(i)))
+        .or_else(|| {
+            let cyclers = state.instruments.cyclers()?;
+            cyclers.get(&name).map(|c| Json(cycler_view(c)))
+        })
         .ok_or_else(|| {
             ApiError::new(
                 StatusCode::NOT_FOUND,
@@ -978,7 +989,243 @@ fn instrument_view(instrument: &crate::instruments::Instrument) -> InstrumentVie
         polls: s.polls,
         poll_errors: s.poll_errors,
         reconnects: s.reconnects,
+        cycler: None,
     }
+}
+
+// ----- cyclers and PCR runs (issue 5; crate::cyclers) -----
+
+fn cycler_view(cycler: &crate::cyclers::Cycler) -> InstrumentView {
+    use crate::cyclers::Link;
+    let s = cycler.link_state();
+    let run = cycler.active_run();
+    let time = |t: std::time::SystemTime| humantime::format_rfc3339_millis(t).to_string();
+    let device = s.status.as_ref();
+    InstrumentView {
+        name: cycler.name.clone(),
+        kind: "cycler".into(),
+        unit: 0,
+        profile: cycler.dialect.clone(),
+        profile_version: String::new(),
+        link: cycler.link_name.clone(),
+        online: s.link == Link::Online,
+        connection: s.link.as_str().into(),
+        offline_reason: s.reason.clone(),
+        since: time(s.since),
+        status: None,
+        run: None,
+        last_run: None,
+        polls: 0,
+        poll_errors: 0,
+        reconnects: 0,
+        cycler: Some(CyclerView {
+            state: run.as_ref().map_or("idle", |r| r.state.as_str()).to_owned(),
+            run: run.as_ref().map(run_view),
+            device_state: device.map(|d| format!("{:?}", d.state).to_lowercase()),
+            device_cycle: device.map(|d| d.cycle),
+            lid: device.map(|d| format!("{:?}", d.lid).to_lowercase()),
+            block_c: device.map(|d| finite(d.block_c)),
+            lines_rejected: s.lines_rejected,
+            recent_rejected: s
+                .rejected
+                .iter()
+                .map(|(line, reason)| RejectedLineView {
+                    line: line.clone(),
+                    reason: reason.clone(),
+                    at: None,
+                    after_cycle: None,
+                })
+                .collect(),
+            last_fault: s.last_fault.clone(),
+        }),
+    }
+}
+
+fn run_view(r: &crate::cyclers::RunRecord) -> RunView {
+    let time = |ms: i64| crate::lab::rfc3339(pcrd_protocol::domain::Timestamp::from_millis(ms));
+    RunView {
+        id: r.id,
+        plate: r.plate.clone(),
+        instrument: r.instrument.clone(),
+        protocol: r.protocol.clone(),
+        protocol_text: r.protocol_text.clone(),
+        format: r.format.well_count() as u32,
+        channels: r.channels.clone(),
+        state: r.state.as_str().to_owned(),
+        reason: r.reason.clone(),
+        cycles_stored: r.cycles_stored,
+        cycles_expected: r.cycles_expected,
+        lines_rejected: r.lines_rejected,
+        refetched: r
+            .refetched
+            .iter()
+            .map(|(first, last)| CycleRangeView {
+                first: *first,
+                last: *last,
+            })
+            .collect(),
+        started_by: r.started_by.clone(),
+        created_at: time(r.created_at),
+        started_at: r.started_at.map(time),
+        ended_at: r.ended_at.map(time),
+        updated_at: time(r.updated_at),
+        rejected: None,
+        curves: None,
+    }
+}
+
+impl From<crate::cyclers::RunError> for ApiError {
+    fn from(e: crate::cyclers::RunError) -> ApiError {
+        use crate::cyclers::RunError;
+        match e {
+            RunError::NotFound(m) => ApiError::new(StatusCode::NOT_FOUND, "not_found", m),
+            RunError::Conflict(m) => ApiError::new(StatusCode::CONFLICT, "conflict", m),
+            RunError::Invalid(m) => ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid", m),
+            RunError::Instrument(m) => {
+                ApiError::new(StatusCode::BAD_GATEWAY, "instrument_error", m)
+            }
+            RunError::Store(e) => LabError::Store(e).into(),
+        }
+    }
+}
+
+fn cyclers_of(state: &AppState) -> ApiResult<&crate::cyclers::Cyclers> {
+    state.instruments.cyclers().ok_or_else(|| {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "no [[cyclers]] in the config",
+        )
+    })
+}
+
+/// Start a PCR run of a sealed plate on an idle cycler. The run is stored
+/// (state `starting`) before anything is sent; the start command is sent once
+/// and, if its reply is lost, the cycler's state is read back instead of
+/// sending it again.
+#[utoipa::path(post, path = "/api/v1/runs", tag = "runs", request_body = StartRunRequest,
+    responses(
+        (status = 201, description = "Started", body = RunView),
+        (status = 404, description = "No such plate or cycler", body = ErrorBody),
+        (status = 409, description = "Plate not sealed or already run; cycler busy, offline or not idle", body = ErrorBody),
+        (status = 422, description = "Bad protocol or plate map", body = ErrorBody),
+        (status = 502, description = "The cycler refused or did not confirm; the run's record says what became of it", body = ErrorBody),
+    ))]
+#[tracing::instrument(name = "run", skip_all, fields(plate = %body.plate, instrument = %body.instrument, user = %caller.user, action = "start"))]
+async fn start_run(
+    State(state): State<AppState>,
+    caller: Caller,
+    JsonBody(body): JsonBody<StartRunRequest>,
+) -> ApiResult<(StatusCode, Json<RunView>)> {
+    caller.lab_work("starting runs")?;
+    let cyclers = cyclers_of(&state)?;
+    let run = cyclers
+        .start_run(
+            &body.plate,
+            &body.instrument,
+            body.protocol.as_deref(),
+            &caller.user,
+        )
+        .await?;
+    tracing::info!(run = run.id, "Run started.");
+    Ok((StatusCode::CREATED, Json(run_view(&run))))
+}
+
+/// A PCR run: state, cycles stored and, on request, per-well curves and the
+/// lines refused during the run.
+#[utoipa::path(get, path = "/api/v1/runs/{id}", tag = "runs",
+    params(("id" = u64, Path, description = "Run id"), RunQuery),
+    responses((status = 200, body = RunView), (status = 404, body = ErrorBody)))]
+async fn get_run(
+    State(state): State<AppState>,
+    _caller: Caller,
+    Path(id): Path<u64>,
+    Query(q): Query<RunQuery>,
+) -> ApiResult<Json<RunView>> {
+    let cyclers = cyclers_of(&state)?;
+    let runs = cyclers.runs();
+    let not_found = || ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("no run {id}"));
+    let record = runs
+        .get(id)
+        .map_err(LabError::Store)?
+        .ok_or_else(not_found)?;
+    let mut view = run_view(&record);
+    if q.curves.unwrap_or(false) || q.well.is_some() {
+        let only = match &q.well {
+            Some(w) => Some(w.parse::<pcrd_protocol::domain::Well>().map_err(|e| {
+                ApiError::new(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "invalid",
+                    format!("well {w:?}: {e}"),
+                )
+            })?),
+            None => None,
+        };
+        if let Some(w) = only
+            && !record.format.contains(w)
+        {
+            return Err(ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid",
+                format!("well {w} is not on a {}-well plate", record.format),
+            ));
+        }
+        let curves = runs.curves(&record).map_err(LabError::Store)?;
+        let mut out = Vec::new();
+        for (well_index, well) in record.format.wells_column_major().enumerate() {
+            if only.is_some_and(|w| w != well) {
+                continue;
+            }
+            for (ch, name) in record.channels.iter().enumerate() {
+                out.push(CurveView {
+                    well: well.to_string(),
+                    channel: name.clone(),
+                    values: curves[ch][well_index].clone(),
+                });
+            }
+        }
+        view.curves = Some(out);
+        view.rejected = Some(
+            runs.rejected(id)
+                .map_err(LabError::Store)?
+                .into_iter()
+                .map(|r| RejectedLineView {
+                    line: r.line,
+                    reason: r.reason,
+                    at: Some(crate::lab::rfc3339(
+                        pcrd_protocol::domain::Timestamp::from_millis(r.at),
+                    )),
+                    after_cycle: Some(r.after_cycle),
+                })
+                .collect(),
+        );
+    }
+    Ok(Json(view))
+}
+
+/// Abort a run in progress. The abort is sent once; a lost reply is settled
+/// by reading the cycler's state back. Cycles stored so far are kept.
+#[utoipa::path(post, path = "/api/v1/runs/{id}/abort", tag = "runs", request_body = ReasonRequest,
+    params(("id" = u64, Path, description = "Run id")),
+    responses(
+        (status = 200, body = RunView),
+        (status = 404, body = ErrorBody),
+        (status = 409, description = "The run has ended, or a start or abort is under way", body = ErrorBody),
+        (status = 502, description = "The cycler did not confirm the abort", body = ErrorBody),
+    ))]
+#[tracing::instrument(name = "run", skip_all, fields(run = id, user = %caller.user, action = "abort"))]
+async fn abort_run(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<u64>,
+    OptionalJson(body): OptionalJson<ReasonRequest>,
+) -> ApiResult<Json<RunView>> {
+    caller.lab_work("aborting runs")?;
+    let cyclers = cyclers_of(&state)?;
+    let run = cyclers
+        .abort_run(id, &caller.user, body.reason.as_deref())
+        .await?;
+    Ok(Json(run_view(&run)))
 }
 
 /// JSON has no NaN or infinity; a device that reports one is flagged as an anomaly,

@@ -136,7 +136,17 @@ async fn serve(config: Config, lab: Arc<Lab>) -> ExitCode {
     println!("listening on http://{addr}");
     tracing::info!(%addr, lab = %config.lab_id, "pcrd is serving.");
     // One supervisor per configured extractor; with none configured, nothing starts.
-    let instruments = Arc::new(crate::instruments::Instruments::start(&config.extractors));
+    let instruments = crate::instruments::Instruments::start(&config.extractors);
+    // One supervisor per configured cycler; runs that were in progress are resumed.
+    let instruments = match crate::cyclers::Cyclers::start(&config.cyclers, Arc::clone(&lab)).await
+    {
+        Ok(cyclers) => instruments.with_cyclers(cyclers),
+        Err(e) => {
+            eprintln!("pcrd: cannot read the runs in the store: {e}");
+            return ExitCode::from(exit::STORE);
+        }
+    };
+    let instruments = Arc::new(instruments);
     // One delivery task per configured sink (issue 6); a receiver that is down is a
     // retry, not a failure to start.
     if let Err(e) = crate::outbox::worker::start(&lab, &config.sinks).await {
