@@ -166,24 +166,41 @@ async fn main() -> Result<()> {
 async fn postgres(runs: usize, all: &[OutboxItem], few: &[OutboxItem], batch: usize) -> Result<()> {
     let server = PgServer::start();
     let db = server.create_database("exchange");
-    let config = PostgresConfig::from_raw(
-        RawPostgresConfig {
-            host: Some(server.host().into()),
-            port: Some(server.port()),
-            user: Some(server.user().into()),
-            dbname: Some(db.clone()),
-            create_table: true,
-            ..Default::default()
-        },
-        Path::new("."),
-        &|_| None,
-    )
-    .map_err(|e| anyhow::anyhow!("{e:?}"))?;
-    // The sink's table, and the naive peer's: the same shape, its own name.
-    for table in ["pcrd_results", "naive_results"] {
+    let config = |table: &str, connections: usize| {
+        PostgresConfig::from_raw(
+            RawPostgresConfig {
+                host: Some(server.host().into()),
+                port: Some(server.port()),
+                user: Some(server.user().into()),
+                dbname: Some(db.clone()),
+                table: Some(table.into()),
+                connections: Some(connections),
+                ..Default::default()
+            },
+            Path::new("."),
+            &|_| None,
+        )
+        .map_err(|e| anyhow::anyhow!("{e:?}"))
+    };
+    // The sink's table, the naive peer's (the same shape, its own name), and one with
+    // targets and record as jsonb (the DDL before json, or an operator's choice).
+    for table in ["pcrd_results", "naive_results", "jsonb_results"] {
         let table = TableName::parse(table).map_err(anyhow::Error::msg)?;
         server.psql(&db, &schema_sql(&table));
     }
+    server.psql(
+        &db,
+        "DROP VIEW jsonb_results_targets; \
+         ALTER TABLE jsonb_results ALTER targets TYPE jsonb, ALTER record TYPE jsonb",
+    );
+    // (name, table, sessions, batch size)
+    let variants = [
+        ("two sessions", "pcrd_results", 2, batch),
+        ("one session", "pcrd_results", 1, batch),
+        ("jsonb table", "jsonb_results", 2, batch),
+        ("5x batch", "pcrd_results", 2, batch * 5),
+    ];
+    let mut variant_rates: Vec<Vec<f64>> = vec![Vec::new(); variants.len()];
     let (client, connection) =
         tokio_postgres::connect(&server.conninfo(&db), tokio_postgres::NoTls)
             .await
@@ -196,7 +213,7 @@ async fn postgres(runs: usize, all: &[OutboxItem], few: &[OutboxItem], batch: us
              interpretation, status, correction_reason, tested_at, released_at, released_by, \
              lab_id, targets, record) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, \
              $12, $13, $14, $15, $16::text::timestamptz, $17::text::timestamptz, $18, $19, \
-             $20::text::jsonb, $21::text::jsonb) ON CONFLICT (result_id, version) DO NOTHING",
+             $20::text::json, $21::text::json) ON CONFLICT (result_id, version) DO NOTHING",
         )
         .await?;
 
@@ -218,20 +235,32 @@ async fn postgres(runs: usize, all: &[OutboxItem], few: &[OutboxItem], batch: us
     let (mut batched, mut replay, mut rows, mut ceiling) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for run in 0..runs {
-        server.psql(&db, "TRUNCATE pcrd_results; TRUNCATE naive_results");
-        let mut sink = PostgresSink::new(&config).map_err(anyhow::Error::msg)?;
-        let mut deliver = async |items: &[OutboxItem]| sink.deliver(items).await;
-        let rate = deliver_all(&mut deliver, all, batch).await?;
-        let again = deliver_all(&mut deliver, all, batch).await?;
-        let stored: usize = server
-            .psql(&db, "SELECT count(*) FROM pcrd_results")
-            .trim()
-            .parse()?;
-        ensure!(
-            stored == all.len(),
-            "{stored} rows stored, {} sent",
-            all.len()
-        );
+        let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+        let mut rate = 0.0;
+        let mut again = 0.0;
+        let mut line = String::new();
+        for (v, (name, table, sessions, size)) in variants.iter().enumerate() {
+            server.psql(&db, &format!("TRUNCATE {table}; CHECKPOINT"));
+            let mut sink =
+                PostgresSink::new(&config(table, *sessions)?).map_err(anyhow::Error::msg)?;
+            let mut deliver = async |items: &[OutboxItem]| sink.deliver(items).await;
+            let variant_rate = deliver_all(&mut deliver, all, *size).await?;
+            if v == 0 {
+                rate = variant_rate;
+                again = deliver_all(&mut deliver, all, *size).await?;
+            }
+            let stored: usize = server
+                .psql(&db, &format!("SELECT count(*) FROM {table}"))
+                .trim()
+                .parse()?;
+            ensure!(
+                stored == all.len(),
+                "{name}: {stored} rows stored, {} sent",
+                all.len()
+            );
+            variant_rates[v].push(variant_rate);
+            line.push_str(&format!("{name} {variant_rate:.0}/s, "));
+        }
 
         server.psql(&db, "TRUNCATE naive_results");
         let started = Instant::now();
@@ -279,8 +308,9 @@ async fn postgres(runs: usize, all: &[OutboxItem], few: &[OutboxItem], batch: us
         }
         let row_rate = few.len() as f64 / started.elapsed().as_secs_f64();
         println!(
-            "  run {run}: batches {rate:.0}/s, replay {again:.0}/s, psql \\copy {copy_rate:.0}/s, \
-             row inserts {row_rate:.0}/s"
+            "  run {run} (load average {}): {line}replay {again:.0}/s, psql \\copy \
+             {copy_rate:.0}/s, row inserts {row_rate:.0}/s",
+            load.split_whitespace().take(3).collect::<Vec<_>>().join(" ")
         );
         ceiling.push(copy_rate);
         batched.push(rate);
@@ -315,6 +345,10 @@ async fn postgres(runs: usize, all: &[OutboxItem], few: &[OutboxItem], batch: us
         bench("sinks.postgres_row_inserts", r, "results/s", &rows)
     );
     println!("{}", bench("sinks.postgres_ratio", b / r, "x", &[b / r]));
+    for ((name, ..), rates) in variants.iter().zip(&variant_rates).skip(1) {
+        let id = format!("sinks.postgres_variant_{}", name.replace(' ', "_"));
+        println!("{}", bench(&id, median(rates), "results/s", rates));
+    }
     println!("{}", goal("sinks.postgres_batches", b, ">", 100_000.0));
     Ok(())
 }

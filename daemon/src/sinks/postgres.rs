@@ -829,8 +829,8 @@ fn encode_binary_row(
     field(out, r.instrument.as_bytes())?;
     field(out, r.kit.id.as_bytes())?;
     field(out, r.kit.version.as_bytes())?;
-    field(out, enum_text(&r.interpretation).as_bytes())?;
-    field(out, enum_text(&r.status).as_bytes())?;
+    field(out, r.interpretation.as_str().as_bytes())?;
+    field(out, r.status.as_str().as_bytes())?;
     match &r.correction_reason {
         Some(reason) => field(out, reason.as_bytes())?,
         None => out.extend_from_slice(&(-1i32).to_be_bytes()),
@@ -848,14 +848,6 @@ fn encode_binary_row(
     let _ = serde_json::to_writer(&mut *scratch, r);
     field(out, scratch)?;
     Ok(())
-}
-
-/// A unit enum as the record's JSON spells it (`"positive"` → `positive`).
-fn enum_text(value: &impl serde::Serialize) -> String {
-    match serde_json::to_value(value) {
-        Ok(serde_json::Value::String(text)) => text,
-        other => format!("{other:?}"),
-    }
 }
 
 /// Days from 1970-01-01 to the given civil date (proleptic Gregorian).
