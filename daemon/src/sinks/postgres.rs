@@ -494,11 +494,12 @@ impl Lane {
 
     /// `items` in one transaction; when the table refuses a value, item by item.
     async fn deliver(&mut self, shared: &Shared, items: &[OutboxItem]) -> Vec<ItemOutcome> {
-        // Items PostgreSQL text cannot hold are dead before anything is sent.
-        if items.iter().any(|i| unencodable(&i.record).is_some()) {
+        // A batch holding an item PostgreSQL cannot take is written item by item, so
+        // that item is dead before anything of it is sent and the rest still go.
+        let Ok(rows) = encode_batch(items) else {
             return self.deliver_one_by_one(shared, items).await;
-        }
-        match self.write(shared, items).await {
+        };
+        match self.write(shared, rows).await {
             Ok(()) => vec![ItemOutcome::Delivered; items.len()],
             Err(WriteError::Transient { reason, .. }) => all_retry(items, &reason, None),
             Err(WriteError::Data(reason)) => {
@@ -518,14 +519,17 @@ impl Lane {
     ) -> Vec<ItemOutcome> {
         let mut outcomes = Vec::with_capacity(items.len());
         for (index, item) in items.iter().enumerate() {
-            if let Some(detail) = unencodable(&item.record) {
-                outcomes.push(ItemOutcome::Dead {
-                    reason: DeadReason::Unencodable,
-                    detail,
-                });
-                continue;
-            }
-            match self.write(shared, std::slice::from_ref(item)).await {
+            let rows = match encode_batch(std::slice::from_ref(item)) {
+                Ok(rows) => rows,
+                Err(detail) => {
+                    outcomes.push(ItemOutcome::Dead {
+                        reason: DeadReason::Unencodable,
+                        detail,
+                    });
+                    continue;
+                }
+            };
+            match self.write(shared, rows).await {
                 Ok(()) => outcomes.push(ItemOutcome::Delivered),
                 Err(WriteError::Data(detail)) => {
                     tracing::warn!(sink = "postgres", key = %item.record.idempotency_key(),
@@ -544,11 +548,12 @@ impl Lane {
         outcomes
     }
 
-    /// Writes `items` in one transaction, connecting first when needed. The whole
-    /// attempt is bounded: a server that stops answering is a retry, not a hang.
-    async fn write(&mut self, shared: &Shared, items: &[OutboxItem]) -> Result<(), WriteError> {
+    /// Writes encoded `rows` (see [`encode_batch`]) in one transaction, connecting
+    /// first when needed. The whole attempt is bounded: a server that stops answering
+    /// is a retry, not a hang.
+    async fn write(&mut self, shared: &Shared, rows: Vec<u8>) -> Result<(), WriteError> {
         let limit = shared.config.connect_timeout + shared.config.statement_timeout * 3;
-        let result = match tokio::time::timeout(limit, self.write_unbounded(shared, items)).await {
+        let result = match tokio::time::timeout(limit, self.write_unbounded(shared, rows)).await {
             Ok(result) => result,
             Err(_) => Err(shared.no_answer(limit)),
         };
@@ -561,22 +566,8 @@ impl Lane {
         result
     }
 
-    async fn write_unbounded(
-        &mut self,
-        shared: &Shared,
-        items: &[OutboxItem],
-    ) -> Result<(), WriteError> {
+    async fn write_unbounded(&mut self, shared: &Shared, rows: Vec<u8>) -> Result<(), WriteError> {
         self.ensure_connected(shared).await?;
-        let mut rows = Vec::with_capacity(COPY_HEADER.len() + 4 + items.len() * 1400);
-        rows.extend_from_slice(COPY_HEADER);
-        let mut scratch = Vec::with_capacity(2048);
-        for item in items {
-            encode_binary_row(&item.record, &mut scratch, &mut rows).map_err(|detail| {
-                // deliver() screened every item with unencodable() first.
-                WriteError::Data(detail)
-            })?;
-        }
-        rows.extend_from_slice(&(-1i16).to_be_bytes());
         let Some(connection) = self.connection.as_mut() else {
             return Err(WriteError::Transient {
                 reason: "not connected".to_owned(),
@@ -772,25 +763,18 @@ async fn write_batch(
     Ok(())
 }
 
-/// Why `record` cannot be written to PostgreSQL at all: text and JSON refuse the NUL
-/// character, and a timestamp pcrd cannot read would be refused by the table too.
-fn unencodable(record: &ResultRecord) -> Option<String> {
-    let json = serde_json::to_string(record).unwrap_or_default();
-    if json.contains("\\u0000") || json.is_empty() {
-        return Some(format!(
-            "{} holds a NUL character, which PostgreSQL text cannot store",
-            record.idempotency_key()
-        ));
+/// The whole binary `COPY` stream for `items` (header, rows, trailer), or why one of
+/// them cannot be written to PostgreSQL at all, naming it.
+fn encode_batch(items: &[OutboxItem]) -> Result<Vec<u8>, String> {
+    let mut rows = Vec::with_capacity(COPY_HEADER.len() + 2 + items.len() * 1400);
+    rows.extend_from_slice(COPY_HEADER);
+    let mut scratch = Vec::with_capacity(2048);
+    for item in items {
+        encode_binary_row(&item.record, &mut scratch, &mut rows)
+            .map_err(|e| format!("{}: {e}", item.record.idempotency_key()))?;
     }
-    for (field, value) in [
-        ("tested_at", &record.tested_at),
-        ("released_at", &record.released_at),
-    ] {
-        if let Err(e) = pg_timestamp_micros(value) {
-            return Some(format!("{}: {field}: {e}", record.idempotency_key()));
-        }
-    }
-    None
+    rows.extend_from_slice(&(-1i16).to_be_bytes());
+    Ok(rows)
 }
 
 /// The binary COPY header: signature, flags, header extension length.
@@ -799,7 +783,9 @@ const COPY_HEADER: &[u8] = b"PGCOPY\n\xff\r\n\0\0\0\0\0\0\0\0\0";
 /// Appends one staging row in binary `COPY` format, the fields in [`COLUMNS`] order:
 /// a field count, then per field its length and its bytes in PostgreSQL's binary
 /// representation (text and json: UTF-8; integer, smallint: big-endian; timestamptz:
-/// microseconds since 2000-01-01 UTC; NULL: length -1).
+/// microseconds since 2000-01-01 UTC; NULL: length -1). Refuses a record holding a
+/// NUL character (PostgreSQL text cannot store it) or a timestamp that is not RFC 3339
+/// (the table would refuse it too).
 fn encode_binary_row(
     r: &ResultRecord,
     scratch: &mut Vec<u8>,
@@ -814,8 +800,16 @@ fn encode_binary_row(
     let version = i32::try_from(r.version).map_err(|_| format!("version {}", r.version))?;
     let schema_version =
         i32::try_from(r.schema_version).map_err(|_| format!("schema {}", r.schema_version))?;
-    let tested_at = pg_timestamp_micros(&r.tested_at)?;
-    let released_at = pg_timestamp_micros(&r.released_at)?;
+    let tested_at = pg_timestamp_micros(&r.tested_at).map_err(|e| format!("tested_at: {e}"))?;
+    let released_at =
+        pg_timestamp_micros(&r.released_at).map_err(|e| format!("released_at: {e}"))?;
+    // The record's JSON holds every string of the record, escaped: one search finds a
+    // NUL anywhere in it.
+    scratch.clear();
+    let _ = serde_json::to_writer(&mut *scratch, r);
+    if scratch.windows(6).any(|w| w == b"\\u0000") {
+        return Err("holds a NUL character, which PostgreSQL text cannot store".to_owned());
+    }
     out.extend_from_slice(&(COLUMNS.len() as i16).to_be_bytes());
     field(out, r.result_id.as_bytes())?;
     field(out, &version.to_be_bytes())?;
@@ -841,11 +835,9 @@ fn encode_binary_row(
     field(out, r.lab_id.as_bytes())?;
     // Serialising a struct of strings and numbers does not fail (a non-finite Ct is
     // written as null).
-    scratch.clear();
-    let _ = serde_json::to_writer(&mut *scratch, &r.targets);
-    field(out, scratch)?;
-    scratch.clear();
-    let _ = serde_json::to_writer(&mut *scratch, r);
+    let mut targets = Vec::with_capacity(512);
+    let _ = serde_json::to_writer(&mut targets, &r.targets);
+    field(out, &targets)?;
     field(out, scratch)?;
     Ok(())
 }
