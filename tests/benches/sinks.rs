@@ -216,7 +216,12 @@ async fn postgres(runs: usize, all: &[OutboxItem], few: &[OutboxItem], batch: us
     let tick = clock_tick_seconds();
     // CPU seconds per result of the server (postmaster, backends, WAL writer,
     // checkpointer) and of this process (the sink's encoding; psql as a reaped child).
-    let cpu = || (server_cpu_ticks(postmaster), proc_stat(std::process::id()).map_or(0, |s| s.all));
+    let cpu = || {
+        (
+            server_cpu_ticks(postmaster),
+            proc_stat(std::process::id()).map_or(0, |s| s.all),
+        )
+    };
     let (mut server_cpu, mut client_cpu, mut previous_server_cpu, mut previous_client_cpu) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let insert = client
@@ -374,7 +379,10 @@ async fn postgres(runs: usize, all: &[OutboxItem], few: &[OutboxItem], batch: us
         println!(
             "  run {run} (load average {}): {line}replay {again:.0}/s, previous design \
              {previous_rate:.0}/s, psql \\copy {copy_rate:.0}/s, row inserts {row_rate:.0}/s",
-            load.split_whitespace().take(3).collect::<Vec<_>>().join(" ")
+            load.split_whitespace()
+                .take(3)
+                .collect::<Vec<_>>()
+                .join(" ")
         );
         ceiling.push(copy_rate);
         batched.push(rate);
@@ -412,8 +420,14 @@ async fn postgres(runs: usize, all: &[OutboxItem], few: &[OutboxItem], batch: us
     for (id, values) in [
         ("sinks.postgres_server_cpu_us_per_result", &server_cpu),
         ("sinks.postgres_client_cpu_us_per_result", &client_cpu),
-        ("sinks.postgres_previous_server_cpu_us_per_result", &previous_server_cpu),
-        ("sinks.postgres_previous_psql_cpu_us_per_result", &previous_client_cpu),
+        (
+            "sinks.postgres_previous_server_cpu_us_per_result",
+            &previous_server_cpu,
+        ),
+        (
+            "sinks.postgres_previous_psql_cpu_us_per_result",
+            &previous_client_cpu,
+        ),
     ] {
         println!("{}", bench(id, median(values), "us", values));
     }
@@ -503,7 +517,12 @@ fn clock_tick_seconds() -> f64 {
         .arg("CLK_TCK")
         .output()
         .ok()
-        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse::<f64>().ok())
+        .and_then(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .trim()
+                .parse::<f64>()
+                .ok()
+        })
         .map_or(0.01, |hz| 1.0 / hz)
 }
 

@@ -436,7 +436,10 @@ async fn a_table_with_jsonb_columns_from_an_earlier_ddl_still_takes_results() {
         ),
         1
     );
-    assert_eq!(count(&server, &db, "SELECT count(*) FROM pcrd_results"), 300);
+    assert_eq!(
+        count(&server, &db, "SELECT count(*) FROM pcrd_results"),
+        300
+    );
     // A column type pcrd cannot write JSON into is named in the retry.
     server.psql(
         &db,
@@ -445,7 +448,10 @@ async fn a_table_with_jsonb_columns_from_an_earlier_ddl_still_takes_results() {
     let mut sink = self::sink(&server, &db, None, false);
     match &sink.deliver(&items(300..301, 1)).await[0] {
         ItemOutcome::Retry { reason, .. } => {
-            assert!(reason.contains("the column targets of pcrd_results is xml"), "{reason}")
+            assert!(
+                reason.contains("the column targets of pcrd_results is xml"),
+                "{reason}"
+            )
         }
         other => panic!("{other:?}"),
     }

@@ -23,8 +23,8 @@ use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::post;
-use pcrd_protocol::hl7::mllp::{self, MllpDecoder, MllpEvent};
 use pcrd_protocol::hl7::control_id;
+use pcrd_protocol::hl7::mllp::{self, MllpDecoder, MllpEvent};
 use pcrd_protocol::upstream::ResultRecord;
 use pcrd_tests::postgres::PgServer;
 use pcrd_tests::results::{TEST_LAB, records, seed_store};
@@ -168,7 +168,10 @@ fn assert_complete(sink: &str, expected: &[String], arrivals: &[(String, String)
     let got: BTreeSet<&str> = first.keys().copied().collect();
     let wanted: BTreeSet<&str> = expected.iter().map(String::as_str).collect();
     let missing: Vec<&&str> = wanted.difference(&got).take(5).collect();
-    assert!(missing.is_empty(), "{sink}: missing at the receiver: {missing:?}");
+    assert!(
+        missing.is_empty(),
+        "{sink}: missing at the receiver: {missing:?}"
+    );
     let extra: Vec<&&str> = got.difference(&wanted).take(5).collect();
     assert!(extra.is_empty(), "{sink}: never released: {extra:?}");
     arrivals.len() - expected.len()
@@ -283,7 +286,10 @@ async fn http_sigkill_mid_delivery_loses_nothing_and_duplicates_only_by_key() {
     let got = snapshot(&arrivals);
     let duplicates = assert_complete("http", &expected, &got);
     assert_release_order("http", &expected, &got);
-    eprintln!("http: {N} keys as {} results, {duplicates} duplicates", got.len());
+    eprintln!(
+        "http: {N} keys as {} results, {duplicates} duplicates",
+        got.len()
+    );
     receiver.stop().await;
 }
 
@@ -363,7 +369,10 @@ async fn pg_arrivals(client: &tokio_postgres::Client) -> Vec<(String, String)> {
         .map(|row| {
             let key: String = row.get(0);
             let from_columns: String = row.get(1);
-            assert_eq!(key, from_columns, "the key column agrees with the primary key");
+            assert_eq!(
+                key, from_columns,
+                "the key column agrees with the primary key"
+            );
             (key, row.get::<_, String>(2))
         })
         .collect()
@@ -478,7 +487,9 @@ fn hl7_arrival(message: &str) -> Result<Hl7Arrival, String> {
         .ok_or("no ORC-3")?;
     let status = field(message, "OBR", 25).ok_or("no OBR-25")?;
     if status != "F" && status != "P" {
-        return Err(format!("OBR-25 {status:?}: only first versions were released"));
+        return Err(format!(
+            "OBR-25 {status:?}: only first versions were released"
+        ));
     }
     Ok(Hl7Arrival {
         key: format!("{result_id}:1"),
@@ -622,7 +633,10 @@ async fn hl7_sigkill_mid_delivery_loses_nothing_and_resends_keep_their_control_i
     let pairs = assert_hl7_ids(&expected, &got);
     let duplicates = assert_complete("hl7", &expected, &pairs);
     assert_release_order("hl7", &expected, &pairs);
-    eprintln!("hl7: {N} keys as {} messages, {duplicates} resends", got.len());
+    eprintln!(
+        "hl7: {N} keys as {} messages, {duplicates} resends",
+        got.len()
+    );
     receiver.stop().await;
 }
 

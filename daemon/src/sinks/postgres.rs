@@ -891,7 +891,12 @@ fn pg_timestamp_micros(text: &str) -> Result<i64, String> {
     let mut at = 19;
     let mut micros = 0i64;
     if b[at] == b'.' {
-        let digits_end = at + 1 + b[at + 1..].iter().take_while(|c| c.is_ascii_digit()).count();
+        let digits_end = at
+            + 1
+            + b[at + 1..]
+                .iter()
+                .take_while(|c| c.is_ascii_digit())
+                .count();
         let digits = &b[at + 1..digits_end];
         if digits.is_empty() {
             return Err(bad());
@@ -950,7 +955,10 @@ mod tests {
             pg_timestamp_micros("2026-11-27T07:10:00.123+01:00"),
             pg_timestamp_micros("2026-11-27T06:10:00.123Z")
         );
-        assert_eq!(pg_timestamp_micros("2024-02-29T00:00:00.0000006Z"), Ok(762_480_000_000_001));
+        assert_eq!(
+            pg_timestamp_micros("2024-02-29T00:00:00.0000006Z"),
+            Ok(762_480_000_000_001)
+        );
         for bad in [
             "",
             "2026-11-27",
