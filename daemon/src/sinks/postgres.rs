@@ -23,7 +23,9 @@
 //! since 2000, the targets and the whole record as `json` text), so the server parses
 //! no text into values except the validation of the two JSON values. Measured on the
 //! loopback server (BENCHMARKS.md §8): decomposing ~1 KB of JSON per result into JSONB
-//! was most of a batch's server time; `json` is validated but stored as sent. The
+//! was the largest cost pcrd could avoid (a `jsonb` table takes results at about 0.7×
+//! the rate of a `json` one); `json` is validated but stored as sent. Most of what
+//! remains is the server writing the row, its WAL and two index entries. The
 //! INSERT casts the staged values to the exchange table's own column types, read at
 //! connect, so a table created with `jsonb` columns (an earlier DDL, or an operator who
 //! wants GIN indexes) keeps working, at the server's JSONB parsing cost.
