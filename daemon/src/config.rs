@@ -55,6 +55,8 @@ struct RawConfig {
     /// Watched export folders (`[[folders]]`, see `crate::folders`).
     #[serde(default)]
     folders: Vec<crate::folders::RawFolder>,
+    /// The gateway's panel (`[panel]`, see `crate::panel`).
+    panel: Option<crate::panel::RawPanel>,
 }
 
 /// `[[sinks]]`: where released results go (issue 6); exactly one kind table each.
@@ -131,6 +133,8 @@ pub struct Config {
     pub sinks: Vec<crate::sinks::SinkConfig>,
     /// Watched export folders of file-only instruments (`[[folders]]`).
     pub folders: Vec<crate::folders::FolderConfig>,
+    /// The gateway's lamp, buzzer and button (`[panel]`); `None` without one.
+    pub panel: Option<crate::panel::PanelConfig>,
 }
 
 /// One extractor: where it is and the register-map profile it is read with.
@@ -288,6 +292,7 @@ impl Config {
         let extractors = parse_extractors(raw.extractors, base, &mut problems);
         let sinks = parse_sinks(raw.sinks, base, &env, &mut problems);
         let folders = crate::folders::parse_folders(raw.folders, base, &mut problems);
+        let panel = crate::panel::parse_panel(raw.panel, &mut problems);
 
         if !problems.is_empty() {
             return Err(problems);
@@ -305,6 +310,7 @@ impl Config {
             extractors,
             sinks,
             folders,
+            panel,
         })
     }
 }

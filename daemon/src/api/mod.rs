@@ -31,6 +31,7 @@ pub struct AppState {
     pub lab: Arc<Lab>,
     pub instruments: Arc<Instruments>,
     pub folders: Arc<crate::folders::Folders>,
+    pub panel: Arc<crate::panel::Panel>,
     users: Arc<Vec<User>>,
     metrics: Arc<HttpMetrics>,
 }
@@ -384,6 +385,7 @@ pub fn router(
     lab: Arc<Lab>,
     instruments: Arc<Instruments>,
     folders: Arc<crate::folders::Folders>,
+    panel: Arc<crate::panel::Panel>,
     users: Vec<User>,
     max_body_bytes: usize,
 ) -> Router {
@@ -391,6 +393,7 @@ pub fn router(
         lab,
         instruments,
         folders,
+        panel,
         users: Arc::new(users),
         metrics: Arc::new(HttpMetrics::default()),
     };
@@ -417,6 +420,8 @@ pub fn router(
         .routes(routes!(list_folders))
         .routes(routes!(list_imports))
         .routes(routes!(imported_results))
+        .routes(routes!(get_panel))
+        .routes(routes!(press_panel))
         .split_for_parts();
     // Modifiers in #[openapi] run before the routes add their paths, so this one runs
     // on the finished document.
@@ -1073,6 +1078,7 @@ async fn metrics_text(State(state): State<AppState>) -> impl IntoResponse {
     }
     state.instruments.render_metrics(&mut out);
     state.folders.render_metrics(&mut out);
+    state.panel.render_metrics(&mut out);
     lab.outbox().render_metrics(lab.store(), &mut out);
     (
         [(
@@ -1304,4 +1310,117 @@ async fn imported_results(
         crate::folders::Folders::results_for_tube(&state.lab, &barcode)
             .map_err(|e| ApiError::from(LabError::Store(e)))?,
     ))
+}
+
+// ----- panel (issue 7) -----
+
+fn no_panel() -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "not_found",
+        "no [panel] in the configuration",
+    )
+}
+
+/// The gateway's panel: lamp colour and mode, buzzer, what is faulted or active,
+/// the last press and the actions the button asked for.
+#[utoipa::path(get, path = "/api/v1/panel", tag = "panel",
+    responses(
+        (status = 200, body = PanelStatusView),
+        (status = 404, description = "No [panel] in the configuration", body = ErrorBody),
+    ))]
+async fn get_panel(
+    State(state): State<AppState>,
+    _caller: Caller,
+) -> ApiResult<Json<PanelStatusView>> {
+    let panel = &state.panel;
+    let view = panel.view().ok_or_else(no_panel)?;
+    let time = |t: std::time::SystemTime| humantime::format_rfc3339_millis(t).to_string();
+    Ok(Json(PanelStatusView {
+        kind: panel.kind().unwrap_or("none").to_string(),
+        lamp: view.colour.as_str().to_string(),
+        lamp_mode: view.mode.as_str().to_string(),
+        lamp_lit: view.outputs.red || view.outputs.amber || view.outputs.green,
+        buzzer: view.buzzing,
+        fault_unacknowledged: view.unacknowledged,
+        abort_armed: view.abort_armed,
+        faults: view
+            .lab
+            .faults
+            .iter()
+            .map(|(source, reason)| PanelFaultView {
+                source: source.clone(),
+                reason: reason.clone(),
+            })
+            .collect(),
+        active: view.lab.active.iter().cloned().collect(),
+        last_press: view.last_press.map(|p| PanelPressView {
+            long: p.press == pcrd_drivers::panel::logic::Press::Long,
+            effect: p.effect.as_str().to_string(),
+            at: time(p.at),
+        }),
+        recent_actions: panel
+            .recent_actions()
+            .into_iter()
+            .map(|a| PanelActionView {
+                action: a.action.as_str().to_string(),
+                at: time(a.at),
+            })
+            .collect(),
+        pin_errors: view.pin_errors,
+        last_pin_error: view.last_pin_error,
+        sim_lines: panel.sim().map(|board| {
+            let l = board.levels();
+            PanelLinesView {
+                red: l.red,
+                amber: l.amber,
+                green: l.green,
+                buzzer: l.buzzer,
+                button: l.button,
+                active_low: board.active_low(),
+            }
+        }),
+    }))
+}
+
+/// Presses the simulated panel's button (technician or admin): short, or held past
+/// the long-press time. The press goes through the simulated pins, with contact
+/// bounce, and the debouncer like a real one; the answer says what it did.
+#[utoipa::path(post, path = "/api/v1/panel/press", tag = "panel",
+    request_body = PanelPressRequest,
+    responses(
+        (status = 200, body = PanelPressView),
+        (status = 404, description = "No [panel] in the configuration", body = ErrorBody),
+        (status = 409, description = "The panel is on real GPIO: press its button", body = ErrorBody),
+    ))]
+async fn press_panel(
+    State(state): State<AppState>,
+    caller: Caller,
+    JsonBody(body): JsonBody<PanelPressRequest>,
+) -> ApiResult<Json<PanelPressView>> {
+    caller.lab_work("pressing the panel's button")?;
+    let panel = &state.panel;
+    if !panel.configured() {
+        return Err(no_panel());
+    }
+    if panel.sim().is_none() {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "conflict",
+            "the panel is on GPIO; only a simulated panel can be pressed from the API",
+        ));
+    }
+    let (long, effect) = panel.press_sim(body.long).await.ok_or_else(|| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "the panel did not register the press",
+        )
+    })?;
+    tracing::info!(user = %caller.user, long, effect = effect.as_str(), "Simulated panel button pressed through the API.");
+    Ok(Json(PanelPressView {
+        long,
+        effect: effect.as_str().to_string(),
+        at: humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
+    }))
 }
