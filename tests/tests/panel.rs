@@ -202,18 +202,12 @@ async fn the_lamp_follows_an_extractor_from_green_to_amber_to_red_and_the_button
 async fn without_a_panel_the_panel_routes_say_so() {
     let daemon = start_daemon(String::new()).await;
     let api = daemon.client();
-    let reply = api.get("/api/v1/panel").await;
-    assert_eq!(reply.status, 404, "{}", reply.body);
-    assert!(
-        reply.body["error"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("[panel]"),
-        "{}",
-        reply.body
-    );
+    let seen = api.get_ok("/api/v1/panel").await;
+    assert_eq!(seen["kind"], "none", "{seen:#}");
+    assert_eq!(seen["lamp"], "off", "{seen:#}");
     let reply = api.post("/api/v1/panel/press", json!({})).await;
-    assert_eq!(reply.status, 404, "{}", reply.body);
+    assert_eq!(reply.status, 409, "{}", reply.body);
+    assert!(reply.message().contains("[panel]"), "{reply:?}");
     let metrics = api.get_text("/metrics").await.text;
     assert!(!metrics.contains("pcrd_panel_lamp"), "{metrics}");
 }

@@ -609,9 +609,9 @@ pub struct ImportsQuery {
 /// The gateway's panel: what the lamp and the buzzer show, why, and the last press.
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct PanelStatusView {
-    /// `sim` (simulated pins) or `gpio`.
+    /// `sim` (simulated pins), `gpio`, or `none` (no `[panel]` in the config).
     pub kind: String,
-    /// `green` (idle), `amber` (a run active) or `red` (a fault).
+    /// `green` (idle), `amber` (a run active), `red` (a fault); `off` without a panel.
     pub lamp: String,
     /// `steady`, `blinking` (red: a fault nobody acknowledged) or `fast_blinking`
     /// (amber: an abort waiting for its confirming press).

@@ -1314,29 +1314,33 @@ async fn imported_results(
 
 // ----- panel (issue 7) -----
 
-fn no_panel() -> ApiError {
-    ApiError::new(
-        StatusCode::NOT_FOUND,
-        "not_found",
-        "no [panel] in the configuration",
-    )
-}
-
 /// The gateway's panel: lamp colour and mode, buzzer, what is faulted or active,
-/// the last press and the actions the button asked for.
+/// the last press and the actions the button asked for. Without `[panel]` in the
+/// config: kind `none`, lamp `off`.
 #[utoipa::path(get, path = "/api/v1/panel", tag = "panel",
-    responses(
-        (status = 200, body = PanelStatusView),
-        (status = 404, description = "No [panel] in the configuration", body = ErrorBody),
-    ))]
-async fn get_panel(
-    State(state): State<AppState>,
-    _caller: Caller,
-) -> ApiResult<Json<PanelStatusView>> {
+    responses((status = 200, body = PanelStatusView)))]
+async fn get_panel(State(state): State<AppState>, _caller: Caller) -> Json<PanelStatusView> {
     let panel = &state.panel;
-    let view = panel.view().ok_or_else(no_panel)?;
+    let Some(view) = panel.view() else {
+        return Json(PanelStatusView {
+            kind: "none".into(),
+            lamp: "off".into(),
+            lamp_mode: "steady".into(),
+            lamp_lit: false,
+            buzzer: false,
+            fault_unacknowledged: false,
+            abort_armed: false,
+            faults: Vec::new(),
+            active: Vec::new(),
+            last_press: None,
+            recent_actions: Vec::new(),
+            pin_errors: 0,
+            last_pin_error: None,
+            sim_lines: None,
+        });
+    };
     let time = |t: std::time::SystemTime| humantime::format_rfc3339_millis(t).to_string();
-    Ok(Json(PanelStatusView {
+    Json(PanelStatusView {
         kind: panel.kind().unwrap_or("none").to_string(),
         lamp: view.colour.as_str().to_string(),
         lamp_mode: view.mode.as_str().to_string(),
@@ -1380,7 +1384,7 @@ async fn get_panel(
                 active_low: board.active_low(),
             }
         }),
-    }))
+    })
 }
 
 /// Presses the simulated panel's button (technician or admin): short, or held past
@@ -1390,8 +1394,7 @@ async fn get_panel(
     request_body = PanelPressRequest,
     responses(
         (status = 200, body = PanelPressView),
-        (status = 404, description = "No [panel] in the configuration", body = ErrorBody),
-        (status = 409, description = "The panel is on real GPIO: press its button", body = ErrorBody),
+        (status = 409, description = "No [panel] in the configuration, or the panel is on real GPIO (press its button)", body = ErrorBody),
     ))]
 async fn press_panel(
     State(state): State<AppState>,
@@ -1401,7 +1404,11 @@ async fn press_panel(
     caller.lab_work("pressing the panel's button")?;
     let panel = &state.panel;
     if !panel.configured() {
-        return Err(no_panel());
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "conflict",
+            "no [panel] in the configuration: there is no button to press",
+        ));
     }
     if panel.sim().is_none() {
         return Err(ApiError::new(
