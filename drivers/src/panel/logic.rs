@@ -495,7 +495,7 @@ impl Panel {
 fn phase_on(since: Option<Instant>, now: Instant, half: Duration) -> bool {
     let Some(since) = since else { return true };
     let half = half.as_nanos().max(1);
-    (now.saturating_duration_since(since).as_nanos() / half) % 2 == 0
+    (now.saturating_duration_since(since).as_nanos() / half).is_multiple_of(2)
 }
 
 #[cfg(test)]
