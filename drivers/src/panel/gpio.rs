@@ -88,3 +88,31 @@ pub fn open(lines: &GpioLines) -> Result<PanelPins<CdevPin, CdevPin>, GpioError>
         active_low: lines.active_low,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Without a GPIO chip (as on CI and this build machine: no gpio-sim), opening
+    /// fails with the chip named, not a panic.
+    #[test]
+    fn a_missing_chip_is_an_error_naming_it() {
+        let lines = GpioLines {
+            chip: "/dev/gpiochip-pcrd-missing".into(),
+            red: 1,
+            amber: Some(2),
+            green: 3,
+            buzzer: 4,
+            button: 5,
+            active_low: true,
+        };
+        let err = open(&lines)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(
+            err.contains("cannot open GPIO chip /dev/gpiochip-pcrd-missing"),
+            "{err}"
+        );
+    }
+}
