@@ -60,6 +60,8 @@ struct RawConfig {
     analysers: Vec<crate::analysers::RawAnalyser>,
     #[serde(default)]
     cyclers: Vec<RawCycler>,
+    /// The gateway's panel (`[panel]`, see `crate::panel`).
+    panel: Option<crate::panel::RawPanel>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -157,6 +159,8 @@ pub struct Config {
     pub analysers: Vec<crate::analysers::AnalyserConfig>,
     /// Real-time PCR cyclers (`[[cyclers]]`).
     pub cyclers: Vec<CyclerConfig>,
+    /// The gateway's lamp, buzzer and button (`[panel]`); `None` without one.
+    pub panel: Option<crate::panel::PanelConfig>,
 }
 
 /// One real-time PCR cycler: where it is and the command dialect it speaks.
@@ -333,6 +337,7 @@ impl Config {
         let sinks = parse_sinks(raw.sinks, base, &env, &mut problems);
         let folders = crate::folders::parse_folders(raw.folders, base, &mut problems);
         let analysers = crate::analysers::parse_analysers(raw.analysers, base, &mut problems);
+        let panel = crate::panel::parse_panel(raw.panel, &mut problems);
 
         if !problems.is_empty() {
             return Err(problems);
@@ -352,6 +357,7 @@ impl Config {
             folders,
             analysers,
             cyclers,
+            panel,
         })
     }
 }

@@ -812,3 +812,82 @@ pub struct WorklistSent {
     /// Orders (O records) the analyser acknowledged.
     pub orders: usize,
 }
+// ----- panel (issue 7) -----
+
+/// The gateway's panel: what the lamp and the buzzer show, why, and the last press.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct PanelStatusView {
+    /// `sim` (simulated pins), `gpio`, or `none` (no `[panel]` in the config).
+    pub kind: String,
+    /// `green` (idle), `amber` (a run active), `red` (a fault); `off` without a panel.
+    pub lamp: String,
+    /// `steady`, `blinking` (red: a fault nobody acknowledged) or `fast_blinking`
+    /// (amber: an abort waiting for its confirming press).
+    pub lamp_mode: String,
+    /// Whether the lamp is lit at this instant (a blinking lamp alternates).
+    pub lamp_lit: bool,
+    /// Whether the buzzer's beep pattern runs (until a press or `buzz_for_s`).
+    pub buzzer: bool,
+    /// A fault waits for someone to press the button.
+    pub fault_unacknowledged: bool,
+    /// A long press armed an abort; a short press confirms it.
+    pub abort_armed: bool,
+    /// What is faulted: `instrument:NAME`, `store`, or a source reported by a run.
+    pub faults: Vec<PanelFaultView>,
+    /// Sources with a run in progress.
+    pub active: Vec<String>,
+    /// The last debounced press, if any.
+    pub last_press: Option<PanelPressView>,
+    /// The last actions the button asked for (oldest first, at most 20).
+    pub recent_actions: Vec<PanelActionView>,
+    /// Pin reads and writes that failed since start, and the last failure.
+    pub pin_errors: u64,
+    pub last_pin_error: Option<String>,
+    /// For a simulated panel, the lines' physical levels (with `active_low`, low
+    /// is on).
+    pub sim_lines: Option<PanelLinesView>,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct PanelFaultView {
+    pub source: String,
+    pub reason: String,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct PanelPressView {
+    /// Held past the long-press time.
+    pub long: bool,
+    /// What it did: `start`, `abort`, `acknowledged`, `abort_armed`,
+    /// `abort_disarmed` or `nothing`.
+    pub effect: String,
+    /// RFC 3339.
+    pub at: String,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct PanelActionView {
+    /// `start` or `abort`.
+    pub action: String,
+    /// RFC 3339.
+    pub at: String,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct PanelLinesView {
+    pub red: bool,
+    pub amber: bool,
+    pub green: bool,
+    pub buzzer: bool,
+    pub button: bool,
+    pub active_low: bool,
+}
+
+/// A press of the simulated panel's button.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PanelPressRequest {
+    /// Hold it past the long-press time (default: a short press).
+    #[serde(default)]
+    pub long: bool,
+}

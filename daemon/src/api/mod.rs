@@ -32,6 +32,7 @@ pub struct AppState {
     pub instruments: Arc<Instruments>,
     pub folders: Arc<crate::folders::Folders>,
     pub analysers: Arc<crate::analysers::Analysers>,
+    pub panel: Arc<crate::panel::Panel>,
     users: Arc<Vec<User>>,
     metrics: Arc<HttpMetrics>,
 }
@@ -386,6 +387,7 @@ pub fn router(
     instruments: Arc<Instruments>,
     folders: Arc<crate::folders::Folders>,
     analysers: Arc<crate::analysers::Analysers>,
+    panel: Arc<crate::panel::Panel>,
     users: Vec<User>,
     max_body_bytes: usize,
 ) -> Router {
@@ -394,6 +396,7 @@ pub fn router(
         instruments,
         folders,
         analysers,
+        panel,
         users: Arc::new(users),
         metrics: Arc::new(HttpMetrics::default()),
     };
@@ -428,6 +431,8 @@ pub fn router(
         .routes(routes!(analyser_unmatched))
         .routes(routes!(analyser_worklist))
         .routes(routes!(tube_reported))
+        .routes(routes!(get_panel))
+        .routes(routes!(press_panel))
         .split_for_parts();
     // Modifiers in #[openapi] run before the routes add their paths, so this one runs
     // on the finished document.
@@ -1329,6 +1334,7 @@ async fn metrics_text(State(state): State<AppState>) -> impl IntoResponse {
     state.instruments.render_metrics(&mut out);
     state.folders.render_metrics(&mut out);
     state.analysers.render_metrics(&mut out);
+    state.panel.render_metrics(&mut out);
     lab.outbox().render_metrics(lab.store(), &mut out);
     (
         [(
@@ -1728,4 +1734,124 @@ async fn tube_reported(
     let results = crate::analysers::store::reported_for(state.lab.store(), tube.barcode.as_str())
         .map_err(LabError::Store)?;
     Ok(Json(results))
+}
+
+// ----- panel (issue 7) -----
+
+/// The gateway's panel: lamp colour and mode, buzzer, what is faulted or active,
+/// the last press and the actions the button asked for. Without `[panel]` in the
+/// config: kind `none`, lamp `off`.
+#[utoipa::path(get, path = "/api/v1/panel", tag = "panel",
+    responses((status = 200, body = PanelStatusView)))]
+async fn get_panel(State(state): State<AppState>, _caller: Caller) -> Json<PanelStatusView> {
+    let panel = &state.panel;
+    let Some(view) = panel.view() else {
+        return Json(PanelStatusView {
+            kind: "none".into(),
+            lamp: "off".into(),
+            lamp_mode: "steady".into(),
+            lamp_lit: false,
+            buzzer: false,
+            fault_unacknowledged: false,
+            abort_armed: false,
+            faults: Vec::new(),
+            active: Vec::new(),
+            last_press: None,
+            recent_actions: Vec::new(),
+            pin_errors: 0,
+            last_pin_error: None,
+            sim_lines: None,
+        });
+    };
+    let time = |t: std::time::SystemTime| humantime::format_rfc3339_millis(t).to_string();
+    Json(PanelStatusView {
+        kind: panel.kind().unwrap_or("none").to_string(),
+        lamp: view.colour.as_str().to_string(),
+        lamp_mode: view.mode.as_str().to_string(),
+        lamp_lit: view.outputs.red || view.outputs.amber || view.outputs.green,
+        buzzer: view.buzzing,
+        fault_unacknowledged: view.unacknowledged,
+        abort_armed: view.abort_armed,
+        faults: view
+            .lab
+            .faults
+            .iter()
+            .map(|(source, reason)| PanelFaultView {
+                source: source.clone(),
+                reason: reason.clone(),
+            })
+            .collect(),
+        active: view.lab.active.iter().cloned().collect(),
+        last_press: view.last_press.map(|p| PanelPressView {
+            long: p.press == pcrd_drivers::panel::logic::Press::Long,
+            effect: p.effect.as_str().to_string(),
+            at: time(p.at),
+        }),
+        recent_actions: panel
+            .recent_actions()
+            .into_iter()
+            .map(|a| PanelActionView {
+                action: a.action.as_str().to_string(),
+                at: time(a.at),
+            })
+            .collect(),
+        pin_errors: view.pin_errors,
+        last_pin_error: view.last_pin_error,
+        sim_lines: panel.sim().map(|board| {
+            let l = board.levels();
+            PanelLinesView {
+                red: l.red,
+                amber: l.amber,
+                green: l.green,
+                buzzer: l.buzzer,
+                button: l.button,
+                active_low: board.active_low(),
+            }
+        }),
+    })
+}
+
+/// Presses the simulated panel's button (technician or admin): short, or held past
+/// the long-press time. The press goes through the simulated pins, with contact
+/// bounce, and the debouncer like a real one; the answer says what it did.
+#[utoipa::path(post, path = "/api/v1/panel/press", tag = "panel",
+    request_body = PanelPressRequest,
+    responses(
+        (status = 200, body = PanelPressView),
+        (status = 409, description = "No [panel] in the configuration, or the panel is on real GPIO (press its button)", body = ErrorBody),
+    ))]
+async fn press_panel(
+    State(state): State<AppState>,
+    caller: Caller,
+    JsonBody(body): JsonBody<PanelPressRequest>,
+) -> ApiResult<Json<PanelPressView>> {
+    caller.lab_work("pressing the panel's button")?;
+    let panel = &state.panel;
+    if !panel.configured() {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "conflict",
+            "no [panel] in the configuration: there is no button to press",
+        ));
+    }
+    if panel.sim().is_none() {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "conflict",
+            "the panel is on GPIO; only a simulated panel can be pressed from the API",
+        ));
+    }
+    let (long, effect) = panel.press_sim(body.long).await.ok_or_else(|| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "the panel did not register the press",
+        )
+    })?;
+    tracing::info!(user = %caller.user, long, effect = effect.as_str(), "Simulated panel button pressed through the API.");
+    Ok(Json(PanelPressView {
+        long,
+        effect: effect.as_str().to_string(),
+        at: humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
+    }))
 }

@@ -155,11 +155,24 @@ async fn serve(config: Config, lab: Arc<Lab>) -> ExitCode {
     }
     // One polling task per watched export folder (issue 8).
     let folders = crate::folders::Folders::start(Arc::clone(&lab), &config.folders);
+    // The gateway's lamp, buzzer and button (issue 7); with no [panel], nothing starts.
+    let panel = match crate::panel::Panel::start(
+        config.panel.as_ref(),
+        Arc::clone(&lab),
+        Arc::clone(&instruments),
+    ) {
+        Ok(panel) => Arc::new(panel),
+        Err(e) => {
+            eprintln!("pcrd: {e}");
+            return ExitCode::from(exit::UNAVAILABLE);
+        }
+    };
     let app = crate::api::router(
         Arc::clone(&lab),
         Arc::clone(&instruments),
         folders,
         analysers,
+        panel,
         config.users,
         config.max_body_bytes,
     );
