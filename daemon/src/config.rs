@@ -57,6 +57,30 @@ struct RawConfig {
     folders: Vec<crate::folders::RawFolder>,
     /// Review and release policy (`[review]`, see `crate::review`).
     review: Option<crate::review::RawReview>,
+    /// Analysers reporting over ASTM (`[[analysers]]`, see `crate::analysers`).
+    #[serde(default)]
+    analysers: Vec<crate::analysers::RawAnalyser>,
+    #[serde(default)]
+    cyclers: Vec<RawCycler>,
+    /// The gateway's panel (`[panel]`, see `crate::panel`).
+    panel: Option<crate::panel::RawPanel>,
+}
+
+#[derive(Debug, Deserialize)]
+struct RawCycler {
+    name: String,
+    tcp: Option<String>,
+    serial: Option<RawCyclerSerial>,
+    dialect: Option<PathBuf>,
+    timeout_ms: Option<u64>,
+    settle_ms: Option<u64>,
+    reconnect_max_ms: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+struct RawCyclerSerial {
+    path: String,
+    baud: u32,
 }
 
 /// `[[sinks]]`: where released results go (issue 6); exactly one kind table each.
@@ -135,6 +159,29 @@ pub struct Config {
     pub folders: Vec<crate::folders::FolderConfig>,
     /// Review and release policy (`[review]`).
     pub review: crate::review::ReviewPolicy,
+    /// Analysers reporting over ASTM (`[[analysers]]`).
+    pub analysers: Vec<crate::analysers::AnalyserConfig>,
+    /// Real-time PCR cyclers (`[[cyclers]]`).
+    pub cyclers: Vec<CyclerConfig>,
+    /// The gateway's lamp, buzzer and button (`[panel]`); `None` without one.
+    pub panel: Option<crate::panel::PanelConfig>,
+}
+
+/// One real-time PCR cycler: where it is and the command dialect it speaks.
+#[derive(Clone, Debug)]
+pub struct CyclerConfig {
+    pub name: String,
+    pub link: pcrd_drivers::cycler::CyclerLink,
+    /// The dialect profile (`dialect = "FILE.toml"`); pcrd's reference dialect
+    /// (docs/cycler-protocol.md) when none is given.
+    pub dialect: pcrd_protocol::cycler::Dialect,
+    /// Caps each command's timeout (`timeout_ms`); `None` keeps the dialect
+    /// policy's own timeouts.
+    pub timeout: Option<Duration>,
+    /// After a lost reply, how long late lines are drained (`settle_ms`).
+    pub settle: Duration,
+    /// Longest wait between reconnects (`reconnect_max_ms`).
+    pub reconnect_max: Duration,
 }
 
 /// One extractor: where it is and the register-map profile it is read with.
@@ -290,9 +337,12 @@ impl Config {
         }
 
         let extractors = parse_extractors(raw.extractors, base, &mut problems);
+        let cyclers = parse_cyclers(raw.cyclers, base, &extractors, &mut problems);
         let sinks = parse_sinks(raw.sinks, base, &env, &mut problems);
         let folders = crate::folders::parse_folders(raw.folders, base, &mut problems);
         let review = crate::review::parse_policy(raw.review, &mut problems);
+        let analysers = crate::analysers::parse_analysers(raw.analysers, base, &mut problems);
+        let panel = crate::panel::parse_panel(raw.panel, &mut problems);
 
         if !problems.is_empty() {
             return Err(problems);
@@ -311,8 +361,134 @@ impl Config {
             sinks,
             folders,
             review,
+            analysers,
+            cyclers,
+            panel,
         })
     }
+}
+
+/// Validates `[[cyclers]]` and loads each one's dialect profile (relative to `base`).
+fn parse_cyclers(
+    raw: Vec<RawCycler>,
+    base: &Path,
+    extractors: &[ExtractorConfig],
+    problems: &mut Vec<String>,
+) -> Vec<CyclerConfig> {
+    use pcrd_drivers::cycler::CyclerLink;
+    use pcrd_protocol::cycler::Dialect;
+    let mut names: BTreeSet<String> = extractors.iter().map(|x| x.name.clone()).collect();
+    let mut out = Vec::new();
+    for (i, c) in raw.into_iter().enumerate() {
+        let at = format!("cyclers[{i}] ({:?})", c.name);
+        let before = problems.len();
+        if c.name.trim().is_empty() {
+            problems.push(format!("cyclers[{i}].name must not be empty"));
+        }
+        if !names.insert(c.name.clone()) {
+            problems.push(format!(
+                "{at}: instrument name appears twice (names are shared by extractors and cyclers)"
+            ));
+        }
+        let link = match (c.tcp, c.serial) {
+            (Some(addr), None) => match addr.parse::<SocketAddr>() {
+                Ok(_) => Some(CyclerLink::Tcp(addr)),
+                Err(e) => {
+                    problems.push(format!(
+                        "{at}: tcp {addr:?} is not an address like 192.168.1.60:5025: {e}"
+                    ));
+                    None
+                }
+            },
+            (None, Some(serial)) => {
+                if !SERIAL_BAUDS.contains(&serial.baud) {
+                    problems.push(format!(
+                        "{at}: serial.baud {} is outside {}..={}",
+                        serial.baud,
+                        SERIAL_BAUDS.start(),
+                        SERIAL_BAUDS.end()
+                    ));
+                }
+                if serial.path.trim().is_empty() {
+                    problems.push(format!("{at}: serial.path must not be empty"));
+                }
+                Some(CyclerLink::Serial {
+                    path: serial.path,
+                    baud: serial.baud,
+                })
+            }
+            (Some(_), Some(_)) => {
+                problems.push(format!("{at}: give tcp or serial, not both"));
+                None
+            }
+            (None, None) => {
+                problems.push(format!(
+                    "{at}: needs tcp = \"HOST:PORT\" or serial = {{ path = .., baud = .. }}"
+                ));
+                None
+            }
+        };
+        let mut ms =
+            |key: &str, value: Option<u64>, default: u64, range: std::ops::RangeInclusive<u64>| {
+                let v = value.unwrap_or(default);
+                if !range.contains(&v) {
+                    problems.push(format!(
+                        "{at}: {key} {v} is outside {}..={}",
+                        range.start(),
+                        range.end()
+                    ));
+                }
+                Duration::from_millis(v)
+            };
+        let timeout = c
+            .timeout_ms
+            .map(|t| ms("timeout_ms", Some(t), t, 10..=120_000));
+        let settle = ms("settle_ms", c.settle_ms, 500, 0..=10_000);
+        let reconnect_max = ms("reconnect_max_ms", c.reconnect_max_ms, 10_000, 50..=300_000);
+        let dialect = match c.dialect {
+            None => Some(Dialect::reference()),
+            Some(file) => {
+                let path = base.join(file);
+                match std::fs::read_to_string(&path) {
+                    Ok(text) => match toml::from_str::<Dialect>(&text) {
+                        Ok(d) => match d.validate() {
+                            Ok(()) => Some(d),
+                            Err(e) => {
+                                problems.push(format!("{at}: dialect {}: {e}", path.display()));
+                                None
+                            }
+                        },
+                        Err(e) => {
+                            problems.push(format!(
+                                "{at}: dialect {}: {}",
+                                path.display(),
+                                e.to_string().trim().replace('\n', " ")
+                            ));
+                            None
+                        }
+                    },
+                    Err(e) => {
+                        problems.push(format!("{at}: dialect {}: {e}", path.display()));
+                        None
+                    }
+                }
+            }
+        };
+        if problems.len() != before {
+            continue;
+        }
+        if let (Some(link), Some(dialect)) = (link, dialect) {
+            out.push(CyclerConfig {
+                name: c.name,
+                link,
+                dialect,
+                timeout,
+                settle,
+                reconnect_max,
+            });
+        }
+    }
+    out
 }
 
 /// Items per delivery when a sink gives no `batch_size`: large enough that per-batch
@@ -623,6 +799,34 @@ mod tests {
             text.insert_str(at, &junk);
             let _ = parse(&text);
         }
+    }
+
+    #[test]
+    fn cyclers_are_validated() {
+        let text = format!(
+            "{GOOD}\n[[cyclers]]\nname = \"qpcr-1\"\ntcp = \"127.0.0.1:5025\"\ntimeout_ms = 2000\n\n[[cyclers]]\nname = \"qpcr-2\"\nserial = {{ path = \"/dev/ttyUSB1\", baud = 115200 }}\n"
+        );
+        let config = parse(&text).unwrap();
+        assert_eq!(config.cyclers.len(), 2);
+        assert_eq!(config.cyclers[0].timeout, Some(Duration::from_secs(2)));
+        assert_eq!(config.cyclers[1].dialect.name, "pcrd-ref-1");
+        let bad = text
+            .replace("baud = 115200", "baud = 300")
+            .replace("127.0.0.1:5025", "nowhere")
+            .replace("qpcr-2", "qpcr-1");
+        let problems = parse(&bad).unwrap_err();
+        assert!(
+            problems.iter().any(|p| p.contains("serial.baud 300")),
+            "{problems:?}"
+        );
+        assert!(
+            problems.iter().any(|p| p.contains("\"nowhere\"")),
+            "{problems:?}"
+        );
+        assert!(
+            problems.iter().any(|p| p.contains("appears twice")),
+            "{problems:?}"
+        );
     }
 
     #[test]

@@ -1,4 +1,5 @@
-//! The daemon's instruments: one supervisor per configured extractor.
+//! The daemon's instruments: one supervisor per configured extractor (and,
+//! through [`crate::cyclers`], per cycler).
 //!
 //! `pcrd serve` starts the driver's bus tasks (one per TCP address or serial
 //! port, shared by every unit id on it), one [`Monitor`] per extractor that
@@ -44,6 +45,8 @@ pub struct Instruments {
     by_name: BTreeMap<String, Arc<Instrument>>,
     monitors: Vec<Monitor>,
     supervisors: Vec<JoinHandle<()>>,
+    /// The real-time PCR cyclers (`[[cyclers]]`), with their runs.
+    cyclers: Option<Arc<crate::cyclers::Cyclers>>,
 }
 
 impl Drop for Instruments {
@@ -437,6 +440,17 @@ impl Instruments {
         out
     }
 
+    /// Adds the cyclers (started by `Cyclers::start`, which needs the store).
+    pub fn with_cyclers(mut self, cyclers: crate::cyclers::Cyclers) -> Instruments {
+        self.cyclers = Some(Arc::new(cyclers));
+        self
+    }
+
+    /// The cyclers, if any are configured.
+    pub fn cyclers(&self) -> Option<&crate::cyclers::Cyclers> {
+        self.cyclers.as_deref()
+    }
+
     /// Every instrument, by name.
     pub fn all(&self) -> impl Iterator<Item = &Instrument> {
         self.by_name.values().map(AsRef::as_ref)
@@ -448,6 +462,9 @@ impl Instruments {
 
     /// Appends the instrument metrics in the Prometheus text format.
     pub fn render_metrics(&self, out: &mut String) {
+        if let Some(cyclers) = &self.cyclers {
+            cyclers.render_metrics(out);
+        }
         let snapshots: Vec<Snapshot> = self.all().map(Instrument::snapshot).collect();
         let mut family = |name: &str, kind: &str, help: &str, value: &dyn Fn(&Snapshot) -> u64| {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
@@ -564,7 +581,7 @@ pub fn describe(anomaly: &Anomaly) -> String {
 
 /// Escapes a Prometheus label value (exposition format: backslash, quote,
 /// newline).
-fn label(value: &str) -> String {
+pub fn label(value: &str) -> String {
     value
         .replace('\\', "\\\\")
         .replace('"', "\\\"")

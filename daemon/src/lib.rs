@@ -6,9 +6,11 @@
 //! version: `store` (sled with a durability barrier), `lab` (state changes, one
 //! transaction each, with the audit trail), `api` (axum, OpenAPI), `cli` (clap).
 
+pub mod analysers;
 pub mod api;
 pub mod cli;
 pub mod config;
+pub mod cyclers;
 pub mod folders;
 pub mod instruments;
 pub mod kits;
@@ -16,6 +18,7 @@ pub mod lab;
 pub mod metrics;
 pub mod model;
 pub mod outbox;
+pub mod panel;
 pub mod review;
 pub mod sinks;
 pub mod store;

@@ -10,11 +10,15 @@
 //! - [`cycler`]: real-time PCR cyclers speaking pcrd's SCPI-style lines
 //!   (`pcrd_protocol::cycler`) over serial or TCP; per-cycle data handed to
 //!   a [`cycler::CycleSink`] before the run tracker moves on.
+//! - [`panel`]: the gateway's status lamp, buzzer and start/abort button
+//!   through the embedded-hal 1.0 digital traits; simulated pins always,
+//!   Linux GPIO character devices with feature "gpio".
 //! - `sim` (feature "sim"): simulators that speak the real wire protocols,
 //!   with fault injection, for the tests and `pcrd demo`.
 
 pub mod astm;
 pub mod cycler;
 pub mod modbus;
+pub mod panel;
 #[cfg(feature = "sim")]
 pub mod sim;

@@ -166,29 +166,64 @@ async fn main() -> Result<()> {
 async fn postgres(runs: usize, all: &[OutboxItem], few: &[OutboxItem], batch: usize) -> Result<()> {
     let server = PgServer::start();
     let db = server.create_database("exchange");
-    let config = PostgresConfig::from_raw(
-        RawPostgresConfig {
-            host: Some(server.host().into()),
-            port: Some(server.port()),
-            user: Some(server.user().into()),
-            dbname: Some(db.clone()),
-            create_table: true,
-            ..Default::default()
-        },
-        Path::new("."),
-        &|_| None,
-    )
-    .map_err(|e| anyhow::anyhow!("{e:?}"))?;
-    // The sink's table, and the naive peer's: the same shape, its own name.
-    for table in ["pcrd_results", "naive_results"] {
+    let config = |table: &str, connections: usize| {
+        PostgresConfig::from_raw(
+            RawPostgresConfig {
+                host: Some(server.host().into()),
+                port: Some(server.port()),
+                user: Some(server.user().into()),
+                dbname: Some(db.clone()),
+                table: Some(table.into()),
+                connections: Some(connections),
+                ..Default::default()
+            },
+            Path::new("."),
+            &|_| None,
+        )
+        .map_err(|e| anyhow::anyhow!("{e:?}"))
+    };
+    // The sink's table, the naive peer's (the same shape, its own name), and one with
+    // targets and record as jsonb (the DDL before json, or an operator's choice).
+    for table in ["pcrd_results", "naive_results", "jsonb_results"] {
         let table = TableName::parse(table).map_err(anyhow::Error::msg)?;
         server.psql(&db, &schema_sql(&table));
     }
+    server.psql(
+        &db,
+        "DROP VIEW jsonb_results_targets; \
+         ALTER TABLE jsonb_results ALTER targets TYPE jsonb, ALTER record TYPE jsonb",
+    );
+    // (name, table, sessions, batch size)
+    let variants = [
+        ("two sessions", "pcrd_results", 2, batch),
+        ("one session", "pcrd_results", 1, batch),
+        ("jsonb table", "jsonb_results", 2, batch),
+        ("5x batch", "pcrd_results", 2, batch * 5),
+    ];
+    let mut variant_rates: Vec<Vec<f64>> = vec![Vec::new(); variants.len()];
     let (client, connection) =
         tokio_postgres::connect(&server.conninfo(&db), tokio_postgres::NoTls)
             .await
             .context("connect the naive client")?;
     tokio::spawn(connection);
+    let backend: i32 = client
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await?
+        .get(0);
+    let postmaster = proc_stat(u32::try_from(backend)?)
+        .context("read the backend's /proc stat")?
+        .ppid;
+    let tick = clock_tick_seconds();
+    // CPU seconds per result of the server (postmaster, backends, WAL writer,
+    // checkpointer) and of this process (the sink's encoding; psql as a reaped child).
+    let cpu = || {
+        (
+            server_cpu_ticks(postmaster),
+            proc_stat(std::process::id()).map_or(0, |s| s.all),
+        )
+    };
+    let (mut server_cpu, mut client_cpu, mut previous_server_cpu, mut previous_client_cpu) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let insert = client
         .prepare(
             "INSERT INTO naive_results (result_id, version, idempotency_key, schema_version, \
@@ -196,7 +231,7 @@ async fn postgres(runs: usize, all: &[OutboxItem], few: &[OutboxItem], batch: us
              interpretation, status, correction_reason, tested_at, released_at, released_by, \
              lab_id, targets, record) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, \
              $12, $13, $14, $15, $16::text::timestamptz, $17::text::timestamptz, $18, $19, \
-             $20::text::jsonb, $21::text::jsonb) ON CONFLICT (result_id, version) DO NOTHING",
+             $20::text::json, $21::text::json) ON CONFLICT (result_id, version) DO NOTHING",
         )
         .await?;
 
@@ -214,26 +249,89 @@ async fn postgres(runs: usize, all: &[OutboxItem], few: &[OutboxItem], batch: us
         "\\copy naive_results ({COLUMN_LIST}) FROM '{}'",
         tsv.display()
     );
+    // The sink's previous design, replayed by one psql session: per batch, text COPY of
+    // key + record into a JSONB staging table and an INSERT taking every column from
+    // the JSONB, ON CONFLICT DO NOTHING, COMMIT (commit 4296fb8).
+    let mut previous_script = String::from(
+        "CREATE TEMP TABLE previous_staging (idempotency_key text NOT NULL, r jsonb NOT NULL) \
+         ON COMMIT DELETE ROWS;\n",
+    );
+    for (index, chunk) in all.chunks(batch).enumerate() {
+        let path = tsv_dir.path().join(format!("previous-{index:05}.tsv"));
+        let mut rows = String::new();
+        for item in chunk {
+            let json = serde_json::to_string(&item.record)?.replace('\\', "\\\\");
+            rows.push_str(&format!("{}\t{json}\n", item.record.idempotency_key()));
+        }
+        std::fs::write(&path, rows)?;
+        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o644))?;
+        previous_script.push_str(&format!(
+            "BEGIN;\n\\copy previous_staging FROM '{}'\n{PREVIOUS_INSERT}\nCOMMIT;\n",
+            path.display()
+        ));
+    }
+    let previous_file = tsv_dir.path().join("previous.sql");
+    std::fs::write(&previous_file, &previous_script)?;
+    std::fs::set_permissions(
+        &previous_file,
+        std::os::unix::fs::PermissionsExt::from_mode(0o644),
+    )?;
+    let mut previous = Vec::new();
 
     let (mut batched, mut replay, mut rows, mut ceiling) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for run in 0..runs {
-        server.psql(&db, "TRUNCATE pcrd_results; TRUNCATE naive_results");
-        let mut sink = PostgresSink::new(&config).map_err(anyhow::Error::msg)?;
-        let mut deliver = async |items: &[OutboxItem]| sink.deliver(items).await;
-        let rate = deliver_all(&mut deliver, all, batch).await?;
-        let again = deliver_all(&mut deliver, all, batch).await?;
+        let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+        let mut rate = 0.0;
+        let mut again = 0.0;
+        let mut line = String::new();
+        for (v, (name, table, sessions, size)) in variants.iter().enumerate() {
+            server.psql(&db, &format!("TRUNCATE {table}; CHECKPOINT"));
+            let mut sink =
+                PostgresSink::new(&config(table, *sessions)?).map_err(anyhow::Error::msg)?;
+            let mut deliver = async |items: &[OutboxItem]| sink.deliver(items).await;
+            let (server_before, client_before) = cpu();
+            let variant_rate = deliver_all(&mut deliver, all, *size).await?;
+            let (server_after, client_after) = cpu();
+            if v == 0 {
+                let per = tick / all.len() as f64 * 1e6;
+                server_cpu.push((server_after - server_before) as f64 * per);
+                client_cpu.push((client_after - client_before) as f64 * per);
+                rate = variant_rate;
+                again = deliver_all(&mut deliver, all, *size).await?;
+            }
+            let stored: usize = server
+                .psql(&db, &format!("SELECT count(*) FROM {table}"))
+                .trim()
+                .parse()?;
+            ensure!(
+                stored == all.len(),
+                "{name}: {stored} rows stored, {} sent",
+                all.len()
+            );
+            variant_rates[v].push(variant_rate);
+            line.push_str(&format!("{name} {variant_rate:.0}/s, "));
+        }
+
+        server.psql(&db, "TRUNCATE jsonb_results; CHECKPOINT");
+        let (server_before, client_before) = cpu();
+        let started = Instant::now();
+        server.psql(&db, &format!("\\i {}", previous_file.display()));
+        let previous_rate = all.len() as f64 / started.elapsed().as_secs_f64();
+        // The psql session's backend has exited; the postmaster reaped it.
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        let (server_after, client_after) = cpu();
+        let per = tick / all.len() as f64 * 1e6;
+        previous_server_cpu.push((server_after - server_before) as f64 * per);
+        previous_client_cpu.push((client_after - client_before) as f64 * per);
         let stored: usize = server
-            .psql(&db, "SELECT count(*) FROM pcrd_results")
+            .psql(&db, "SELECT count(*) FROM jsonb_results")
             .trim()
             .parse()?;
-        ensure!(
-            stored == all.len(),
-            "{stored} rows stored, {} sent",
-            all.len()
-        );
+        ensure!(stored == all.len(), "previous design: {stored} rows stored");
+        previous.push(previous_rate);
 
-        server.psql(&db, "TRUNCATE naive_results");
+        server.psql(&db, "TRUNCATE naive_results; CHECKPOINT");
         let started = Instant::now();
         server.psql(&db, &psql_copy);
         let copy_rate = all.len() as f64 / started.elapsed().as_secs_f64();
@@ -279,8 +377,12 @@ async fn postgres(runs: usize, all: &[OutboxItem], few: &[OutboxItem], batch: us
         }
         let row_rate = few.len() as f64 / started.elapsed().as_secs_f64();
         println!(
-            "  run {run}: batches {rate:.0}/s, replay {again:.0}/s, psql \\copy {copy_rate:.0}/s, \
-             row inserts {row_rate:.0}/s"
+            "  run {run} (load average {}): {line}replay {again:.0}/s, previous design \
+             {previous_rate:.0}/s, psql \\copy {copy_rate:.0}/s, row inserts {row_rate:.0}/s",
+            load.split_whitespace()
+                .take(3)
+                .collect::<Vec<_>>()
+                .join(" ")
         );
         ceiling.push(copy_rate);
         batched.push(rate);
@@ -315,8 +417,113 @@ async fn postgres(runs: usize, all: &[OutboxItem], few: &[OutboxItem], batch: us
         bench("sinks.postgres_row_inserts", r, "results/s", &rows)
     );
     println!("{}", bench("sinks.postgres_ratio", b / r, "x", &[b / r]));
+    for (id, values) in [
+        ("sinks.postgres_server_cpu_us_per_result", &server_cpu),
+        ("sinks.postgres_client_cpu_us_per_result", &client_cpu),
+        (
+            "sinks.postgres_previous_server_cpu_us_per_result",
+            &previous_server_cpu,
+        ),
+        (
+            "sinks.postgres_previous_psql_cpu_us_per_result",
+            &previous_client_cpu,
+        ),
+    ] {
+        println!("{}", bench(id, median(values), "us", values));
+    }
+    // On an idle machine with two cores: the server's and the sink's CPU per result
+    // spread over both cores (two sessions) bounds the rate from above.
+    let both = median(&server_cpu) + median(&client_cpu);
+    println!(
+        "{}",
+        bench(
+            "sinks.postgres_two_core_bound",
+            2.0 / both * 1e6,
+            "results/s",
+            &[2.0 / both * 1e6]
+        )
+    );
+    let p = median(&previous);
+    println!(
+        "{}",
+        bench("sinks.postgres_previous_design", p, "results/s", &previous)
+    );
+    println!(
+        "{}",
+        bench("sinks.postgres_over_previous", b / p, "x", &[b / p])
+    );
+    for ((name, ..), rates) in variants.iter().zip(&variant_rates).skip(1) {
+        let id = format!("sinks.postgres_variant_{}", name.replace(' ', "_"));
+        println!("{}", bench(&id, median(rates), "results/s", rates));
+    }
     println!("{}", goal("sinks.postgres_batches", b, ">", 100_000.0));
     Ok(())
+}
+
+/// The previous design's INSERT: every column read from the staged JSONB record.
+const PREVIOUS_INSERT: &str = "INSERT INTO jsonb_results (result_id, version, \
+    idempotency_key, schema_version, tube, pool_size, plate, well, run, instrument, kit_id, \
+    kit_version, interpretation, status, correction_reason, tested_at, released_at, \
+    released_by, lab_id, targets, record) SELECT r ->> 'result_id', \
+    (r ->> 'version')::integer, idempotency_key, (r ->> 'schema_version')::integer, \
+    r ->> 'tube', (r ->> 'pool_size')::smallint, r ->> 'plate', r ->> 'well', r ->> 'run', \
+    r ->> 'instrument', r -> 'kit' ->> 'id', r -> 'kit' ->> 'version', \
+    r ->> 'interpretation', r ->> 'status', r ->> 'correction_reason', \
+    (r ->> 'tested_at')::timestamptz, (r ->> 'released_at')::timestamptz, \
+    r ->> 'released_by', r ->> 'lab_id', r -> 'targets', r FROM previous_staging \
+    ON CONFLICT (result_id, version) DO NOTHING;";
+
+/// What the benchmark reads from `/proc/<pid>/stat`.
+struct ProcStat {
+    ppid: u32,
+    /// User + system time of the process and of its reaped children, in clock ticks.
+    all: u64,
+    /// User + system time of the process alone.
+    own: u64,
+}
+
+fn proc_stat(pid: u32) -> Option<ProcStat> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces; the fields after it do not.
+    let rest = &text[text.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let field = |n: usize| -> Option<u64> { fields.get(n - 3)?.parse().ok() };
+    let own = field(14)? + field(15)?;
+    Some(ProcStat {
+        ppid: u32::try_from(field(4)?).ok()?,
+        all: own + field(16)? + field(17)?,
+        own,
+    })
+}
+
+/// The postmaster's time with its reaped children, plus every live child's own.
+fn server_cpu_ticks(postmaster: u32) -> u64 {
+    let mut ticks = proc_stat(postmaster).map_or(0, |s| s.all);
+    if let Ok(entries) = std::fs::read_dir("/proc") {
+        for entry in entries.flatten() {
+            let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse().ok()) else {
+                continue;
+            };
+            if let Some(stat) = proc_stat(pid).filter(|s| s.ppid == postmaster) {
+                ticks += stat.own;
+            }
+        }
+    }
+    ticks
+}
+
+fn clock_tick_seconds() -> f64 {
+    std::process::Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .trim()
+                .parse::<f64>()
+                .ok()
+        })
+        .map_or(0.01, |hz| 1.0 / hz)
 }
 
 const COLUMN_LIST: &str = "result_id, version, idempotency_key, schema_version, tube, \

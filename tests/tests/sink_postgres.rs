@@ -125,8 +125,8 @@ async fn batches_land_once_and_a_resent_batch_adds_nothing() {
     let row = server.psql(
         &db,
         "SELECT idempotency_key, tube, pool_size, kit_id, interpretation, status, \
-         tested_at = '2026-11-27T06:00:00Z'::timestamptz, jsonb_array_length(targets), \
-         targets -> 1 -> 'ct' = 'null'::jsonb, record ->> 'released_by', \
+         tested_at = '2026-11-27T06:00:00Z'::timestamptz, json_array_length(targets), \
+         targets -> 1 ->> 'ct' IS NULL, record ->> 'released_by', \
          correction_reason IS NULL \
          FROM pcrd_results WHERE result_id = 'LAB1-R0001-000042'",
     );
@@ -170,7 +170,7 @@ async fn a_correction_lands_as_a_new_row_beside_the_first_version() {
                  FROM pcrd_results WHERE result_id = 'LAB1-R0001-000003' ORDER BY version"
             )
             .trim(),
-        // The tab and backslash survive COPY's text format.
+        // The tab and backslash arrive as written (binary COPY has no escapes).
         "1|final|-\n2|corrected|well swap\tfound on review\\"
     );
 }
@@ -180,17 +180,27 @@ async fn a_value_the_table_refuses_dead_letters_only_that_item() {
     let server = PgServer::start();
     let db = server.create_database("exchange");
     let mut sink = sink(&server, &db, None, true);
-    let mut batch = items(0..6, 1);
+    all_delivered(&sink.deliver(&items(100..101, 1)).await, 1);
+    // The central system's own rule, which pcrd knows nothing of: the server refuses
+    // the row inside the batch's transaction.
+    server.psql(
+        &db,
+        "ALTER TABLE pcrd_results ADD CONSTRAINT no_quarantined_plate \
+         CHECK (plate <> 'P-QUARANTINE')",
+    );
+    let mut batch = items(0..7, 1);
     batch[2].record.tested_at = "yesterday-ish".into();
     batch[4].record.plate = "P\u{0}1".into();
+    batch[5].record.plate = "P-QUARANTINE".into();
     let outcomes = sink.deliver(&batch).await;
-    assert_eq!(outcomes.len(), 6);
+    assert_eq!(outcomes.len(), 7);
     for (i, outcome) in outcomes.iter().enumerate() {
         match (i, outcome) {
+            // pcrd cannot encode a timestamp it cannot read (the table would refuse it).
             (
                 2,
                 ItemOutcome::Dead {
-                    reason: DeadReason::Rejected,
+                    reason: DeadReason::Unencodable,
                     detail,
                 },
             ) => assert!(detail.contains("yesterday-ish"), "{detail}"),
@@ -201,14 +211,21 @@ async fn a_value_the_table_refuses_dead_letters_only_that_item() {
                     detail,
                 },
             ) => assert!(detail.contains("NUL"), "{detail}"),
-            (2 | 4, other) => panic!("item {i}: {other:?}"),
+            (
+                5,
+                ItemOutcome::Dead {
+                    reason: DeadReason::Rejected,
+                    detail,
+                },
+            ) => assert!(detail.contains("no_quarantined_plate"), "{detail}"),
+            (2 | 4 | 5, other) => panic!("item {i}: {other:?}"),
             (_, other) => assert_eq!(*other, ItemOutcome::Delivered, "item {i}"),
         }
     }
-    assert_eq!(count(&server, &db, "SELECT count(*) FROM pcrd_results"), 4);
+    assert_eq!(count(&server, &db, "SELECT count(*) FROM pcrd_results"), 5);
     // The connection is still good for the next batch.
     all_delivered(&sink.deliver(&items(10..20, 1)).await, 10);
-    assert_eq!(count(&server, &db, "SELECT count(*) FROM pcrd_results"), 14);
+    assert_eq!(count(&server, &db, "SELECT count(*) FROM pcrd_results"), 15);
 }
 
 #[tokio::test]
@@ -328,9 +345,14 @@ async fn a_large_batch_is_written_by_two_sessions_and_a_refusal_in_either_stays_
     );
     assert_eq!(sessions, 2, "the default is two sessions");
 
+    server.psql(
+        &db,
+        "ALTER TABLE pcrd_results ADD CONSTRAINT no_quarantined_plate \
+         CHECK (plate <> 'P-QUARANTINE')",
+    );
     let mut batch = items(1000..2000, 1);
-    batch[100].record.released_at = "never".into();
-    batch[900].record.released_at = "later".into();
+    batch[100].record.plate = "P-QUARANTINE".into();
+    batch[900].record.plate = "P-QUARANTINE".into();
     let outcomes = sink.deliver(&batch).await;
     for (i, outcome) in outcomes.iter().enumerate() {
         match (i, outcome) {
@@ -344,4 +366,102 @@ async fn a_large_batch_is_written_by_two_sessions_and_a_refusal_in_either_stays_
         count(&server, &db, "SELECT count(*) FROM pcrd_results"),
         1998
     );
+}
+
+#[tokio::test]
+async fn typed_columns_match_what_the_server_reads_from_the_record_itself() {
+    let server = PgServer::start();
+    let db = server.create_database("exchange");
+    let mut sink = sink(&server, &db, None, true);
+    let mut batch = items(0..4, 1);
+    // Offsets, fractions beyond milliseconds, a leap day, before 2000.
+    batch[0].record.tested_at = "2026-11-27T07:10:00.123+01:00".into();
+    batch[1].record.tested_at = "2024-02-29T23:59:59.999999Z".into();
+    batch[2].record.tested_at = "1999-12-31T23:59:59.5-05:30".into();
+    batch[3].record.released_at = "2026-01-01T00:00:00.000001z".into();
+    all_delivered(&sink.deliver(&batch).await, 4);
+    // Every typed column equals the server's own reading of the stored record: the
+    // client-side extraction (binary COPY) agrees with PostgreSQL's parser.
+    let mismatches = count(
+        &server,
+        &db,
+        "SELECT count(*) FROM pcrd_results WHERE NOT ( \
+            result_id = record ->> 'result_id' \
+            AND version = (record ->> 'version')::integer \
+            AND idempotency_key = (record ->> 'result_id') || ':' || (record ->> 'version') \
+            AND schema_version = (record ->> 'schema_version')::integer \
+            AND tube = record ->> 'tube' AND pool_size = (record ->> 'pool_size')::smallint \
+            AND plate = record ->> 'plate' AND well = record ->> 'well' \
+            AND run = record ->> 'run' AND instrument = record ->> 'instrument' \
+            AND kit_id = record -> 'kit' ->> 'id' \
+            AND kit_version = record -> 'kit' ->> 'version' \
+            AND interpretation = record ->> 'interpretation' \
+            AND status = record ->> 'status' \
+            AND correction_reason IS NOT DISTINCT FROM record ->> 'correction_reason' \
+            AND tested_at = (record ->> 'tested_at')::timestamptz \
+            AND released_at = (record ->> 'released_at')::timestamptz \
+            AND released_by = record ->> 'released_by' AND lab_id = record ->> 'lab_id' \
+            AND targets::text = (record -> 'targets')::text)",
+    );
+    assert_eq!(mismatches, 0);
+    assert_eq!(count(&server, &db, "SELECT count(*) FROM pcrd_results"), 4);
+}
+
+#[tokio::test]
+async fn a_table_with_jsonb_columns_from_an_earlier_ddl_still_takes_results() {
+    let server = PgServer::start();
+    let db = server.create_database("exchange");
+    // The DDL as pcrd printed it before targets and record became json, with a GIN
+    // index an operator might add: pcrd casts to the table's own types.
+    server.psql(
+        &db,
+        &pcrd::sinks::postgres::schema_sql(
+            &pcrd::sinks::postgres::TableName::parse("pcrd_results").expect("name"),
+        ),
+    );
+    server.psql(
+        &db,
+        "DROP VIEW pcrd_results_targets; \
+         ALTER TABLE pcrd_results ALTER targets TYPE jsonb, ALTER record TYPE jsonb; \
+         CREATE INDEX pcrd_results_record ON pcrd_results USING gin (record)",
+    );
+    let mut sink = sink(&server, &db, None, false);
+    all_delivered(&sink.deliver(&items(0..300, 1)).await, 300);
+    all_delivered(&sink.deliver(&items(0..300, 1)).await, 300);
+    assert_eq!(
+        count(
+            &server,
+            &db,
+            "SELECT count(*) FROM pcrd_results WHERE record @> '{\"tube\": \"T0000042\"}'"
+        ),
+        1
+    );
+    assert_eq!(
+        count(&server, &db, "SELECT count(*) FROM pcrd_results"),
+        300
+    );
+    // With create_table = true the current DDL runs against this table at connect:
+    // the view comes back, reading the jsonb targets through a cast.
+    let mut creating = self::sink(&server, &db, None, true);
+    all_delivered(&creating.deliver(&items(300..310, 1)).await, 10);
+    assert_eq!(
+        count(&server, &db, "SELECT count(*) FROM pcrd_results_targets"),
+        620
+    );
+    // A column type pcrd cannot write JSON into is named in the retry.
+    server.psql(
+        &db,
+        "DROP VIEW pcrd_results_targets; \
+         ALTER TABLE pcrd_results ALTER targets TYPE xml USING '<t/>'::xml",
+    );
+    let mut sink = self::sink(&server, &db, None, false);
+    match &sink.deliver(&items(310..311, 1)).await[0] {
+        ItemOutcome::Retry { reason, .. } => {
+            assert!(
+                reason.contains("the column targets of pcrd_results is xml"),
+                "{reason}"
+            )
+        }
+        other => panic!("{other:?}"),
+    }
 }

@@ -442,6 +442,117 @@ pub struct InstrumentView {
     pub poll_errors: u64,
     /// Times the link was opened again after being lost.
     pub reconnects: u64,
+    /// For a cycler (`kind` = `cycler`): its run and device state.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cycler: Option<CyclerView>,
+}
+
+/// A cycler's state as its supervisor holds it.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct CyclerView {
+    /// `idle` (no pcrd run), or the active run's state: `starting`, `running`,
+    /// `instrument_offline`.
+    pub state: String,
+    /// The active run, if any.
+    pub run: Option<RunView>,
+    /// The device's own state from its last status (`idle`, `loaded`, `running`,
+    /// `completed`, `aborted`, `error`); absent before the first status read.
+    pub device_state: Option<String>,
+    /// The device's current data cycle from its last status.
+    pub device_cycle: Option<u32>,
+    pub lid: Option<String>,
+    pub block_c: Option<f64>,
+    /// Lines refused since the daemon started.
+    pub lines_rejected: u64,
+    /// The last lines refused (newest last), with why.
+    pub recent_rejected: Vec<RejectedLineView>,
+    pub last_fault: Option<String>,
+}
+
+/// Start a PCR run of a sealed plate on a cycler.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct StartRunRequest {
+    /// A sealed plate.
+    pub plate: String,
+    /// A cycler's name in the config.
+    pub instrument: String,
+    /// The thermal protocol in pcrd's notation, `NAME CHANNELS STAGES`
+    /// (docs/cycler-protocol.md), e.g. `PCRD45 FAM,HEX 1x95@120 45x95@3/60@30R`.
+    /// Default: 45 cycles reading every channel of the plate's kit.
+    pub protocol: Option<String>,
+}
+
+/// `GET /api/v1/runs/{id}` options.
+#[derive(Debug, Deserialize, IntoParams)]
+pub struct RunQuery {
+    /// Include the per-well curves (every channel; one well with `well`).
+    pub curves: Option<bool>,
+    /// Only this well's curves (e.g. `A1`).
+    pub well: Option<String>,
+}
+
+/// A PCR run.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct RunView {
+    pub id: u64,
+    pub plate: String,
+    pub instrument: String,
+    pub protocol: String,
+    /// The protocol in pcrd's notation.
+    pub protocol_text: String,
+    /// Wells on the plate (96 or 384).
+    pub format: u32,
+    pub channels: Vec<String>,
+    /// `starting`, `running`, `instrument_offline` (the link is down; not a
+    /// failure), `finished`, `failed` or `aborted`.
+    pub state: String,
+    /// Why it failed, was aborted or is offline.
+    pub reason: Option<String>,
+    /// Cycles 1..=cycles_stored are durable, every channel and well.
+    pub cycles_stored: u32,
+    pub cycles_expected: u32,
+    /// Lines refused during the run (kept, see `rejected`).
+    pub lines_rejected: u32,
+    /// Cycle ranges fetched again after a gap or a reconnect.
+    pub refetched: Vec<CycleRangeView>,
+    pub started_by: String,
+    pub created_at: String,
+    pub started_at: Option<String>,
+    pub ended_at: Option<String>,
+    pub updated_at: String,
+    /// The lines refused during the run (with `curves=true`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rejected: Option<Vec<RejectedLineView>>,
+    /// Per well and channel, the readings of cycles 1..=cycles_stored (with `curves=true`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub curves: Option<Vec<CurveView>>,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct CycleRangeView {
+    pub first: u32,
+    pub last: u32,
+}
+
+/// A line from a cycler that was refused, as received.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct RejectedLineView {
+    pub line: String,
+    pub reason: String,
+    /// When (RFC 3339); absent for lines only held in memory.
+    pub at: Option<String>,
+    /// The last cycle stored when it arrived.
+    pub after_cycle: Option<u32>,
+}
+
+/// One well's curve in one channel.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct CurveView {
+    pub well: String,
+    pub channel: String,
+    /// Raw fluorescence, cycle 1 first.
+    pub values: Vec<f64>,
 }
 
 /// An extractor's status registers, decoded by its profile.
@@ -602,4 +713,181 @@ pub struct ImportsQuery {
     /// Newest first, at most this many (default 100).
     #[param(minimum = 1, maximum = 10000)]
     pub limit: Option<u32>,
+}
+// ----- analysers (issue 8) -----
+
+/// An analyser reporting over ASTM, with its line and what it has sent.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct AnalyserView {
+    pub name: String,
+    /// `tcp LISTEN` or `serial PATH @ BAUD`.
+    pub transport: String,
+    /// The address the host listens on (port resolved), for TCP.
+    pub listen: Option<String>,
+    /// The mapping profile, `model@version`.
+    pub profile: String,
+    pub accepts_orders: bool,
+    /// Whether a line to the analyser is up.
+    pub link_up: bool,
+    /// Since when the line is in that state (RFC 3339).
+    pub since: String,
+    /// Why the line is down.
+    pub down_reason: Option<String>,
+    /// Connections (TCP accepts, port opens) since start.
+    pub connections: u64,
+    /// Connections from addresses not on the peer list, refused since start.
+    pub peers_refused: u64,
+    /// Messages stored (all time).
+    pub messages_stored: u64,
+    /// Transmissions quarantined (all time).
+    pub quarantined: u64,
+    /// Stored messages withdrawn as unconfirmed (all time).
+    pub withdrawn: u64,
+    /// Results reported on tubes (all time).
+    pub reported: u64,
+    /// Unmatched items (all time).
+    pub unmatched: u64,
+    /// When the last message was stored (RFC 3339).
+    pub last_message_at: Option<String>,
+    /// Worklists acknowledged by the analyser since start.
+    pub worklists_sent: u64,
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+pub struct AnalyserListQuery {
+    /// At most this many items, newest first (default 100).
+    #[param(minimum = 1, maximum = 10000)]
+    pub limit: Option<u32>,
+}
+
+/// Bytes from an analyser kept for an operator, never turned into results.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct QuarantineView {
+    pub id: u64,
+    pub analyser: String,
+    pub connection: u64,
+    /// The message's number on its connection, when the bytes are a whole message.
+    pub seq: Option<u64>,
+    /// `aborted` (no EOT, cut line, timeout), `unconfirmed` (stored, then the
+    /// transmission broke off: the message was withdrawn), `records` (broken
+    /// hierarchy or delimiters).
+    pub kind: String,
+    pub reason: String,
+    /// The stored message this withdrew, if any.
+    pub withdrew_message: Option<u64>,
+    pub at: String,
+    pub bytes: u64,
+    /// The bytes with control characters as `<STX>`, `<CR>`… (the first 4 KiB).
+    pub raw: String,
+}
+
+/// A result or order the mapping could not put on a tube, kept for the technician.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct UnmatchedView {
+    pub id: u64,
+    pub analyser: String,
+    pub message_id: u64,
+    pub at: String,
+    pub order_index: u32,
+    pub specimen_id: String,
+    pub test_code: String,
+    pub analyte: String,
+    /// `unknown_specimen`, `unknown_test`, `unmapped` or `uninterpretable`.
+    pub kind: String,
+    pub reason: String,
+    /// The records concerned, `test id = value`.
+    pub values: Vec<String>,
+}
+
+/// Tubes to order on an analyser.
+#[derive(Debug, Deserialize, ToSchema)]
+pub struct WorklistRequest {
+    /// Barcodes of received tubes.
+    pub tubes: Vec<String>,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct WorklistSent {
+    pub analyser: String,
+    /// Orders (O records) the analyser acknowledged.
+    pub orders: usize,
+}
+// ----- panel (issue 7) -----
+
+/// The gateway's panel: what the lamp and the buzzer show, why, and the last press.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct PanelStatusView {
+    /// `sim` (simulated pins), `gpio`, or `none` (no `[panel]` in the config).
+    pub kind: String,
+    /// `green` (idle), `amber` (a run active), `red` (a fault); `off` without a panel.
+    pub lamp: String,
+    /// `steady`, `blinking` (red: a fault nobody acknowledged) or `fast_blinking`
+    /// (amber: an abort waiting for its confirming press).
+    pub lamp_mode: String,
+    /// Whether the lamp is lit at this instant (a blinking lamp alternates).
+    pub lamp_lit: bool,
+    /// Whether the buzzer's beep pattern runs (until a press or `buzz_for_s`).
+    pub buzzer: bool,
+    /// A fault waits for someone to press the button.
+    pub fault_unacknowledged: bool,
+    /// A long press armed an abort; a short press confirms it.
+    pub abort_armed: bool,
+    /// What is faulted: `instrument:NAME`, `store`, or a source reported by a run.
+    pub faults: Vec<PanelFaultView>,
+    /// Sources with a run in progress.
+    pub active: Vec<String>,
+    /// The last debounced press, if any.
+    pub last_press: Option<PanelPressView>,
+    /// The last actions the button asked for (oldest first, at most 20).
+    pub recent_actions: Vec<PanelActionView>,
+    /// Pin reads and writes that failed since start, and the last failure.
+    pub pin_errors: u64,
+    pub last_pin_error: Option<String>,
+    /// For a simulated panel, the lines' physical levels (with `active_low`, low
+    /// is on).
+    pub sim_lines: Option<PanelLinesView>,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct PanelFaultView {
+    pub source: String,
+    pub reason: String,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct PanelPressView {
+    /// Held past the long-press time.
+    pub long: bool,
+    /// What it did: `start`, `abort`, `acknowledged`, `abort_armed`,
+    /// `abort_disarmed` or `nothing`.
+    pub effect: String,
+    /// RFC 3339.
+    pub at: String,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct PanelActionView {
+    /// `start` or `abort`.
+    pub action: String,
+    /// RFC 3339.
+    pub at: String,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct PanelLinesView {
+    pub red: bool,
+    pub amber: bool,
+    pub green: bool,
+    pub buzzer: bool,
+    pub button: bool,
+    pub active_low: bool,
+}
+
+/// A press of the simulated panel's button.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PanelPressRequest {
+    /// Hold it past the long-press time (default: a short press).
+    #[serde(default)]
+    pub long: bool,
 }

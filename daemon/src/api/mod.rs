@@ -34,6 +34,8 @@ pub struct AppState {
     pub lab: Arc<Lab>,
     pub instruments: Arc<Instruments>,
     pub folders: Arc<crate::folders::Folders>,
+    pub analysers: Arc<crate::analysers::Analysers>,
+    pub panel: Arc<crate::panel::Panel>,
     users: Arc<Vec<User>>,
     metrics: Arc<HttpMetrics>,
 }
@@ -316,7 +318,7 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     modifiers(&BearerAuth),
     components(schemas(ErrorBody)),
     security(("bearer" = [])),
-    tags((name = "tubes"), (name = "plates"), (name = "audit"), (name = "kits"), (name = "instruments"), (name = "outbox"), (name = "folders"), (name = "results"))
+    tags((name = "tubes"), (name = "plates"), (name = "audit"), (name = "kits"), (name = "instruments"), (name = "outbox"), (name = "folders"), (name = "analysers"), (name = "runs"), (name = "results"))
 )]
 struct ApiDoc;
 
@@ -387,6 +389,8 @@ pub fn router(
     lab: Arc<Lab>,
     instruments: Arc<Instruments>,
     folders: Arc<crate::folders::Folders>,
+    analysers: Arc<crate::analysers::Analysers>,
+    panel: Arc<crate::panel::Panel>,
     users: Vec<User>,
     max_body_bytes: usize,
 ) -> Router {
@@ -394,6 +398,8 @@ pub fn router(
         lab,
         instruments,
         folders,
+        analysers,
+        panel,
         users: Arc::new(users),
         metrics: Arc::new(HttpMetrics::default()),
     };
@@ -407,6 +413,9 @@ pub fn router(
         .routes(routes!(unassign))
         .routes(routes!(seal))
         .routes(routes!(transfer))
+        .routes(routes!(start_run))
+        .routes(routes!(get_run))
+        .routes(routes!(abort_run))
         .routes(routes!(combine))
         .routes(routes!(audit))
         .routes(routes!(audit_verify))
@@ -430,6 +439,13 @@ pub fn router(
         .routes(routes!(review::tubes_due))
         .routes(routes!(review::tube_tat))
         .routes(routes!(review::plate_tat))
+        .routes(routes!(list_analysers))
+        .routes(routes!(analyser_quarantine))
+        .routes(routes!(analyser_unmatched))
+        .routes(routes!(analyser_worklist))
+        .routes(routes!(tube_reported))
+        .routes(routes!(get_panel))
+        .routes(routes!(press_panel))
         .split_for_parts();
     // Modifiers in #[openapi] run before the routes add their paths, so this one runs
     // on the finished document.
@@ -902,7 +918,11 @@ async fn list_instruments(
     State(state): State<AppState>,
     _caller: Caller,
 ) -> Json<Vec<InstrumentView>> {
-    Json(state.instruments.all().map(instrument_view).collect())
+    let mut all: Vec<InstrumentView> = state.instruments.all().map(instrument_view).collect();
+    if let Some(cyclers) = state.instruments.cyclers() {
+        all.extend(cyclers.all().map(cycler_view));
+    }
+    Json(all)
 }
 
 /// One instrument by its configured name.
@@ -921,6 +941,10 @@ async fn get_instrument(
         .instruments
         .get(&name)
         .map(|i| Json(instrument_view(i)))
+        .or_else(|| {
+            let cyclers = state.instruments.cyclers()?;
+            cyclers.get(&name).map(|c| Json(cycler_view(c)))
+        })
         .ok_or_else(|| {
             ApiError::new(
                 StatusCode::NOT_FOUND,
@@ -983,7 +1007,243 @@ fn instrument_view(instrument: &crate::instruments::Instrument) -> InstrumentVie
         polls: s.polls,
         poll_errors: s.poll_errors,
         reconnects: s.reconnects,
+        cycler: None,
     }
+}
+
+// ----- cyclers and PCR runs (issue 5; crate::cyclers) -----
+
+fn cycler_view(cycler: &crate::cyclers::Cycler) -> InstrumentView {
+    use crate::cyclers::Link;
+    let s = cycler.link_state();
+    let run = cycler.active_run();
+    let time = |t: std::time::SystemTime| humantime::format_rfc3339_millis(t).to_string();
+    let device = s.status.as_ref();
+    InstrumentView {
+        name: cycler.name.clone(),
+        kind: "cycler".into(),
+        unit: 0,
+        profile: cycler.dialect.clone(),
+        profile_version: String::new(),
+        link: cycler.link_name.clone(),
+        online: s.link == Link::Online,
+        connection: s.link.as_str().into(),
+        offline_reason: s.reason.clone(),
+        since: time(s.since),
+        status: None,
+        run: None,
+        last_run: None,
+        polls: 0,
+        poll_errors: 0,
+        reconnects: 0,
+        cycler: Some(CyclerView {
+            state: run.as_ref().map_or("idle", |r| r.state.as_str()).to_owned(),
+            run: run.as_ref().map(run_view),
+            device_state: device.map(|d| format!("{:?}", d.state).to_lowercase()),
+            device_cycle: device.map(|d| d.cycle),
+            lid: device.map(|d| format!("{:?}", d.lid).to_lowercase()),
+            block_c: device.map(|d| finite(d.block_c)),
+            lines_rejected: s.lines_rejected,
+            recent_rejected: s
+                .rejected
+                .iter()
+                .map(|(line, reason)| RejectedLineView {
+                    line: line.clone(),
+                    reason: reason.clone(),
+                    at: None,
+                    after_cycle: None,
+                })
+                .collect(),
+            last_fault: s.last_fault.clone(),
+        }),
+    }
+}
+
+fn run_view(r: &crate::cyclers::RunRecord) -> RunView {
+    let time = |ms: i64| crate::lab::rfc3339(pcrd_protocol::domain::Timestamp::from_millis(ms));
+    RunView {
+        id: r.id,
+        plate: r.plate.clone(),
+        instrument: r.instrument.clone(),
+        protocol: r.protocol.clone(),
+        protocol_text: r.protocol_text.clone(),
+        format: r.format.well_count() as u32,
+        channels: r.channels.clone(),
+        state: r.state.as_str().to_owned(),
+        reason: r.reason.clone(),
+        cycles_stored: r.cycles_stored,
+        cycles_expected: r.cycles_expected,
+        lines_rejected: r.lines_rejected,
+        refetched: r
+            .refetched
+            .iter()
+            .map(|(first, last)| CycleRangeView {
+                first: *first,
+                last: *last,
+            })
+            .collect(),
+        started_by: r.started_by.clone(),
+        created_at: time(r.created_at),
+        started_at: r.started_at.map(time),
+        ended_at: r.ended_at.map(time),
+        updated_at: time(r.updated_at),
+        rejected: None,
+        curves: None,
+    }
+}
+
+impl From<crate::cyclers::RunError> for ApiError {
+    fn from(e: crate::cyclers::RunError) -> ApiError {
+        use crate::cyclers::RunError;
+        match e {
+            RunError::NotFound(m) => ApiError::new(StatusCode::NOT_FOUND, "not_found", m),
+            RunError::Conflict(m) => ApiError::new(StatusCode::CONFLICT, "conflict", m),
+            RunError::Invalid(m) => ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid", m),
+            RunError::Instrument(m) => {
+                ApiError::new(StatusCode::BAD_GATEWAY, "instrument_error", m)
+            }
+            RunError::Store(e) => LabError::Store(e).into(),
+        }
+    }
+}
+
+fn cyclers_of(state: &AppState) -> ApiResult<&crate::cyclers::Cyclers> {
+    state.instruments.cyclers().ok_or_else(|| {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "no [[cyclers]] in the config",
+        )
+    })
+}
+
+/// Start a PCR run of a sealed plate on an idle cycler. The run is stored
+/// (state `starting`) before anything is sent; the start command is sent once
+/// and, if its reply is lost, the cycler's state is read back instead of
+/// sending it again.
+#[utoipa::path(post, path = "/api/v1/runs", tag = "runs", request_body = StartRunRequest,
+    responses(
+        (status = 201, description = "Started", body = RunView),
+        (status = 404, description = "No such plate or cycler", body = ErrorBody),
+        (status = 409, description = "Plate not sealed or already run; cycler busy, offline or not idle", body = ErrorBody),
+        (status = 422, description = "Bad protocol or plate map", body = ErrorBody),
+        (status = 502, description = "The cycler refused or did not confirm; the run's record says what became of it", body = ErrorBody),
+    ))]
+#[tracing::instrument(name = "run", skip_all, fields(plate = %body.plate, instrument = %body.instrument, user = %caller.user, action = "start"))]
+async fn start_run(
+    State(state): State<AppState>,
+    caller: Caller,
+    JsonBody(body): JsonBody<StartRunRequest>,
+) -> ApiResult<(StatusCode, Json<RunView>)> {
+    caller.lab_work("starting runs")?;
+    let cyclers = cyclers_of(&state)?;
+    let run = cyclers
+        .start_run(
+            &body.plate,
+            &body.instrument,
+            body.protocol.as_deref(),
+            &caller.user,
+        )
+        .await?;
+    tracing::info!(run = run.id, "Run started.");
+    Ok((StatusCode::CREATED, Json(run_view(&run))))
+}
+
+/// A PCR run: state, cycles stored and, on request, per-well curves and the
+/// lines refused during the run.
+#[utoipa::path(get, path = "/api/v1/runs/{id}", tag = "runs",
+    params(("id" = u64, Path, description = "Run id"), RunQuery),
+    responses((status = 200, body = RunView), (status = 404, body = ErrorBody)))]
+async fn get_run(
+    State(state): State<AppState>,
+    _caller: Caller,
+    Path(id): Path<u64>,
+    Query(q): Query<RunQuery>,
+) -> ApiResult<Json<RunView>> {
+    let cyclers = cyclers_of(&state)?;
+    let runs = cyclers.runs();
+    let not_found = || ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("no run {id}"));
+    let record = runs
+        .get(id)
+        .map_err(LabError::Store)?
+        .ok_or_else(not_found)?;
+    let mut view = run_view(&record);
+    if q.curves.unwrap_or(false) || q.well.is_some() {
+        let only = match &q.well {
+            Some(w) => Some(w.parse::<pcrd_protocol::domain::Well>().map_err(|e| {
+                ApiError::new(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "invalid",
+                    format!("well {w:?}: {e}"),
+                )
+            })?),
+            None => None,
+        };
+        if let Some(w) = only
+            && !record.format.contains(w)
+        {
+            return Err(ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid",
+                format!("well {w} is not on a {}-well plate", record.format),
+            ));
+        }
+        let curves = runs.curves(&record).map_err(LabError::Store)?;
+        let mut out = Vec::new();
+        for (well_index, well) in record.format.wells_column_major().enumerate() {
+            if only.is_some_and(|w| w != well) {
+                continue;
+            }
+            for (ch, name) in record.channels.iter().enumerate() {
+                out.push(CurveView {
+                    well: well.to_string(),
+                    channel: name.clone(),
+                    values: curves[ch][well_index].clone(),
+                });
+            }
+        }
+        view.curves = Some(out);
+        view.rejected = Some(
+            runs.rejected(id)
+                .map_err(LabError::Store)?
+                .into_iter()
+                .map(|r| RejectedLineView {
+                    line: r.line,
+                    reason: r.reason,
+                    at: Some(crate::lab::rfc3339(
+                        pcrd_protocol::domain::Timestamp::from_millis(r.at),
+                    )),
+                    after_cycle: Some(r.after_cycle),
+                })
+                .collect(),
+        );
+    }
+    Ok(Json(view))
+}
+
+/// Abort a run in progress. The abort is sent once; a lost reply is settled
+/// by reading the cycler's state back. Cycles stored so far are kept.
+#[utoipa::path(post, path = "/api/v1/runs/{id}/abort", tag = "runs", request_body = ReasonRequest,
+    params(("id" = u64, Path, description = "Run id")),
+    responses(
+        (status = 200, body = RunView),
+        (status = 404, body = ErrorBody),
+        (status = 409, description = "The run has ended, or a start or abort is under way", body = ErrorBody),
+        (status = 502, description = "The cycler did not confirm the abort", body = ErrorBody),
+    ))]
+#[tracing::instrument(name = "run", skip_all, fields(run = id, user = %caller.user, action = "abort"))]
+async fn abort_run(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<u64>,
+    OptionalJson(body): OptionalJson<ReasonRequest>,
+) -> ApiResult<Json<RunView>> {
+    caller.lab_work("aborting runs")?;
+    let cyclers = cyclers_of(&state)?;
+    let run = cyclers
+        .abort_run(id, &caller.user, body.reason.as_deref())
+        .await?;
+    Ok(Json(run_view(&run)))
 }
 
 /// JSON has no NaN or infinity; a device that reports one is flagged as an anomaly,
@@ -1086,6 +1346,8 @@ async fn metrics_text(State(state): State<AppState>) -> impl IntoResponse {
     }
     state.instruments.render_metrics(&mut out);
     state.folders.render_metrics(&mut out);
+    state.analysers.render_metrics(&mut out);
+    state.panel.render_metrics(&mut out);
     lab.outbox().render_metrics(lab.store(), &mut out);
     lab.review().render_metrics(&mut out);
     (
@@ -1318,4 +1580,292 @@ async fn imported_results(
         crate::folders::Folders::results_for_tube(&state.lab, &barcode)
             .map_err(|e| ApiError::from(LabError::Store(e)))?,
     ))
+}
+
+// ----- analysers (issue 8) -----
+
+/// The analysers pcrd hosts over ASTM (`[[analysers]]` in the config): line state,
+/// messages stored, quarantined and unmatched, last message time.
+#[utoipa::path(get, path = "/api/v1/analysers", tag = "analysers",
+    responses((status = 200, body = Vec<AnalyserView>)))]
+async fn list_analysers(
+    State(state): State<AppState>,
+    _caller: Caller,
+) -> ApiResult<Json<Vec<AnalyserView>>> {
+    use crate::analysers::store::counts;
+    let time = |t: std::time::SystemTime| humantime::format_rfc3339_millis(t).to_string();
+    let mut out = Vec::new();
+    for a in state.analysers.all() {
+        let link = a.link();
+        let c = counts(state.lab.store(), &a.config.name).map_err(LabError::Store)?;
+        out.push(AnalyserView {
+            name: a.config.name.clone(),
+            transport: a.config.transport.describe(),
+            listen: a.local_addr().map(|addr| addr.to_string()),
+            profile: a.config.profile.key(),
+            accepts_orders: a.config.accepts_orders,
+            link_up: link.up,
+            since: time(link.since),
+            down_reason: link.reason,
+            connections: link.connections,
+            peers_refused: link.peers_refused,
+            messages_stored: c.messages,
+            quarantined: c.quarantined,
+            withdrawn: c.withdrawn,
+            reported: c.reported,
+            unmatched: c.unmatched,
+            last_message_at: c.last_message_at.map(crate::lab::rfc3339),
+            worklists_sent: a.sent_orders(),
+        });
+    }
+    Ok(Json(out))
+}
+
+/// Transmissions kept with their bytes and never turned into results (no EOT, a
+/// cut line, broken records, a stored message withdrawn as unconfirmed), newest first.
+#[utoipa::path(get, path = "/api/v1/analysers/quarantine", tag = "analysers",
+    params(AnalyserListQuery),
+    responses((status = 200, body = Vec<QuarantineView>), (status = 422, body = ErrorBody)))]
+async fn analyser_quarantine(
+    State(state): State<AppState>,
+    _caller: Caller,
+    Query(q): Query<AnalyserListQuery>,
+) -> ApiResult<Json<Vec<QuarantineView>>> {
+    use crate::analysers::store::{QuarantineRecord, list, read_chunks};
+    let limit = in_range("limit", q.limit.map(u64::from), 1, 10_000)?.unwrap_or(100) as usize;
+    let store = state.lab.store();
+    let items: Vec<QuarantineRecord> = list(store, b'q', limit).map_err(LabError::Store)?;
+    let mut out = Vec::new();
+    for item in items {
+        let raw = read_chunks(store, b'q', item.id, b'r').map_err(LabError::Store)?;
+        let shown = &raw[..raw.len().min(4096)];
+        out.push(QuarantineView {
+            id: item.id,
+            analyser: item.instrument,
+            connection: item.connection,
+            seq: item.seq,
+            kind: item.kind,
+            reason: item.reason,
+            withdrew_message: item.withdrew,
+            at: crate::lab::rfc3339(item.at),
+            bytes: item.raw_len,
+            raw: pcrd_protocol::astm::to_mnemonics(shown),
+        });
+    }
+    Ok(Json(out))
+}
+
+/// Results the mapping could not put on a tube (unknown specimen id, unknown test
+/// code or analyte, a value that is not a Ct), kept for the technician, newest first.
+#[utoipa::path(get, path = "/api/v1/analysers/unmatched", tag = "analysers",
+    params(AnalyserListQuery),
+    responses((status = 200, body = Vec<UnmatchedView>), (status = 422, body = ErrorBody)))]
+async fn analyser_unmatched(
+    State(state): State<AppState>,
+    _caller: Caller,
+    Query(q): Query<AnalyserListQuery>,
+) -> ApiResult<Json<Vec<UnmatchedView>>> {
+    use crate::analysers::store::{UnmatchedRecord, list};
+    let limit = in_range("limit", q.limit.map(u64::from), 1, 10_000)?.unwrap_or(100) as usize;
+    let items: Vec<UnmatchedRecord> =
+        list(state.lab.store(), b'u', limit).map_err(LabError::Store)?;
+    Ok(Json(
+        items
+            .into_iter()
+            .map(|u| UnmatchedView {
+                id: u.id,
+                analyser: u.instrument,
+                message_id: u.message_id,
+                at: crate::lab::rfc3339(u.at),
+                order_index: u.order_index,
+                specimen_id: u.specimen_id,
+                test_code: u.test_code,
+                analyte: u.analyte,
+                kind: u.kind,
+                reason: u.reason,
+                values: u.values,
+            })
+            .collect(),
+    ))
+}
+
+/// Sends a worklist (one O record per tube) to an analyser that accepts orders, and
+/// answers once the analyser acknowledged it. Not resent on failure.
+#[utoipa::path(post, path = "/api/v1/analysers/{name}/worklist", tag = "analysers",
+    params(("name" = String, Path, description = "The analyser's name in the config")),
+    request_body = WorklistRequest,
+    responses(
+        (status = 200, body = WorklistSent),
+        (status = 404, description = "No analyser of that name", body = ErrorBody),
+        (status = 409, description = "The analyser does not accept orders, or is not connected", body = ErrorBody),
+        (status = 502, description = "The analyser did not acknowledge the worklist", body = ErrorBody),
+    ))]
+async fn analyser_worklist(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(name): Path<String>,
+    JsonBody(body): JsonBody<WorklistRequest>,
+) -> ApiResult<Json<WorklistSent>> {
+    use crate::analysers::WorklistError as E;
+    caller.lab_work("sending a worklist")?;
+    match state.analysers.send_worklist(&name, &body.tubes).await {
+        Ok(orders) => Ok(Json(WorklistSent {
+            analyser: name,
+            orders,
+        })),
+        Err(E::Tubes(e)) => Err(e.into()),
+        Err(e) => {
+            let status = match &e {
+                E::UnknownAnalyser(_) => StatusCode::NOT_FOUND,
+                E::Empty => StatusCode::UNPROCESSABLE_ENTITY,
+                E::NoOrders(_) | E::NotConnected(_) => StatusCode::CONFLICT,
+                _ => StatusCode::BAD_GATEWAY,
+            };
+            let code = if status == StatusCode::BAD_GATEWAY {
+                "not_accepted"
+            } else {
+                error_code(status)
+            };
+            Err(ApiError::new(status, code, e.to_string()))
+        }
+    }
+}
+
+/// The results analysers reported for a tube, oldest first, with their source
+/// (analyser, message). What review and release will act on.
+#[utoipa::path(get, path = "/api/v1/tubes/{barcode}/reported", tag = "tubes",
+    params(("barcode" = String, Path, description = "Tube barcode")),
+    responses(
+        (status = 200, body = Vec<crate::analysers::store::ReportedResult>),
+        (status = 404, description = "The tube has not been received", body = ErrorBody),
+    ))]
+async fn tube_reported(
+    State(state): State<AppState>,
+    _caller: Caller,
+    Path(barcode): Path<String>,
+) -> ApiResult<Json<Vec<crate::analysers::store::ReportedResult>>> {
+    let tube = state.lab.tube(&barcode)?;
+    let results = crate::analysers::store::reported_for(state.lab.store(), tube.barcode.as_str())
+        .map_err(LabError::Store)?;
+    Ok(Json(results))
+}
+
+// ----- panel (issue 7) -----
+
+/// The gateway's panel: lamp colour and mode, buzzer, what is faulted or active,
+/// the last press and the actions the button asked for. Without `[panel]` in the
+/// config: kind `none`, lamp `off`.
+#[utoipa::path(get, path = "/api/v1/panel", tag = "panel",
+    responses((status = 200, body = PanelStatusView)))]
+async fn get_panel(State(state): State<AppState>, _caller: Caller) -> Json<PanelStatusView> {
+    let panel = &state.panel;
+    let Some(view) = panel.view() else {
+        return Json(PanelStatusView {
+            kind: "none".into(),
+            lamp: "off".into(),
+            lamp_mode: "steady".into(),
+            lamp_lit: false,
+            buzzer: false,
+            fault_unacknowledged: false,
+            abort_armed: false,
+            faults: Vec::new(),
+            active: Vec::new(),
+            last_press: None,
+            recent_actions: Vec::new(),
+            pin_errors: 0,
+            last_pin_error: None,
+            sim_lines: None,
+        });
+    };
+    let time = |t: std::time::SystemTime| humantime::format_rfc3339_millis(t).to_string();
+    Json(PanelStatusView {
+        kind: panel.kind().unwrap_or("none").to_string(),
+        lamp: view.colour.as_str().to_string(),
+        lamp_mode: view.mode.as_str().to_string(),
+        lamp_lit: view.outputs.red || view.outputs.amber || view.outputs.green,
+        buzzer: view.buzzing,
+        fault_unacknowledged: view.unacknowledged,
+        abort_armed: view.abort_armed,
+        faults: view
+            .lab
+            .faults
+            .iter()
+            .map(|(source, reason)| PanelFaultView {
+                source: source.clone(),
+                reason: reason.clone(),
+            })
+            .collect(),
+        active: view.lab.active.iter().cloned().collect(),
+        last_press: view.last_press.map(|p| PanelPressView {
+            long: p.press == pcrd_drivers::panel::logic::Press::Long,
+            effect: p.effect.as_str().to_string(),
+            at: time(p.at),
+        }),
+        recent_actions: panel
+            .recent_actions()
+            .into_iter()
+            .map(|a| PanelActionView {
+                action: a.action.as_str().to_string(),
+                at: time(a.at),
+            })
+            .collect(),
+        pin_errors: view.pin_errors,
+        last_pin_error: view.last_pin_error,
+        sim_lines: panel.sim().map(|board| {
+            let l = board.levels();
+            PanelLinesView {
+                red: l.red,
+                amber: l.amber,
+                green: l.green,
+                buzzer: l.buzzer,
+                button: l.button,
+                active_low: board.active_low(),
+            }
+        }),
+    })
+}
+
+/// Presses the simulated panel's button (technician or admin): short, or held past
+/// the long-press time. The press goes through the simulated pins, with contact
+/// bounce, and the debouncer like a real one; the answer says what it did.
+#[utoipa::path(post, path = "/api/v1/panel/press", tag = "panel",
+    request_body = PanelPressRequest,
+    responses(
+        (status = 200, body = PanelPressView),
+        (status = 409, description = "No [panel] in the configuration, or the panel is on real GPIO (press its button)", body = ErrorBody),
+    ))]
+async fn press_panel(
+    State(state): State<AppState>,
+    caller: Caller,
+    JsonBody(body): JsonBody<PanelPressRequest>,
+) -> ApiResult<Json<PanelPressView>> {
+    caller.lab_work("pressing the panel's button")?;
+    let panel = &state.panel;
+    if !panel.configured() {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "conflict",
+            "no [panel] in the configuration: there is no button to press",
+        ));
+    }
+    if panel.sim().is_none() {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "conflict",
+            "the panel is on GPIO; only a simulated panel can be pressed from the API",
+        ));
+    }
+    let (long, effect) = panel.press_sim(body.long).await.ok_or_else(|| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "the panel did not register the press",
+        )
+    })?;
+    tracing::info!(user = %caller.user, long, effect = effect.as_str(), "Simulated panel button pressed through the API.");
+    Ok(Json(PanelPressView {
+        long,
+        effect: effect.as_str().to_string(),
+        at: humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
+    }))
 }

@@ -120,11 +120,33 @@ async fn serve(config: Config, lab: Arc<Lab>) -> ExitCode {
             return ExitCode::from(exit::UNAVAILABLE);
         }
     };
+    // One ASTM host per configured analyser; profiles are checked against the kits.
+    let analysers =
+        match crate::analysers::Analysers::start(&config.analysers, Arc::clone(&lab)).await {
+            Ok(analysers) => Arc::new(analysers),
+            Err(problems) => {
+                eprintln!("pcrd: the analysers cannot start:");
+                for problem in &problems {
+                    eprintln!("  - {problem}");
+                }
+                return ExitCode::from(exit::USAGE);
+            }
+        };
     // The one line on stdout: scripts and tests read the address from it.
     println!("listening on http://{addr}");
     tracing::info!(%addr, lab = %config.lab_id, "pcrd is serving.");
     // One supervisor per configured extractor; with none configured, nothing starts.
-    let instruments = Arc::new(crate::instruments::Instruments::start(&config.extractors));
+    let instruments = crate::instruments::Instruments::start(&config.extractors);
+    // One supervisor per configured cycler; runs that were in progress are resumed.
+    let instruments = match crate::cyclers::Cyclers::start(&config.cyclers, Arc::clone(&lab)).await
+    {
+        Ok(cyclers) => instruments.with_cyclers(cyclers),
+        Err(e) => {
+            eprintln!("pcrd: cannot read the runs in the store: {e}");
+            return ExitCode::from(exit::STORE);
+        }
+    };
+    let instruments = Arc::new(instruments);
     // One delivery task per configured sink (issue 6); a receiver that is down is a
     // retry, not a failure to start.
     if let Err(e) = crate::outbox::worker::start(&lab, &config.sinks).await {
@@ -137,10 +159,24 @@ async fn serve(config: Config, lab: Arc<Lab>) -> ExitCode {
     crate::review::due::spawn_watcher(Arc::clone(&lab));
     // One polling task per watched export folder (issue 8).
     let folders = crate::folders::Folders::start(Arc::clone(&lab), &config.folders);
+    // The gateway's lamp, buzzer and button (issue 7); with no [panel], nothing starts.
+    let panel = match crate::panel::Panel::start(
+        config.panel.as_ref(),
+        Arc::clone(&lab),
+        Arc::clone(&instruments),
+    ) {
+        Ok(panel) => Arc::new(panel),
+        Err(e) => {
+            eprintln!("pcrd: {e}");
+            return ExitCode::from(exit::UNAVAILABLE);
+        }
+    };
     let app = crate::api::router(
         Arc::clone(&lab),
         Arc::clone(&instruments),
         folders,
+        analysers,
+        panel,
         config.users,
         config.max_body_bytes,
     );

@@ -18,14 +18,17 @@
 //!   write it: every item is retried with a message naming the problem, so results
 //!   wait, none is dead-lettered, until the operator fixes the table.
 //!
-//! What goes over the wire is text `COPY` of two columns, the idempotency key and the
-//! record as JSON; the INSERT takes every other column from that JSON. Measured on the
-//! loopback server (BENCHMARKS.md §8, field-notes-style psql runs of 100,000 rows):
-//! PostgreSQL spends most of a batch parsing JSONB and timestamps, and sending the
-//! targets as a second JSONB column beside the record parsed them twice (COPY of the
-//! 21 typed columns into staging took 3.2 s, of key + record 1.1 s, the INSERT about
-//! 1.5 s either way). Binary `COPY` would not help: JSONB's binary input is its text
-//! form, parsed the same way.
+//! What goes over the wire is binary `COPY` of the 21 typed columns: pcrd takes every
+//! column from the record itself (integers as integers, timestamps as microseconds
+//! since 2000, the targets and the whole record as `json` text), so the server parses
+//! no text into values except the validation of the two JSON values. Measured on the
+//! loopback server (BENCHMARKS.md §8): decomposing ~1 KB of JSON per result into JSONB
+//! was the largest cost pcrd could avoid (a `jsonb` table takes results at about 0.7×
+//! the rate of a `json` one); `json` is validated but stored as sent. Most of what
+//! remains is the server writing the row, its WAL and two index entries. The
+//! INSERT casts the staged values to the exchange table's own column types, read at
+//! connect, so a table created with `jsonb` columns (an earlier DDL, or an operator who
+//! wants GIN indexes) keeps working, at the server's JSONB parsing cost.
 
 use std::path::Path;
 use std::time::Duration;
@@ -270,38 +273,23 @@ const COLUMNS: [&str; 21] = [
     "record",
 ];
 
-/// How each of [`COLUMNS`] is read from a staging row `(idempotency_key, r)`, where
-/// `r` is the record as JSONB: the record is parsed once, on its way into staging, and
-/// every column is taken from it (PostgreSQL spends most of a batch parsing JSON, and
-/// sending the fields and the targets beside the record would parse them twice).
-const SELECT_FROM_STAGING: [&str; 21] = [
-    "r ->> 'result_id'",
-    "(r ->> 'version')::integer",
-    "idempotency_key",
-    "(r ->> 'schema_version')::integer",
-    "r ->> 'tube'",
-    "(r ->> 'pool_size')::smallint",
-    "r ->> 'plate'",
-    "r ->> 'well'",
-    "r ->> 'run'",
-    "r ->> 'instrument'",
-    "r -> 'kit' ->> 'id'",
-    "r -> 'kit' ->> 'version'",
-    "r ->> 'interpretation'",
-    "r ->> 'status'",
-    "r ->> 'correction_reason'",
-    "(r ->> 'tested_at')::timestamptz",
-    "(r ->> 'released_at')::timestamptz",
-    "r ->> 'released_by'",
-    "r ->> 'lab_id'",
-    "r -> 'targets'",
-    "r",
-];
+/// The staging table (session-local, emptied at every commit): one typed column per
+/// entry of [`COLUMNS`], in that order, matching what [`encode_binary_row`] writes.
+const STAGING_DDL: &str = "CREATE TEMP TABLE IF NOT EXISTS pcrd_staging_v2 (\
+    result_id text, version integer, idempotency_key text, schema_version integer, \
+    tube text, pool_size smallint, plate text, well text, run text, instrument text, \
+    kit_id text, kit_version text, interpretation text, status text, \
+    correction_reason text, tested_at timestamptz, released_at timestamptz, \
+    released_by text, lab_id text, targets json, record json) ON COMMIT DELETE ROWS";
+
+/// The column types a table may use for `targets` and `record`; anything else is the
+/// operator's table and refused at connect with a message.
+const JSON_COLUMN_TYPES: [&str; 3] = ["json", "jsonb", "text"];
 
 /// The exchange table's DDL (`pcrd sink schema postgres`): the table, an index by tube
 /// and a view with one row per target. Idempotent (`IF NOT EXISTS` / `OR REPLACE`).
 ///
-/// Per-target rows are a view over the `targets` JSONB column rather than a child
+/// Per-target rows are a view over the `targets` JSON column rather than a child
 /// table: a child table would multiply the rows written per result by the kit's
 /// target count (4 for the CDC kit) for data the central system can read flat from the
 /// view, and it could not be out of step with its parent.
@@ -333,8 +321,10 @@ CREATE TABLE IF NOT EXISTS {t} (
     released_at       timestamptz NOT NULL,
     released_by       text        NOT NULL,
     lab_id            text        NOT NULL,
-    targets           jsonb       NOT NULL,  -- [{{name, dye, loinc, ct, call}}, ...]
-    record            jsonb       NOT NULL,  -- the whole result record as sent
+    -- json, not jsonb: validated and kept as sent; the server need not decompose ~1 KB
+    -- per result (BENCHMARKS.md §8). ALTER them to jsonb for GIN indexes: pcrd casts.
+    targets           json        NOT NULL,  -- [{{name, dye, loinc, ct, call}}, ...]
+    record            json        NOT NULL,  -- the whole result record as sent
     received_at       timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (result_id, version)
 );
@@ -345,7 +335,7 @@ SELECT r.result_id, r.version, r.tube, t.ordinality AS target_index,
        t.value ->> 'name' AS name, t.value ->> 'dye' AS dye,
        t.value ->> 'loinc' AS loinc, (t.value ->> 'ct')::double precision AS ct,
        t.value ->> 'call' AS call
-FROM {t} r CROSS JOIN LATERAL jsonb_array_elements(r.targets) WITH ORDINALITY AS t(value, ordinality);
+FROM {t} r CROSS JOIN LATERAL json_array_elements(r.targets::json) WITH ORDINALITY AS t(value, ordinality);
 "
     )
 }
@@ -410,7 +400,6 @@ pub struct PostgresSink {
 struct Shared {
     config: PostgresConfig,
     copy_sql: String,
-    insert_sql: String,
 }
 
 #[derive(Debug, Default)]
@@ -421,6 +410,8 @@ struct Lane {
 #[derive(Debug)]
 struct Connection {
     client: Client,
+    /// Built at connect from the table's column types.
+    insert_sql: String,
 }
 
 /// A batch is cut into parts for several lanes only when each part gets this many.
@@ -431,13 +422,9 @@ impl PostgresSink {
         Ok(PostgresSink {
             shared: Shared {
                 config: config.clone(),
-                copy_sql: "COPY pg_temp.pcrd_staging (idempotency_key, r) FROM STDIN".to_owned(),
-                insert_sql: format!(
-                    "INSERT INTO {} ({}) SELECT {} FROM pg_temp.pcrd_staging \
-                     ON CONFLICT (result_id, version) DO NOTHING",
-                    config.table.quoted(),
-                    COLUMNS.join(", "),
-                    SELECT_FROM_STAGING.join(", ")
+                copy_sql: format!(
+                    "COPY pg_temp.pcrd_staging_v2 ({}) FROM STDIN (FORMAT binary)",
+                    COLUMNS.join(", ")
                 ),
             },
             lanes: (0..config.connections.max(1))
@@ -509,11 +496,12 @@ impl Lane {
 
     /// `items` in one transaction; when the table refuses a value, item by item.
     async fn deliver(&mut self, shared: &Shared, items: &[OutboxItem]) -> Vec<ItemOutcome> {
-        // Items PostgreSQL text cannot hold are dead before anything is sent.
-        if items.iter().any(|i| unencodable(&i.record).is_some()) {
+        // A batch holding an item PostgreSQL cannot take is written item by item, so
+        // that item is dead before anything of it is sent and the rest still go.
+        let Ok(rows) = encode_batch(items) else {
             return self.deliver_one_by_one(shared, items).await;
-        }
-        match self.write(shared, items).await {
+        };
+        match self.write(shared, rows).await {
             Ok(()) => vec![ItemOutcome::Delivered; items.len()],
             Err(WriteError::Transient { reason, .. }) => all_retry(items, &reason, None),
             Err(WriteError::Data(reason)) => {
@@ -533,14 +521,17 @@ impl Lane {
     ) -> Vec<ItemOutcome> {
         let mut outcomes = Vec::with_capacity(items.len());
         for (index, item) in items.iter().enumerate() {
-            if let Some(detail) = unencodable(&item.record) {
-                outcomes.push(ItemOutcome::Dead {
-                    reason: DeadReason::Unencodable,
-                    detail,
-                });
-                continue;
-            }
-            match self.write(shared, std::slice::from_ref(item)).await {
+            let rows = match encode_batch(std::slice::from_ref(item)) {
+                Ok(rows) => rows,
+                Err(detail) => {
+                    outcomes.push(ItemOutcome::Dead {
+                        reason: DeadReason::Unencodable,
+                        detail,
+                    });
+                    continue;
+                }
+            };
+            match self.write(shared, rows).await {
                 Ok(()) => outcomes.push(ItemOutcome::Delivered),
                 Err(WriteError::Data(detail)) => {
                     tracing::warn!(sink = "postgres", key = %item.record.idempotency_key(),
@@ -559,11 +550,12 @@ impl Lane {
         outcomes
     }
 
-    /// Writes `items` in one transaction, connecting first when needed. The whole
-    /// attempt is bounded: a server that stops answering is a retry, not a hang.
-    async fn write(&mut self, shared: &Shared, items: &[OutboxItem]) -> Result<(), WriteError> {
+    /// Writes encoded `rows` (see [`encode_batch`]) in one transaction, connecting
+    /// first when needed. The whole attempt is bounded: a server that stops answering
+    /// is a retry, not a hang.
+    async fn write(&mut self, shared: &Shared, rows: Vec<u8>) -> Result<(), WriteError> {
         let limit = shared.config.connect_timeout + shared.config.statement_timeout * 3;
-        let result = match tokio::time::timeout(limit, self.write_unbounded(shared, items)).await {
+        let result = match tokio::time::timeout(limit, self.write_unbounded(shared, rows)).await {
             Ok(result) => result,
             Err(_) => Err(shared.no_answer(limit)),
         };
@@ -576,17 +568,8 @@ impl Lane {
         result
     }
 
-    async fn write_unbounded(
-        &mut self,
-        shared: &Shared,
-        items: &[OutboxItem],
-    ) -> Result<(), WriteError> {
+    async fn write_unbounded(&mut self, shared: &Shared, rows: Vec<u8>) -> Result<(), WriteError> {
         self.ensure_connected(shared).await?;
-        let mut rows = Vec::with_capacity(items.len() * 1200);
-        let mut scratch = Vec::with_capacity(2048);
-        for item in items {
-            encode_row(&item.record, &mut scratch, &mut rows);
-        }
         let Some(connection) = self.connection.as_mut() else {
             return Err(WriteError::Transient {
                 reason: "not connected".to_owned(),
@@ -596,7 +579,7 @@ impl Lane {
         write_batch(
             &mut connection.client,
             &shared.copy_sql,
-            &shared.insert_sql,
+            &connection.insert_sql,
             rows,
         )
         .await
@@ -659,29 +642,24 @@ impl Shared {
                 .batch_execute(&schema_sql(&c.table))
                 .await
                 .map_err(setup)?;
-        } else {
-            self.check_columns(&client).await?;
         }
+        let insert_sql = self.insert_sql(&client).await?;
         // The staging table lives as long as the session; ON COMMIT DELETE ROWS empties
         // it at every commit, and a rolled-back batch leaves nothing in it either.
-        client
-            .batch_execute(
-                "CREATE TEMP TABLE IF NOT EXISTS pcrd_staging \
-                 (idempotency_key text NOT NULL, r jsonb NOT NULL) ON COMMIT DELETE ROWS",
-            )
-            .await
-            .map_err(setup)?;
+        client.batch_execute(STAGING_DDL).await.map_err(setup)?;
         tracing::info!(sink = "postgres", host = %c.host, port = c.port,
             table = %c.table.display(), "connected to PostgreSQL");
-        Ok(Connection { client })
+        Ok(Connection { client, insert_sql })
     }
 
-    /// Fails (retry, with what to do) when the table is missing or lacks a column.
-    async fn check_columns(&self, client: &Client) -> Result<(), WriteError> {
+    /// The INSERT from staging into the exchange table, each JSON value cast to the
+    /// table's own type for it. Fails (retry, with what to do) when the table is missing,
+    /// lacks a column, or holds the JSON in a type pcrd cannot cast to.
+    async fn insert_sql(&self, client: &Client) -> Result<String, WriteError> {
         let table = &self.config.table;
         let rows = client
             .query(
-                "SELECT column_name::text FROM information_schema.columns \
+                "SELECT column_name::text, data_type::text FROM information_schema.columns \
                  WHERE table_schema = coalesce($1, current_schema()) AND table_name = $2",
                 &[&table.schema, &table.name],
             )
@@ -690,7 +668,7 @@ impl Shared {
                 reason: format!("checking the columns of {}: {e}", table.display()),
                 reconnect: true,
             })?;
-        let present: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
+        let present: Vec<(String, String)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
         let hint = format!(
             "create it with `pcrd sink schema postgres --table {}`, or set create_table = true",
             table.display()
@@ -708,7 +686,7 @@ impl Shared {
         let missing: Vec<&str> = COLUMNS
             .iter()
             .copied()
-            .filter(|c| !present.iter().any(|p| p == c))
+            .filter(|c| !present.iter().any(|(p, _)| p == c))
             .collect();
         if !missing.is_empty() {
             return Err(WriteError::Transient {
@@ -720,7 +698,36 @@ impl Shared {
                 reconnect: true,
             });
         }
-        Ok(())
+        let mut select = Vec::with_capacity(COLUMNS.len());
+        for column in COLUMNS {
+            if column != "targets" && column != "record" {
+                select.push(column.to_owned());
+                continue;
+            }
+            let data_type = present
+                .iter()
+                .find(|(name, _)| name == column)
+                .map(|(_, t)| t.as_str())
+                .unwrap_or("json");
+            if !JSON_COLUMN_TYPES.contains(&data_type) {
+                return Err(WriteError::Transient {
+                    reason: format!(
+                        "the column {column} of {} is {data_type}; pcrd writes json, jsonb or \
+                         text there: {hint}",
+                        table.display()
+                    ),
+                    reconnect: true,
+                });
+            }
+            select.push(format!("{column}::{data_type}"));
+        }
+        Ok(format!(
+            "INSERT INTO {} ({}) SELECT {} FROM pg_temp.pcrd_staging_v2 \
+             ON CONFLICT (result_id, version) DO NOTHING",
+            table.quoted(),
+            COLUMNS.join(", "),
+            select.join(", ")
+        ))
     }
 }
 
@@ -758,50 +765,168 @@ async fn write_batch(
     Ok(())
 }
 
-/// Why `record` cannot be written to PostgreSQL at all: text and JSONB refuse the NUL
-/// character.
-fn unencodable(record: &ResultRecord) -> Option<String> {
-    let json = serde_json::to_string(record).unwrap_or_default();
-    (json.contains("\\u0000") || json.is_empty()).then(|| {
-        format!(
-            "{} holds a NUL character, which PostgreSQL text cannot store",
-            record.idempotency_key()
-        )
-    })
+/// The whole binary `COPY` stream for `items` (header, rows, trailer), or why one of
+/// them cannot be written to PostgreSQL at all, naming it.
+fn encode_batch(items: &[OutboxItem]) -> Result<Vec<u8>, String> {
+    let mut rows = Vec::with_capacity(COPY_HEADER.len() + 2 + items.len() * 1400);
+    rows.extend_from_slice(COPY_HEADER);
+    let mut scratch = Vec::with_capacity(2048);
+    for item in items {
+        encode_binary_row(&item.record, &mut scratch, &mut rows)
+            .map_err(|e| format!("{}: {e}", item.record.idempotency_key()))?;
+    }
+    rows.extend_from_slice(&(-1i16).to_be_bytes());
+    Ok(rows)
 }
 
-/// Appends one staging row in `COPY ... FROM STDIN` text format: the idempotency key,
-/// a tab, the record as JSON, a newline, with COPY's backslash escapes.
-fn encode_row(r: &ResultRecord, scratch: &mut Vec<u8>, out: &mut Vec<u8>) {
-    let mut key = String::new();
-    escape_into(&r.idempotency_key(), &mut key);
-    out.extend_from_slice(key.as_bytes());
-    out.push(b'\t');
+/// The binary COPY header: signature, flags, header extension length.
+const COPY_HEADER: &[u8] = b"PGCOPY\n\xff\r\n\0\0\0\0\0\0\0\0\0";
+
+/// Appends one staging row in binary `COPY` format, the fields in [`COLUMNS`] order:
+/// a field count, then per field its length and its bytes in PostgreSQL's binary
+/// representation (text and json: UTF-8; integer, smallint: big-endian; timestamptz:
+/// microseconds since 2000-01-01 UTC; NULL: length -1). Refuses a record holding a
+/// NUL character (PostgreSQL text cannot store it) or a timestamp that is not RFC 3339
+/// (the table would refuse it too).
+fn encode_binary_row(
+    r: &ResultRecord,
+    scratch: &mut Vec<u8>,
+    out: &mut Vec<u8>,
+) -> Result<(), String> {
+    fn field(out: &mut Vec<u8>, bytes: &[u8]) -> Result<(), String> {
+        let len = i32::try_from(bytes.len()).map_err(|_| "a value over 2 GiB".to_owned())?;
+        out.extend_from_slice(&len.to_be_bytes());
+        out.extend_from_slice(bytes);
+        Ok(())
+    }
+    let version = i32::try_from(r.version).map_err(|_| format!("version {}", r.version))?;
+    let schema_version =
+        i32::try_from(r.schema_version).map_err(|_| format!("schema {}", r.schema_version))?;
+    let tested_at = pg_timestamp_micros(&r.tested_at).map_err(|e| format!("tested_at: {e}"))?;
+    let released_at =
+        pg_timestamp_micros(&r.released_at).map_err(|e| format!("released_at: {e}"))?;
+    // The record's JSON holds every string of the record, escaped: one search finds a
+    // NUL anywhere in it.
     scratch.clear();
+    let _ = serde_json::to_writer(&mut *scratch, r);
+    if scratch.windows(6).any(|w| w == b"\\u0000") {
+        return Err("holds a NUL character, which PostgreSQL text cannot store".to_owned());
+    }
+    out.extend_from_slice(&(COLUMNS.len() as i16).to_be_bytes());
+    field(out, r.result_id.as_bytes())?;
+    field(out, &version.to_be_bytes())?;
+    field(out, r.idempotency_key().as_bytes())?;
+    field(out, &schema_version.to_be_bytes())?;
+    field(out, r.tube.as_bytes())?;
+    field(out, &i16::from(r.pool_size).to_be_bytes())?;
+    field(out, r.plate.as_bytes())?;
+    field(out, r.well.as_bytes())?;
+    field(out, r.run.as_bytes())?;
+    field(out, r.instrument.as_bytes())?;
+    field(out, r.kit.id.as_bytes())?;
+    field(out, r.kit.version.as_bytes())?;
+    field(out, r.interpretation.as_str().as_bytes())?;
+    field(out, r.status.as_str().as_bytes())?;
+    match &r.correction_reason {
+        Some(reason) => field(out, reason.as_bytes())?,
+        None => out.extend_from_slice(&(-1i32).to_be_bytes()),
+    }
+    field(out, &tested_at.to_be_bytes())?;
+    field(out, &released_at.to_be_bytes())?;
+    field(out, r.released_by.as_bytes())?;
+    field(out, r.lab_id.as_bytes())?;
     // Serialising a struct of strings and numbers does not fail (a non-finite Ct is
     // written as null).
-    let _ = serde_json::to_writer(&mut *scratch, r);
-    // serde_json writes control characters as escapes, so the JSON holds no raw tab,
-    // newline or carriage return; only its backslashes need doubling for COPY.
-    for &byte in scratch.iter() {
-        if byte == b'\\' {
-            out.push(b'\\');
-        }
-        out.push(byte);
-    }
-    out.push(b'\n');
+    let mut targets = Vec::with_capacity(512);
+    let _ = serde_json::to_writer(&mut targets, &r.targets);
+    field(out, &targets)?;
+    field(out, scratch)?;
+    Ok(())
 }
 
-fn escape_into(value: &str, out: &mut String) {
-    for c in value.chars() {
-        match c {
-            '\\' => out.push_str("\\\\"),
-            '\t' => out.push_str("\\t"),
-            '\n' => out.push_str("\\n"),
-            '\r' => out.push_str("\\r"),
-            c => out.push(c),
+/// Days from 1970-01-01 to the given civil date (proleptic Gregorian).
+fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
+    let y = if month <= 2 { year - 1 } else { year };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (month + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+/// An RFC 3339 timestamp (`2026-11-27T06:10:00.123Z`, `...+01:00`; `t`/space and `z`
+/// accepted as PostgreSQL does) as PostgreSQL's binary timestamptz: microseconds since
+/// 2000-01-01 00:00:00 UTC, fractions beyond microseconds rounded to the nearest
+/// (pcrd writes milliseconds; an exact half may differ from the server's rounding).
+fn pg_timestamp_micros(text: &str) -> Result<i64, String> {
+    let bad = || format!("{text:?} is not an RFC 3339 timestamp like 2026-11-27T06:10:00Z");
+    let b = text.as_bytes();
+    let num = |range: std::ops::Range<usize>| -> Result<i64, String> {
+        let part = b.get(range).ok_or_else(bad)?;
+        if part.is_empty() || !part.iter().all(u8::is_ascii_digit) {
+            return Err(bad());
         }
+        Ok(part.iter().fold(0i64, |n, d| n * 10 + i64::from(d - b'0')))
+    };
+    if b.len() < 20
+        || b[4] != b'-'
+        || b[7] != b'-'
+        || !matches!(b[10], b'T' | b't' | b' ')
+        || b[13] != b':'
+        || b[16] != b':'
+    {
+        return Err(bad());
     }
+    let (year, month, day) = (num(0..4)?, num(5..7)?, num(8..10)?);
+    let (hour, minute, second) = (num(11..13)?, num(14..16)?, num(17..19)?);
+    let days_in_month = match month {
+        1 | 3 | 5 | 7 | 8 | 10 | 12 => 31,
+        4 | 6 | 9 | 11 => 30,
+        2 if year % 4 == 0 && (year % 100 != 0 || year % 400 == 0) => 29,
+        2 => 28,
+        _ => return Err(bad()),
+    };
+    if day < 1 || day > days_in_month || hour > 23 || minute > 59 || second > 59 {
+        return Err(bad());
+    }
+    let mut at = 19;
+    let mut micros = 0i64;
+    if b[at] == b'.' {
+        let digits_end = at
+            + 1
+            + b[at + 1..]
+                .iter()
+                .take_while(|c| c.is_ascii_digit())
+                .count();
+        let digits = &b[at + 1..digits_end];
+        if digits.is_empty() {
+            return Err(bad());
+        }
+        for i in 0..6 {
+            micros = micros * 10 + digits.get(i).map_or(0, |d| i64::from(d - b'0'));
+        }
+        if digits.get(6).is_some_and(|d| *d >= b'5') {
+            micros += 1;
+        }
+        at = digits_end;
+    }
+    let offset_seconds = match b.get(at..) {
+        Some(b"Z" | b"z") => 0,
+        Some([sign @ (b'+' | b'-'), ..]) if b.len() == at + 6 && b[at + 3] == b':' => {
+            let (h, m) = (num(at + 1..at + 3)?, num(at + 4..at + 6)?);
+            if h > 23 || m > 59 {
+                return Err(bad());
+            }
+            let seconds = h * 3600 + m * 60;
+            if *sign == b'+' { seconds } else { -seconds }
+        }
+        _ => return Err(bad()),
+    };
+    // 2000-01-01 is 10,957 days after 1970-01-01.
+    let days = days_from_civil(year, month, day) - 10_957;
+    let seconds = days * 86_400 + hour * 3600 + minute * 60 + second - offset_seconds;
+    Ok(seconds * 1_000_000 + micros)
 }
 
 #[cfg(test)]
@@ -821,10 +946,41 @@ mod tests {
     }
 
     #[test]
-    fn copy_text_escapes_separators() {
-        let mut out = String::new();
-        escape_into("a\tb\\c\nd\re", &mut out);
-        assert_eq!(out, "a\\tb\\\\c\\nd\\re");
+    fn timestamps_become_microseconds_since_2000() {
+        assert_eq!(pg_timestamp_micros("2000-01-01T00:00:00Z"), Ok(0));
+        assert_eq!(pg_timestamp_micros("1999-12-31T23:59:59.999999Z"), Ok(-1));
+        assert_eq!(
+            pg_timestamp_micros("2026-11-27T06:10:00.123Z"),
+            Ok(849_075_000_123_000)
+        );
+        assert_eq!(
+            pg_timestamp_micros("2026-11-27T07:10:00.123+01:00"),
+            pg_timestamp_micros("2026-11-27T06:10:00.123Z")
+        );
+        assert_eq!(
+            pg_timestamp_micros("2024-02-29T00:00:00.0000006Z"),
+            Ok(762_480_000_000_001)
+        );
+        for bad in [
+            "",
+            "2026-11-27",
+            "2026-02-30T00:00:00Z",
+            "2026-11-27T24:00:00Z",
+            "2026-11-27T06:10:00",
+            "2026-11-27T06:10:00.Z",
+            "2026-11-27T06:10:00+0100",
+            "2026-11-27T06:10:00Zjunk",
+            "2026-11-27T06:10:0xZ",
+        ] {
+            assert!(pg_timestamp_micros(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn timestamp_parsing_never_panics(text in "\\PC{0,40}") {
+            let _ = pg_timestamp_micros(&text);
+        }
     }
 
     #[test]

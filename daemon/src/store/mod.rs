@@ -127,6 +127,9 @@ pub struct Trees {
     /// result awaiting or past a decision); `r` ++ entry id -> `RerunEntry` (the rerun
     /// and pooled follow-up list).
     pub review: sled::Tree,
+    /// Results analysers reported for tubes, listed per tube; key layout in
+    /// `crate::analysers::store`.
+    pub reported: sled::Tree,
 }
 
 /// Store tuning from the config file.
@@ -186,6 +189,7 @@ impl Store {
             messages: db.open_tree("messages")?,
             imports: db.open_tree("imports")?,
             review: db.open_tree("review")?,
+            reported: db.open_tree("reported")?,
         };
         match trees.meta.get(META_SCHEMA_VERSION)? {
             Some(raw) => {

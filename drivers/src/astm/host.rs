@@ -421,8 +421,15 @@ impl<S: MessageStore> Line<S> {
                 }
             }
             LinkEvent::TransmissionEnded { messages } => {
+                let mut confirmed = Vec::with_capacity(messages.len());
                 for seq in messages {
-                    self.unconfirmed.remove(&seq);
+                    // Only messages the store accepted are confirmed to it.
+                    if let Some((_, true)) = self.unconfirmed.remove(&seq) {
+                        confirmed.push(self.key(seq));
+                    }
+                }
+                if !confirmed.is_empty() {
+                    self.store.confirmed(&confirmed).await;
                 }
             }
             LinkEvent::MessageAborted {

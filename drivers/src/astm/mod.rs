@@ -32,8 +32,13 @@
 //! connection is closed at once, logged and reported ([`HostEvent::PeerRefused`]). A
 //! new connection from an instrument replaces its previous one for orders.
 //!
+//! **Confirmation.** When the instrument ends a transmission with EOT, the messages
+//! stored in it are passed to [`MessageStore::confirmed`]: from then on they are the
+//! instrument's final word (the daemon turns them into results and answers queries).
+//!
 //! What this module does NOT do: store anything itself, map test codes to kit
-//! targets, or answer queries (Q records reach the store as messages).
+//! targets, or answer queries (Q records reach the store as messages; the daemon
+//! answers through [`HostHandle::send`] once they are confirmed).
 
 mod host;
 
@@ -118,6 +123,15 @@ pub trait MessageStore: Send + Sync + 'static {
     /// Keeps bytes that are not results.
     fn quarantine(&self, item: &Quarantined)
     -> impl Future<Output = Result<(), StoreError>> + Send;
+    /// The instrument ended the transmission with EOT after these stored messages:
+    /// they are confirmed, and will not be reported as
+    /// [`QuarantineReason::Unconfirmed`]. Called on the line's task, so it must not
+    /// wait on the line (e.g. send an answer through the [`HostHandle`]): queue such
+    /// work instead. The default does nothing.
+    fn confirmed(&self, keys: &[MessageKey]) -> impl Future<Output = ()> + Send {
+        let _ = keys;
+        async {}
+    }
 }
 
 /// What the host reports.

@@ -26,7 +26,7 @@ use tracing::debug;
 /// One target of an assay with its Ct (`None`: not detected, sent empty).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Target {
-    /// The analyte code (e.g. `E`, `N2`, `SPC`).
+    /// The analyte code (e.g. `ORF1ab`, `N`, `IC`).
     pub name: String,
     /// The Ct.
     pub ct: Option<f64>,
@@ -59,7 +59,9 @@ pub struct Scenario {
 }
 
 impl Scenario {
-    /// Two specimens: a positive and a negative.
+    /// Two specimens: a positive and a negative, of a SARS-CoV-2 ORF1ab/N assay with
+    /// an internal control (`analysers/sim-an01.toml` maps it onto the kit
+    /// `sarscov2-orf1ab-n-ic`).
     pub fn example() -> Scenario {
         let target = |name: &str, ct| Target {
             name: name.to_owned(),
@@ -73,14 +75,14 @@ impl Scenario {
                 Specimen {
                     id: "SPC0042".into(),
                     call: "POS".into(),
-                    targets: vec![target("E", Some(24.61)), target("N2", Some(26.02))],
-                    internal_control: target("SPC", Some(28.4)),
+                    targets: vec![target("ORF1ab", Some(24.61)), target("N", Some(26.02))],
+                    internal_control: target("IC", Some(28.4)),
                 },
                 Specimen {
                     id: "SPC0043".into(),
                     call: "NEG".into(),
-                    targets: vec![target("E", None), target("N2", None)],
-                    internal_control: target("SPC", Some(27.9)),
+                    targets: vec![target("ORF1ab", None), target("N", None)],
+                    internal_control: target("IC", Some(27.9)),
                 },
             ],
         }
@@ -223,7 +225,7 @@ pub struct AnalyserConfig {
     /// The receiving link (timers; text per frame when sending).
     pub link: LinkConfig,
     /// Answer each order message received with a results message for its specimens
-    /// (call `NEG`, no Ct for `E` and `N2`, internal control at 28.00), as an analyser
+    /// (call `NEG`, no Ct for `ORF1ab` and `N`, internal control at 28.00), as an analyser
     /// does once it has run the ordered tests.
     pub answer_orders: bool,
 }
@@ -634,8 +636,8 @@ fn answer(orders: &Message) -> Scenario {
             .map(|(o, _)| Specimen {
                 id: o.specimen_id().to_owned(),
                 call: "NEG".into(),
-                targets: vec![target("E", None), target("N2", None)],
-                internal_control: target("SPC", Some(28.0)),
+                targets: vec![target("ORF1ab", None), target("N", None)],
+                internal_control: target("IC", Some(28.0)),
             })
             .collect(),
     }

@@ -26,6 +26,7 @@
 
 pub mod frame;
 pub mod link;
+pub mod mapping;
 pub mod record;
 
 /// Start of a frame.
