@@ -29,8 +29,9 @@
 //! - `cycles`: run id (u64 BE) ++ `b'r'` ++ sequence (u32 BE) ->
 //!   [`RejectedLine`]: a line refused during the run, kept for diagnosis.
 //!
-//! What this does NOT do: analyse curves (Ct, calls) or release results; runs
-//! started on the instrument's own panel are logged, not stored.
+//! A finished run is analysed by `crate::runs` (Ct, calls, plate validity);
+//! this module does not release results. Runs started on the instrument's own
+//! panel are logged, not stored.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::fmt::Write as _;
@@ -667,6 +668,8 @@ pub struct Cycler {
     /// and the run's reason must still name who aborted it and why.
     abort_reason: Mutex<Option<String>>,
     runs: Arc<RunStore>,
+    /// For the analysis at the end of a run (plate layout, kit).
+    lab: Arc<Lab>,
 }
 
 /// Every configured cycler. Dropping it stops their supervisors.
@@ -703,6 +706,8 @@ impl Cyclers {
             .into_iter()
             .filter(|r| !r.state.is_terminal())
             .collect();
+        let lab_for_catch_up = Arc::clone(&lab);
+        let runs_for_catch_up = Arc::clone(&runs);
         let mut out = Cyclers {
             by_name: BTreeMap::new(),
             runs: Arc::clone(&runs),
@@ -758,6 +763,7 @@ impl Cyclers {
                 command: tokio::sync::Mutex::new(()),
                 abort_reason: Mutex::new(None),
                 runs: Arc::clone(&runs),
+                lab: Arc::clone(&out.lab),
             });
             if let Some(run) = &resume {
                 info!(instrument = %config.name, run = run.id, plate = %run.plate, cycles_stored = run.cycles_stored, "Resuming the run that was in progress; the cycles after those stored will be fetched.");
@@ -771,6 +777,14 @@ impl Cyclers {
             info!(instrument = %config.name, link = %cycler.link_name, dialect = %cycler.dialect, "Following the cycler.");
             out.by_name.insert(config.name.clone(), cycler);
         }
+        // Finished runs whose analysis a crash interrupted (crate::runs).
+        out.tasks.push(tokio::spawn(
+            async move {
+                if let Err(e) = crate::runs::catch_up(lab_for_catch_up, runs_for_catch_up).await {
+                    error!(error = %e, "Finished runs could not be checked for a missing analysis.");
+                }
+            },
+        ));
         Ok(out)
     }
 
@@ -1287,6 +1301,14 @@ impl Cycler {
                     Outcome::Completed if run.cycles_stored == *cycles => {
                         info!(run = run.id, plate = %run.plate, cycles, "PCR run finished; every cycle stored.");
                         self.end(RunState::Finished, None).await?;
+                        // The end of a PCR run: analysis, judgement, hand-off (crate::runs).
+                        if let Some(done) = self.runs.get(run.id)? {
+                            tokio::spawn(crate::runs::finish(
+                                Arc::clone(&self.lab),
+                                Arc::clone(&self.runs),
+                                done,
+                            ));
+                        }
                     }
                     Outcome::Completed => {
                         error!(run = run.id, plate = %run.plate, cycles, stored = run.cycles_stored, "The cycler finished but the store does not hold every cycle.");

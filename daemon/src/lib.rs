@@ -18,6 +18,7 @@ pub mod lab;
 pub mod metrics;
 pub mod model;
 pub mod outbox;
+pub mod runs;
 pub mod sinks;
 pub mod store;
 pub mod telemetry;
