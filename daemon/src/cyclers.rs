@@ -147,6 +147,18 @@ pub struct RunRecord {
     pub updated_at: i64,
 }
 
+/// `protocol_text` of an extraction run (crate::runs): an extraction run is
+/// stored as a [`RunRecord`] with no channels and progress in percent as its
+/// "cycles", so both kinds share one id sequence and one `runs` tree.
+pub const EXTRACTION_PROTOCOL: &str = "extraction protocol";
+
+impl RunRecord {
+    /// Whether this is an extraction run on an extractor (not a PCR run).
+    pub fn is_extraction(&self) -> bool {
+        self.protocol_text.starts_with(EXTRACTION_PROTOCOL)
+    }
+}
+
 impl Versioned for RunRecord {
     const TREE: &'static str = "runs";
     const VERSION: u8 = 1;
@@ -350,6 +362,40 @@ impl RunStore {
                 .map(|c| c.as_str().to_owned())
                 .collect(),
             cycles_expected: protocol.data_cycles(),
+            state: RunState::Starting,
+            reason: None,
+            cycles_stored: 0,
+            lines_rejected: 0,
+            refetched: Vec::new(),
+            started_by: started_by.to_owned(),
+            created_at: at,
+            started_at: None,
+            ended_at: None,
+            updated_at: at,
+        };
+        self.put(&run).await?;
+        Ok(run)
+    }
+
+    /// A new extraction run record in state `starting`, durable when this returns.
+    pub async fn create_extraction(
+        &self,
+        plate: &str,
+        instrument: &str,
+        protocol: u16,
+        format: PlateFormat,
+        started_by: &str,
+    ) -> Result<RunRecord, StoreError> {
+        let at = now_ms();
+        let run = RunRecord {
+            id: self.next_id.fetch_add(1, Ordering::Relaxed),
+            plate: plate.to_owned(),
+            instrument: instrument.to_owned(),
+            protocol: protocol.to_string(),
+            protocol_text: format!("{EXTRACTION_PROTOCOL} {protocol}"),
+            format,
+            channels: Vec::new(),
+            cycles_expected: 100,
             state: RunState::Starting,
             reason: None,
             cycles_stored: 0,
@@ -704,7 +750,7 @@ impl Cyclers {
         let in_progress: Vec<RunRecord> = runs
             .all()?
             .into_iter()
-            .filter(|r| !r.state.is_terminal())
+            .filter(|r| !r.state.is_terminal() && !r.is_extraction())
             .collect();
         let lab_for_catch_up = Arc::clone(&lab);
         let runs_for_catch_up = Arc::clone(&runs);
@@ -800,6 +846,15 @@ impl Cyclers {
         &self.runs
     }
 
+    /// The run store shared with extraction runs (one id sequence).
+    pub fn run_store(&self) -> Arc<RunStore> {
+        Arc::clone(&self.runs)
+    }
+
+    pub fn lab(&self) -> Arc<Lab> {
+        Arc::clone(&self.lab)
+    }
+
     /// Starts a run of `plate` on `instrument`. The record is durable (state
     /// `starting`) before anything is sent; `RUN:START` is sent once (the
     /// driver reads the state back when its reply is lost, never resends).
@@ -826,7 +881,9 @@ impl Cyclers {
         }
         // A plate runs once to a finish; a failed or aborted run may be repeated.
         if let Some(run) = self.runs.all()?.into_iter().find(|r| {
-            r.plate == plate_id && (r.state == RunState::Finished || !r.state.is_terminal())
+            !r.is_extraction()
+                && r.plate == plate_id
+                && (r.state == RunState::Finished || !r.state.is_terminal())
         }) {
             return Err(RunError::Conflict(format!(
                 "plate {plate_id} already has run {} ({})",

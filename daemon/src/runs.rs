@@ -508,7 +508,10 @@ async fn finish_in_span(lab: Arc<Lab>, runs: Arc<RunStore>, run: RunRecord) {
 /// the run's end and its analysis).
 pub async fn catch_up(lab: Arc<Lab>, runs: Arc<RunStore>) -> Result<(), StoreError> {
     for run in runs.all()? {
-        if run.state == RunState::Finished && stored(&runs, run.id)?.is_none() {
+        if run.state == RunState::Finished
+            && !run.is_extraction()
+            && stored(&runs, run.id)?.is_none()
+        {
             info!(run = run.id, plate = %run.plate, "A finished run was not analysed yet; analysing it now.");
             finish(Arc::clone(&lab), Arc::clone(&runs), run).await;
         }

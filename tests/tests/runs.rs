@@ -7,14 +7,19 @@
 //! - the analysis of a finished run has the simulator's truth: positives with
 //!   Cts near the true Ct, negatives undetermined, controls valid;
 //! - a second start on a busy cycler is refused with 409;
-//! - `pcrd run watch` follows a run to its end, shows progress, exits 0.
+//! - `pcrd run watch` follows a run to its end, shows progress, exits 0;
+//! - an extraction run on the simulated Modbus extractor (real TCP on
+//!   127.0.0.1) finishes and the plate is extracted; a device error fails it
+//!   with the reason, and the plate runs again once the error is cleared.
 
 use std::time::{Duration, Instant};
 
 use pcrd_drivers::sim::cycler::{
     CyclerSim, CyclerSimConfig, PlateScenario, REFERENCE_THRESHOLD, WellRole,
 };
+use pcrd_drivers::sim::extractor::{Fault, SimConfig, Simulator};
 use pcrd_protocol::domain::PlateFormat;
+use pcrd_protocol::extractor::{ExtractorCommand, Profile};
 use pcrd_tests::{Api, Daemon, TECH_TOKEN, TEST_CONFIG, pcrd_bin};
 use serde_json::{Value, json};
 
@@ -258,4 +263,153 @@ async fn a_finished_pcr_run_is_analysed_with_the_kit_and_watched_from_the_cli() 
         .find(|i| i["name"] == "qpcr-1")
         .unwrap();
     assert_eq!(q["state"], "idle", "{q:#}");
+}
+
+fn extractor_sim(run_time: Duration) -> Simulator {
+    let profile =
+        Profile::from_toml_str(include_str!("../../profiles/sim-extractor.toml")).unwrap();
+    Simulator::new(
+        std::sync::Arc::new(profile),
+        &[1],
+        SimConfig {
+            run_time,
+            ..SimConfig::default()
+        },
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_extraction_run_fails_on_a_device_error_and_the_plate_runs_again() {
+    let sim = extractor_sim(Duration::from_secs(3));
+    sim.inject(
+        1,
+        Fault::ErrorAt {
+            at_percent: 40.0,
+            code: 102,
+        },
+    );
+    let server = sim.serve_tcp().await.unwrap();
+    let profile = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../profiles/sim-extractor.toml")
+        .display()
+        .to_string();
+    let config = format!(
+        "{TEST_CONFIG}\n[[extractors]]\nname = \"ext-1\"\nprofile = {profile:?}\ntcp = \"{}\"\ntimeout_ms = 300\n",
+        server.addr
+    );
+    let daemon = tokio::task::spawn_blocking(move || Daemon::start_with_config(&config))
+        .await
+        .unwrap();
+    let api = daemon.client();
+    wait_for(&api, "/api/v1/instruments/ext-1", "online and idle", |v| {
+        v["online"] == true && v["state"] == "idle"
+    })
+    .await;
+
+    let tubes: Vec<Value> = (0..94)
+        .map(|i| json!({ "barcode": format!("TX{i:04}") }))
+        .collect();
+    assert_eq!(
+        api.post("/api/v1/tubes", json!({ "tubes": tubes })).await.status,
+        200
+    );
+    let r = api
+        .post("/api/v1/plates", json!({ "kit": KIT, "id": "EXT-X" }))
+        .await;
+    assert_eq!(r.status, 201, "{r:?}");
+    // Not sealed yet: refused.
+    let start = json!({ "plate": "EXT-X", "instrument": "ext-1", "protocol": "3" });
+    let r = api.post("/api/v1/runs", start.clone()).await;
+    assert_eq!(r.status, 409, "{r:?}");
+    assert!(r.message().contains("not sealed"), "{r:?}");
+    assert_eq!(
+        api.post("/api/v1/plates/EXT-X/fill", json!({})).await.status,
+        200
+    );
+    assert_eq!(
+        api.post("/api/v1/plates/EXT-X/seal", json!({})).await.status,
+        200
+    );
+    let r = api
+        .post(
+            "/api/v1/runs",
+            json!({ "plate": "EXT-X", "instrument": "ext-1", "protocol": "x" }),
+        )
+        .await;
+    assert_eq!(r.status, 422, "{r:?}");
+
+    // First run: the device fails at 40 %.
+    let r = api.post("/api/v1/runs", start.clone()).await;
+    assert_eq!(r.status, 201, "{r:?}");
+    let first = r.body["id"].as_u64().unwrap();
+    assert_eq!(
+        sim.commands(1),
+        vec![
+            ExtractorCommand::LoadProtocol(3),
+            ExtractorCommand::Start {
+                barcode: "EXT-X".into()
+            }
+        ]
+    );
+    // The plate is on the extractor: neither it nor another goes on it now.
+    let r = api.post("/api/v1/runs", start.clone()).await;
+    assert_eq!(r.status, 409, "{r:?}");
+    let failed = wait_for(
+        &api,
+        &format!("/api/v1/runs/{first}"),
+        "failed",
+        |v| v["state"] == "failed",
+    )
+    .await;
+    let reason = failed["reason"].as_str().unwrap();
+    assert!(reason.contains("102"), "{failed:#}");
+    let seen = api.get_ok("/api/v1/instruments/ext-1").await;
+    assert_eq!(seen["state"], "error", "{seen:#}");
+    assert!(
+        seen["state_reason"].as_str().unwrap().contains("102"),
+        "{seen:#}"
+    );
+    // While the device is in error, a re-run is refused with what to do.
+    let r = api.post("/api/v1/runs", start.clone()).await;
+    assert_eq!(r.status, 409, "{r:?}");
+    assert!(r.message().contains("clear the error"), "{r:?}");
+
+    // The operator clears the error on the panel; the same plate runs again.
+    sim.clear_faults(1);
+    sim.operate(1, ExtractorCommand::AcknowledgeError).unwrap();
+    wait_for(&api, "/api/v1/instruments/ext-1", "idle", |v| {
+        v["state"] == "idle"
+    })
+    .await;
+    let r = api.post("/api/v1/runs", start.clone()).await;
+    assert_eq!(r.status, 201, "{r:?}");
+    let second = r.body["id"].as_u64().unwrap();
+    assert_ne!(second, first);
+    // Progress is followed from the polls.
+    wait_for(
+        &api,
+        &format!("/api/v1/runs/{second}"),
+        "running with progress",
+        |v| {
+            v["state"] == "running"
+                && v["cycles_stored"].as_u64().is_some_and(|p| p > 0 && p < 100)
+        },
+    )
+    .await;
+    let done = wait_for(
+        &api,
+        &format!("/api/v1/runs/{second}"),
+        "finished",
+        |v| v["state"] == "finished",
+    )
+    .await;
+    assert_eq!(done["cycles_stored"], 100, "{done:#}");
+    assert!(done["reason"].is_null(), "{done:#}");
+    // Extracted once: not again.
+    let r = api.post("/api/v1/runs", start).await;
+    assert_eq!(r.status, 409, "{r:?}");
+    assert!(r.message().contains("already has extraction run"), "{r:?}");
+    // The failed run keeps its reason.
+    let kept = api.get_ok(&format!("/api/v1/runs/{first}")).await;
+    assert_eq!(kept["state"], "failed");
 }

@@ -1135,7 +1135,9 @@ fn cyclers_of(state: &AppState) -> ApiResult<&crate::cyclers::Cyclers> {
     })
 }
 
-/// Start a PCR run of a sealed plate on an idle cycler. The run is stored
+/// Start a run: an extraction run of a sealed extraction plate on an idle
+/// extractor (`protocol` is then the extractor's protocol number, default 1),
+/// or a PCR run of a sealed plate on an idle cycler. The run is stored
 /// (state `starting`) before anything is sent; the start command is sent once
 /// and, if its reply is lost, the cycler's state is read back instead of
 /// sending it again.
@@ -1154,6 +1156,20 @@ async fn start_run(
     JsonBody(body): JsonBody<StartRunRequest>,
 ) -> ApiResult<(StatusCode, Json<RunView>)> {
     caller.lab_work("starting runs")?;
+    // An extractor's name: an extraction run (crate::instruments, docs/runs.md).
+    if state.instruments.get(&body.instrument).is_some() {
+        let run = state
+            .instruments
+            .start_extraction(
+                &body.plate,
+                &body.instrument,
+                body.protocol.as_deref(),
+                &caller.user,
+            )
+            .await?;
+        tracing::info!(run = run.id, "Extraction run started.");
+        return Ok((StatusCode::CREATED, Json(run_view(&run))));
+    }
     let cyclers = cyclers_of(&state)?;
     let run = cyclers
         .start_run(
@@ -1257,6 +1273,13 @@ async fn abort_run(
     OptionalJson(body): OptionalJson<ReasonRequest>,
 ) -> ApiResult<Json<RunView>> {
     caller.lab_work("aborting runs")?;
+    if state.instruments.is_extraction_run(id) {
+        let run = state
+            .instruments
+            .abort_extraction(id, &caller.user, body.reason.as_deref())
+            .await?;
+        return Ok(Json(run_view(&run)));
+    }
     let cyclers = cyclers_of(&state)?;
     let run = cyclers
         .abort_run(id, &caller.user, body.reason.as_deref())

@@ -157,7 +157,7 @@ async fn watch(client: &Client, id: u64, interval: f64) -> Result<(), ClientErro
     let bar = if tty {
         let bar = ProgressBar::new(0);
         if let Ok(style) = ProgressStyle::with_template(
-            "run {prefix} [{bar:40}] cycle {pos}/{len} {msg}  eta {eta}",
+            "run {prefix} [{bar:40}] {pos}/{len} {msg}  eta {eta}",
         ) {
             bar.set_style(style);
         }
@@ -176,7 +176,9 @@ async fn watch(client: &Client, id: u64, interval: f64) -> Result<(), ClientErro
         let r = &reply.value;
         bar.set_length(u64::from(r.cycles_expected));
         bar.set_position(u64::from(r.cycles_stored));
-        bar.set_message(r.state.clone());
+        // An extraction run counts percent, a PCR run cycles.
+        let unit = if r.channels.is_empty() { "%" } else { "cycles" };
+        bar.set_message(format!("{unit} {}", r.state));
         if !tty && !client.json {
             // For logs: one line per change, no redraws.
             let start = *first_cycles.get_or_insert(r.cycles_stored);
@@ -190,10 +192,11 @@ async fn watch(client: &Client, id: u64, interval: f64) -> Result<(), ClientErro
             } else {
                 String::new()
             };
-            let line = format!(
-                "run {id}: cycle {}/{} {}",
-                r.cycles_stored, r.cycles_expected, r.state
-            );
+            let line = if r.channels.is_empty() {
+                format!("run {id}: step progress {}/{} % {}", r.cycles_stored, r.cycles_expected, r.state)
+            } else {
+                format!("run {id}: cycle {}/{} {}", r.cycles_stored, r.cycles_expected, r.state)
+            };
             if line != last_line {
                 eprintln!("{line}{eta}");
                 last_line = line;
