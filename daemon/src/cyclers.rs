@@ -824,13 +824,11 @@ impl Cyclers {
             out.by_name.insert(config.name.clone(), cycler);
         }
         // Finished runs whose analysis a crash interrupted (crate::runs).
-        out.tasks.push(tokio::spawn(
-            async move {
-                if let Err(e) = crate::runs::catch_up(lab_for_catch_up, runs_for_catch_up).await {
-                    error!(error = %e, "Finished runs could not be checked for a missing analysis.");
-                }
-            },
-        ));
+        out.tasks.push(tokio::spawn(async move {
+            if let Err(e) = crate::runs::catch_up(lab_for_catch_up, runs_for_catch_up).await {
+                error!(error = %e, "Finished runs could not be checked for a missing analysis.");
+            }
+        }));
         Ok(out)
     }
 

@@ -305,12 +305,15 @@ pub fn analyse(
         detail: e.to_string(),
     })?;
     let kit_spec = format!("{}@{}", plate.kit_id.as_str(), plate.kit_version);
-    let kit = lab.kits().find(&kit_spec).map_err(|detail| AnalysisError::Kit {
-        run: run.id,
-        plate: run.plate.clone(),
-        kit: kit_spec.clone(),
-        detail,
-    })?;
+    let kit = lab
+        .kits()
+        .find(&kit_spec)
+        .map_err(|detail| AnalysisError::Kit {
+            run: run.id,
+            plate: run.plate.clone(),
+            kit: kit_spec.clone(),
+            detail,
+        })?;
     let curves = runs.curves(run)?;
     let (doc, wells) = document(run, &plate, kit, &curves);
     let rdml_run = &doc.experiments[0].runs[0];
@@ -368,10 +371,8 @@ pub fn analyse(
             if let Some(reason) = judgement.plate.validity.reason() {
                 plate_out.failures = vec![reason];
             }
-            let by_label: BTreeMap<String, u32> = out
-                .iter()
-                .map(|(id, w)| (w.well.clone(), *id))
-                .collect();
+            let by_label: BTreeMap<String, u32> =
+                out.iter().map(|(id, w)| (w.well.clone(), *id)).collect();
             for (well, call) in &judgement.plate.samples {
                 let Some(entry) = by_label
                     .get(&well.to_string())
@@ -390,10 +391,7 @@ pub fn analyse(
                 *plate_out.calls.entry(call.call.to_string()).or_default() += 1;
             }
             for unjudged in &judgement.unjudged {
-                if let Some(entry) = by_label
-                    .get(&unjudged.well)
-                    .and_then(|id| out.get_mut(id))
-                {
+                if let Some(entry) = by_label.get(&unjudged.well).and_then(|id| out.get_mut(id)) {
                     entry.unjudged = Some(unjudged.reason.clone());
                 }
                 *plate_out.calls.entry("unjudged".to_owned()).or_default() += 1;

@@ -1004,10 +1004,13 @@ fn instrument_view(instrument: &crate::instruments::Instrument) -> InstrumentVie
         state_reason: if s.tracked.connection != Connection::Online {
             s.tracked.reason.clone()
         } else {
-            s.status
-                .as_ref()
-                .and_then(|st| st.error.as_ref())
-                .map(|e| format!("device error {}: {}", e.code, e.reason.as_deref().unwrap_or("no reason given")))
+            s.status.as_ref().and_then(|st| st.error.as_ref()).map(|e| {
+                format!(
+                    "device error {}: {}",
+                    e.code,
+                    e.reason.as_deref().unwrap_or("no reason given")
+                )
+            })
         },
     }
 }
@@ -1070,7 +1073,11 @@ fn cycler_view(cycler: &crate::cyclers::Cycler) -> InstrumentView {
         state_reason: if s.link != Link::Online {
             s.reason.clone()
         } else if device.is_some_and(|d| d.state == pcrd_protocol::cycler::RunState::Error) {
-            Some(s.last_fault.clone().unwrap_or_else(|| "the cycler is in its error state".into()))
+            Some(
+                s.last_fault
+                    .clone()
+                    .unwrap_or_else(|| "the cycler is in its error state".into()),
+            )
         } else {
             None
         },

@@ -128,11 +128,12 @@ pub(super) async fn run(client: &Client, command: RunCommand) -> Result<(), Clie
         }
         RunCommand::Abort { run, reason, .. } => {
             let reply = client
-                .send::<RunView>(
-                    client.post(&["runs", &run.to_string(), "abort"], &ReasonRequest { reason }),
-                )
+                .send::<RunView>(client.post(
+                    &["runs", &run.to_string(), "abort"],
+                    &ReasonRequest { reason },
+                ))
                 .await?;
-            client.print(&reply, |r| outcome_text(r));
+            client.print(&reply, outcome_text);
             Ok(())
         }
         RunCommand::Analysis { run, .. } => {
@@ -156,9 +157,9 @@ async fn watch(client: &Client, id: u64, interval: f64) -> Result<(), ClientErro
     let tty = !client.json && std::io::stderr().is_terminal();
     let bar = if tty {
         let bar = ProgressBar::new(0);
-        if let Ok(style) = ProgressStyle::with_template(
-            "run {prefix} [{bar:40}] {pos}/{len} {msg}  eta {eta}",
-        ) {
+        if let Ok(style) =
+            ProgressStyle::with_template("run {prefix} [{bar:40}] {pos}/{len} {msg}  eta {eta}")
+        {
             bar.set_style(style);
         }
         bar.set_prefix(id.to_string());
@@ -193,9 +194,15 @@ async fn watch(client: &Client, id: u64, interval: f64) -> Result<(), ClientErro
                 String::new()
             };
             let line = if r.channels.is_empty() {
-                format!("run {id}: step progress {}/{} % {}", r.cycles_stored, r.cycles_expected, r.state)
+                format!(
+                    "run {id}: step progress {}/{} % {}",
+                    r.cycles_stored, r.cycles_expected, r.state
+                )
             } else {
-                format!("run {id}: cycle {}/{} {}", r.cycles_stored, r.cycles_expected, r.state)
+                format!(
+                    "run {id}: cycle {}/{} {}",
+                    r.cycles_stored, r.cycles_expected, r.state
+                )
             };
             if line != last_line {
                 eprintln!("{line}{eta}");
@@ -212,10 +219,7 @@ async fn watch(client: &Client, id: u64, interval: f64) -> Result<(), ClientErro
     if r.state == "finished" {
         client.print(&reply, |r| {
             let mut text = outcome_text(r);
-            text.push_str(&format!(
-                "\nits analysis: `pcrd run analysis {}`",
-                r.id
-            ));
+            text.push_str(&format!("\nits analysis: `pcrd run analysis {}`", r.id));
             text
         });
         Ok(())
@@ -290,11 +294,16 @@ pub(super) async fn instrument_list(client: &Client) -> Result<(), ClientError> 
                 .cycler
                 .as_ref()
                 .and_then(|c| c.run.as_ref())
-                .map(|r| format!("run {} plate {} cycle {}/{}", r.id, r.plate, r.cycles_stored, r.cycles_expected))
+                .map(|r| {
+                    format!(
+                        "run {} plate {} cycle {}/{}",
+                        r.id, r.plate, r.cycles_stored, r.cycles_expected
+                    )
+                })
                 .or_else(|| {
-                    i.run.as_ref().map(|r| {
-                        format!("step {} {:.0}%", r.step, r.progress)
-                    })
+                    i.run
+                        .as_ref()
+                        .map(|r| format!("step {} {:.0}%", r.step, r.progress))
                 })
                 .unwrap_or_default();
             text.push_str(&format!(
