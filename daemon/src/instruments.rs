@@ -356,6 +356,9 @@ pub struct Instrument {
     command: tokio::sync::Mutex<()>,
     /// Who aborted the run from the API, and why (for the run's reason).
     abort_reason: Mutex<Option<String>>,
+    /// The id of the extraction run pcrd started on it and that has not
+    /// ended, so following it reads one record, not the whole `runs` tree.
+    active_run: Mutex<Option<u64>>,
 }
 
 /// A copy of an instrument's state for the API.
@@ -433,6 +436,7 @@ impl Instruments {
                 tracked: Mutex::new(Tracked::new(SystemTime::now())),
                 command: tokio::sync::Mutex::new(()),
                 abort_reason: Mutex::new(None),
+                active_run: Mutex::new(None),
             });
             // Subscribe before the monitor starts so no event is missed.
             let events = handle.subscribe();
@@ -458,6 +462,13 @@ impl Instruments {
         let runs = cyclers.run_store();
         self.extraction = Some((Arc::clone(&runs), cyclers.lab()));
         for instrument in self.by_name.values() {
+            // The run left unfinished when the daemon stopped is followed on.
+            match Self::active_extraction(&runs, &instrument.name) {
+                Ok(active) => set_active(instrument, active.map(|r| r.id)),
+                Err(e) => {
+                    error!(instrument = %instrument.name, error = %e, "Unfinished extraction runs cannot be read.")
+                }
+            }
             let span = tracing::info_span!("extraction", instrument = %instrument.name);
             self.supervisors.push(tokio::spawn(
                 follow_extraction_runs(Arc::clone(instrument), Arc::clone(&runs)).instrument(span),
@@ -708,7 +719,16 @@ impl Instruments {
                 run.state.as_str()
             )));
         }
-        if let Some(run) = Self::active_extraction(runs, instrument_name)? {
+        let active = *instrument
+            .active_run
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(run) = active
+            .map(|id| runs.get(id))
+            .transpose()?
+            .flatten()
+            .filter(|r| !r.state.is_terminal())
+        {
             return Err(RunError::Conflict(format!(
                 "{instrument_name} is busy with run {} of plate {} ({})",
                 run.id,
@@ -749,6 +769,7 @@ impl Instruments {
         let run = runs
             .create_extraction(plate_id, instrument_name, protocol, plate.format, user)
             .await?;
+        set_active(instrument, Some(run.id));
         let span = tracing::info_span!("run", run = run.id, plate = %plate_id, instrument = %instrument_name);
         async {
             info!(protocol, "Starting an extraction run.");
@@ -867,6 +888,13 @@ async fn end_run(runs: &RunStore, id: u64, state: RunState, reason: Option<Strin
     RunError::Instrument(message)
 }
 
+fn set_active(instrument: &Instrument, id: Option<u64>) {
+    *instrument
+        .active_run
+        .lock()
+        .unwrap_or_else(|p| p.into_inner()) = id;
+}
+
 /// Carries what the supervisor follows into the extractor's stored run.
 async fn follow_extraction_runs(instrument: Arc<Instrument>, runs: Arc<RunStore>) {
     loop {
@@ -875,11 +903,21 @@ async fn follow_extraction_runs(instrument: Arc<Instrument>, runs: Arc<RunStore>
         let Ok(_guard) = instrument.command.try_lock() else {
             continue;
         };
-        let active = match Instruments::active_extraction(&runs, &instrument.name) {
-            Ok(Some(run)) => run,
-            Ok(None) => continue,
+        let Some(id) = *instrument
+            .active_run
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+        else {
+            continue;
+        };
+        let active = match runs.get(id) {
+            Ok(Some(run)) if !run.state.is_terminal() => run,
+            Ok(_) => {
+                set_active(&instrument, None);
+                continue;
+            }
             Err(e) => {
-                error!(error = %e, "Extraction runs cannot be read.");
+                error!(run = id, error = %e, "The extraction run cannot be read.");
                 continue;
             }
         };
@@ -1144,4 +1182,3 @@ mod tests {
         assert_eq!(label("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
     }
 }
-
