@@ -535,3 +535,46 @@ pub fn on_run_judged(run: &RunRecord, analysis: &RunAnalysis, judgement: Option<
         "Run judged; ready for review."
     );
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn analysis_keys_sort_by_run_then_well_and_never_collide_with_cycles() {
+        assert!(well_key(1, 0) < well_key(1, 383));
+        assert!(well_key(1, 383) < well_key(2, 0));
+        // The run's readings use b'c' and refused lines b'r' after the id.
+        assert_ne!(well_key(1, 0)[8], b'c');
+        assert_ne!(plate_key(1)[8], b'r');
+        assert_eq!(&plate_key(7)[..8], &7u64.to_be_bytes());
+    }
+
+    #[test]
+    fn the_largest_well_analysis_is_far_below_64_kib() {
+        // Eight targets with long names, every QC flag and long texts.
+        let target = TargetResult {
+            target: "T".repeat(64),
+            channel: "C".repeat(32),
+            ct: Some(f64::MAX),
+            threshold: Some(f64::MAX),
+            qc: vec!["q".repeat(40); 10],
+            error: Some("e".repeat(500)),
+        };
+        let well = WellAnalysis {
+            well: "P24".into(),
+            kind: "sample".into(),
+            content: "B".repeat(64),
+            targets: vec![target; 8],
+            call: Some("not_detected".into()),
+            action: Some("a".repeat(500)),
+            reason: Some("r".repeat(1000)),
+            qc_holds: vec!["h".repeat(60); 8],
+            unjudged: Some("u".repeat(500)),
+        };
+        let value = encode(&well);
+        assert!(value.len() < 16 * 1024, "{}", value.len());
+        assert!(sized(b"k", vec![0; MAX_VALUE_BYTES]).is_err());
+    }
+}

@@ -181,7 +181,11 @@ async fn a_finished_pcr_run_is_analysed_with_the_kit_and_watched_from_the_cli() 
     )
     .await;
     assert_eq!(analysis["plate"]["valid"], true, "{:#}", analysis["plate"]);
-    assert!(analysis["plate"]["error"].is_null(), "{:#}", analysis["plate"]);
+    assert!(
+        analysis["plate"]["error"].is_null(),
+        "{:#}",
+        analysis["plate"]
+    );
     let wells = analysis["wells"].as_array().unwrap();
     assert_eq!(wells.len(), 96);
     let names: Vec<String> = PlateFormat::Wells96
@@ -208,7 +212,8 @@ async fn a_finished_pcr_run_is_analysed_with_the_kit_and_watched_from_the_cli() 
                     let slope = 1.0 / curve.efficiency.ln();
                     let a = curve.plateau;
                     let t = t_ref
-                        + slope * ((a / REFERENCE_THRESHOLD - 1.0).ln() - (a / threshold - 1.0).ln());
+                        + slope
+                            * ((a / REFERENCE_THRESHOLD - 1.0).ln() - (a / threshold - 1.0).ln());
                     assert!(
                         (ct - t).abs() < 0.5,
                         "{} {}: Ct {ct}, true {t} at threshold {threshold} (reference Ct {t_ref})",
@@ -247,6 +252,45 @@ async fn a_finished_pcr_run_is_analysed_with_the_kit_and_watched_from_the_cli() 
     assert!(positives > 10 && negatives > 10, "{positives} {negatives}");
     assert_eq!(analysis["plate"]["calls"]["detected"], positives);
     assert_eq!(analysis["plate"]["calls"]["not_detected"], negatives);
+
+    // `pcrd run analysis` shows the same in words.
+    let shown = cli(&["run", "analysis", &id.to_string()]);
+    let text = String::from_utf8_lossy(&shown.stdout).into_owned();
+    assert!(shown.status.success(), "{text}");
+    assert!(text.contains("plate valid"), "{text}");
+    assert!(text.contains(&format!("detected {positives}")), "{text}");
+
+    // The other plate starts now; `pcrd run abort` stops it with the reason,
+    // and `pcrd run watch` of an aborted run exits 1.
+    let r = api
+        .post(
+            "/api/v1/runs",
+            json!({ "plate": other, "instrument": "qpcr-1" }),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{r:?}");
+    let second = r.body["id"].as_u64().unwrap().to_string();
+    let aborted = cli(&["run", "abort", &second, "--reason", "lid check"]);
+    let text = String::from_utf8_lossy(&aborted.stdout).into_owned();
+    assert!(
+        aborted.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&aborted.stderr)
+    );
+    assert!(
+        text.contains("aborted") && text.contains("lid check"),
+        "{text}"
+    );
+    let watched = cli(&["run", "watch", &second]);
+    assert_eq!(watched.status.code(), Some(1), "{watched:?}");
+    assert!(
+        String::from_utf8_lossy(&watched.stderr).contains("lid check"),
+        "{watched:?}"
+    );
+    wait_for(&api, "/api/v1/instruments/qpcr-1", "idle", |v| {
+        v["state"] == "idle"
+    })
+    .await;
 
     // The instrument list shows the cycler idle again.
     let listed = cli(&["instrument", "list", "--json"]);
@@ -310,7 +354,9 @@ async fn an_extraction_run_fails_on_a_device_error_and_the_plate_runs_again() {
         .map(|i| json!({ "barcode": format!("TX{i:04}") }))
         .collect();
     assert_eq!(
-        api.post("/api/v1/tubes", json!({ "tubes": tubes })).await.status,
+        api.post("/api/v1/tubes", json!({ "tubes": tubes }))
+            .await
+            .status,
         200
     );
     let r = api
@@ -323,11 +369,15 @@ async fn an_extraction_run_fails_on_a_device_error_and_the_plate_runs_again() {
     assert_eq!(r.status, 409, "{r:?}");
     assert!(r.message().contains("not sealed"), "{r:?}");
     assert_eq!(
-        api.post("/api/v1/plates/EXT-X/fill", json!({})).await.status,
+        api.post("/api/v1/plates/EXT-X/fill", json!({}))
+            .await
+            .status,
         200
     );
     assert_eq!(
-        api.post("/api/v1/plates/EXT-X/seal", json!({})).await.status,
+        api.post("/api/v1/plates/EXT-X/seal", json!({}))
+            .await
+            .status,
         200
     );
     let r = api
@@ -354,12 +404,9 @@ async fn an_extraction_run_fails_on_a_device_error_and_the_plate_runs_again() {
     // The plate is on the extractor: neither it nor another goes on it now.
     let r = api.post("/api/v1/runs", start.clone()).await;
     assert_eq!(r.status, 409, "{r:?}");
-    let failed = wait_for(
-        &api,
-        &format!("/api/v1/runs/{first}"),
-        "failed",
-        |v| v["state"] == "failed",
-    )
+    let failed = wait_for(&api, &format!("/api/v1/runs/{first}"), "failed", |v| {
+        v["state"] == "failed"
+    })
     .await;
     let reason = failed["reason"].as_str().unwrap();
     assert!(reason.contains("102"), "{failed:#}");
@@ -392,16 +439,15 @@ async fn an_extraction_run_fails_on_a_device_error_and_the_plate_runs_again() {
         "running with progress",
         |v| {
             v["state"] == "running"
-                && v["cycles_stored"].as_u64().is_some_and(|p| p > 0 && p < 100)
+                && v["cycles_stored"]
+                    .as_u64()
+                    .is_some_and(|p| p > 0 && p < 100)
         },
     )
     .await;
-    let done = wait_for(
-        &api,
-        &format!("/api/v1/runs/{second}"),
-        "finished",
-        |v| v["state"] == "finished",
-    )
+    let done = wait_for(&api, &format!("/api/v1/runs/{second}"), "finished", |v| {
+        v["state"] == "finished"
+    })
     .await;
     assert_eq!(done["cycles_stored"], 100, "{done:#}");
     assert!(done["reason"].is_null(), "{done:#}");
