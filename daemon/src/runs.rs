@@ -499,7 +499,14 @@ async fn finish_in_span(lab: Arc<Lab>, runs: Arc<RunStore>, run: RunRecord) {
         return;
     }
     info!(valid = analysis.plate.valid, calls = ?analysis.plate.calls, "Run analysed and stored.");
-    on_run_judged(&run, &analysis, judgement.as_ref());
+    // The plate was read for the analysis a moment ago; its layout is what
+    // review needs to map wells to tubes.
+    match lab.plate(&run.plate) {
+        Ok(plate) => on_run_judged(&run, &plate, &analysis, judgement.as_ref()),
+        Err(e) => {
+            error!(error = %e, "The plate cannot be read to hand the judged run on; its analysis is stored but it was not handed on to review.")
+        }
+    }
 }
 
 /// Analyses every finished run that has no stored analysis (a crash between
@@ -520,11 +527,16 @@ pub async fn catch_up(lab: Arc<Lab>, runs: Arc<RunStore>) -> Result<(), StoreErr
 /// ===== THE HAND-OFF TO REVIEW =====
 ///
 /// Called once per run, after its analysis is durable. The lead connects this
-/// to `review::stage_from_judgement(judgement, plate layout, run id,
-/// instrument)` when merging; until then it only logs. `judgement` is None
+/// to `review::stage_from_judgement(judgement, &plate.layout, run.id,
+/// &run.instrument)` when merging; until then it only logs. `judgement` is None
 /// when the kit could not judge the run (the reason is in
 /// `analysis.plate.error`): such a plate goes to review as it is.
-pub fn on_run_judged(run: &RunRecord, analysis: &RunAnalysis, judgement: Option<&RunJudgement>) {
+pub fn on_run_judged(
+    run: &RunRecord,
+    plate: &PlateRecord,
+    analysis: &RunAnalysis,
+    judgement: Option<&RunJudgement>,
+) {
     info!(
         run = run.id,
         plate = %run.plate,
@@ -532,6 +544,7 @@ pub fn on_run_judged(run: &RunRecord, analysis: &RunAnalysis, judgement: Option<
         valid = analysis.plate.valid,
         judged = judgement.is_some(),
         wells = analysis.wells.len(),
+        layout_wells = plate.layout.iter().count(),
         "Run judged; ready for review."
     );
 }
