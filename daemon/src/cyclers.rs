@@ -29,8 +29,9 @@
 //! - `cycles`: run id (u64 BE) ++ `b'r'` ++ sequence (u32 BE) ->
 //!   [`RejectedLine`]: a line refused during the run, kept for diagnosis.
 //!
-//! What this does NOT do: analyse curves (Ct, calls) or release results; runs
-//! started on the instrument's own panel are logged, not stored.
+//! A finished run is analysed by `crate::runs` (Ct, calls, plate validity);
+//! this module does not release results. Runs started on the instrument's own
+//! panel are logged, not stored.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::fmt::Write as _;
@@ -144,6 +145,18 @@ pub struct RunRecord {
     pub started_at: Option<i64>,
     pub ended_at: Option<i64>,
     pub updated_at: i64,
+}
+
+/// `protocol_text` of an extraction run (crate::runs): an extraction run is
+/// stored as a [`RunRecord`] with no channels and progress in percent as its
+/// "cycles", so both kinds share one id sequence and one `runs` tree.
+pub const EXTRACTION_PROTOCOL: &str = "extraction protocol";
+
+impl RunRecord {
+    /// Whether this is an extraction run on an extractor (not a PCR run).
+    pub fn is_extraction(&self) -> bool {
+        self.protocol_text.starts_with(EXTRACTION_PROTOCOL)
+    }
 }
 
 impl Versioned for RunRecord {
@@ -349,6 +362,40 @@ impl RunStore {
                 .map(|c| c.as_str().to_owned())
                 .collect(),
             cycles_expected: protocol.data_cycles(),
+            state: RunState::Starting,
+            reason: None,
+            cycles_stored: 0,
+            lines_rejected: 0,
+            refetched: Vec::new(),
+            started_by: started_by.to_owned(),
+            created_at: at,
+            started_at: None,
+            ended_at: None,
+            updated_at: at,
+        };
+        self.put(&run).await?;
+        Ok(run)
+    }
+
+    /// A new extraction run record in state `starting`, durable when this returns.
+    pub async fn create_extraction(
+        &self,
+        plate: &str,
+        instrument: &str,
+        protocol: u16,
+        format: PlateFormat,
+        started_by: &str,
+    ) -> Result<RunRecord, StoreError> {
+        let at = now_ms();
+        let run = RunRecord {
+            id: self.next_id.fetch_add(1, Ordering::Relaxed),
+            plate: plate.to_owned(),
+            instrument: instrument.to_owned(),
+            protocol: protocol.to_string(),
+            protocol_text: format!("{EXTRACTION_PROTOCOL} {protocol}"),
+            format,
+            channels: Vec::new(),
+            cycles_expected: 100,
             state: RunState::Starting,
             reason: None,
             cycles_stored: 0,
@@ -667,6 +714,8 @@ pub struct Cycler {
     /// and the run's reason must still name who aborted it and why.
     abort_reason: Mutex<Option<String>>,
     runs: Arc<RunStore>,
+    /// For the analysis at the end of a run (plate layout, kit).
+    lab: Arc<Lab>,
 }
 
 /// Every configured cycler. Dropping it stops their supervisors.
@@ -701,8 +750,10 @@ impl Cyclers {
         let in_progress: Vec<RunRecord> = runs
             .all()?
             .into_iter()
-            .filter(|r| !r.state.is_terminal())
+            .filter(|r| !r.state.is_terminal() && !r.is_extraction())
             .collect();
+        let lab_for_catch_up = Arc::clone(&lab);
+        let runs_for_catch_up = Arc::clone(&runs);
         let mut out = Cyclers {
             by_name: BTreeMap::new(),
             runs: Arc::clone(&runs),
@@ -758,6 +809,7 @@ impl Cyclers {
                 command: tokio::sync::Mutex::new(()),
                 abort_reason: Mutex::new(None),
                 runs: Arc::clone(&runs),
+                lab: Arc::clone(&out.lab),
             });
             if let Some(run) = &resume {
                 info!(instrument = %config.name, run = run.id, plate = %run.plate, cycles_stored = run.cycles_stored, "Resuming the run that was in progress; the cycles after those stored will be fetched.");
@@ -771,6 +823,12 @@ impl Cyclers {
             info!(instrument = %config.name, link = %cycler.link_name, dialect = %cycler.dialect, "Following the cycler.");
             out.by_name.insert(config.name.clone(), cycler);
         }
+        // Finished runs whose analysis a crash interrupted (crate::runs).
+        out.tasks.push(tokio::spawn(async move {
+            if let Err(e) = crate::runs::catch_up(lab_for_catch_up, runs_for_catch_up).await {
+                error!(error = %e, "Finished runs could not be checked for a missing analysis.");
+            }
+        }));
         Ok(out)
     }
 
@@ -784,6 +842,15 @@ impl Cyclers {
 
     pub fn runs(&self) -> &RunStore {
         &self.runs
+    }
+
+    /// The run store shared with extraction runs (one id sequence).
+    pub fn run_store(&self) -> Arc<RunStore> {
+        Arc::clone(&self.runs)
+    }
+
+    pub fn lab(&self) -> Arc<Lab> {
+        Arc::clone(&self.lab)
     }
 
     /// Starts a run of `plate` on `instrument`. The record is durable (state
@@ -812,7 +879,9 @@ impl Cyclers {
         }
         // A plate runs once to a finish; a failed or aborted run may be repeated.
         if let Some(run) = self.runs.all()?.into_iter().find(|r| {
-            r.plate == plate_id && (r.state == RunState::Finished || !r.state.is_terminal())
+            !r.is_extraction()
+                && r.plate == plate_id
+                && (r.state == RunState::Finished || !r.state.is_terminal())
         }) {
             return Err(RunError::Conflict(format!(
                 "plate {plate_id} already has run {} ({})",
@@ -1287,6 +1356,14 @@ impl Cycler {
                     Outcome::Completed if run.cycles_stored == *cycles => {
                         info!(run = run.id, plate = %run.plate, cycles, "PCR run finished; every cycle stored.");
                         self.end(RunState::Finished, None).await?;
+                        // The end of a PCR run: analysis, judgement, hand-off (crate::runs).
+                        if let Some(done) = self.runs.get(run.id)? {
+                            tokio::spawn(crate::runs::finish(
+                                Arc::clone(&self.lab),
+                                Arc::clone(&self.runs),
+                                done,
+                            ));
+                        }
                     }
                     Outcome::Completed => {
                         error!(run = run.id, plate = %run.plate, cycles, stored = run.cycles_stored, "The cycler finished but the store does not hold every cycle.");

@@ -11,9 +11,10 @@
 //! learns the state again from the devices (a run in progress is picked up
 //! where the device got to).
 //!
-//! What this does not do (yet): start, pause or abort runs from the API and
-//! link a run to a plate in the store (issue 7). Runs started on the
-//! instrument's own panel are followed and shown.
+//! Extraction runs started from the API (`POST /api/v1/runs` naming an
+//! extractor) are stored as run records and followed from the supervisor's
+//! state: see [`Instruments::start_extraction`] and docs/runs.md. Runs started
+//! on the instrument's own panel are followed and shown, not stored.
 //!
 //! Logging (style.md §13): the driver logs the link (offline, online); the
 //! supervisor logs what the lab must know, in a span carrying the
@@ -37,6 +38,9 @@ use tokio::task::JoinHandle;
 use tracing::{Instrument as _, error, info, warn};
 
 use crate::config::ExtractorConfig;
+use crate::cyclers::{RunError, RunRecord, RunState, RunStore};
+use crate::model::{PlateKind, PlateState};
+use crate::store::StoreError;
 
 /// Every configured instrument and the tasks that follow them. Dropping it
 /// stops the polling.
@@ -47,6 +51,9 @@ pub struct Instruments {
     supervisors: Vec<JoinHandle<()>>,
     /// The real-time PCR cyclers (`[[cyclers]]`), with their runs.
     cyclers: Option<Arc<crate::cyclers::Cyclers>>,
+    /// The run store and the lab, for extraction runs (set with the cyclers,
+    /// which own the one run-id sequence).
+    extraction: Option<(Arc<RunStore>, Arc<crate::lab::Lab>)>,
 }
 
 impl Drop for Instruments {
@@ -345,6 +352,13 @@ pub struct Instrument {
     pub link: String,
     handle: ExtractorHandle,
     tracked: Mutex<Tracked>,
+    /// Held while an extraction run is started or aborted: never two at once.
+    command: tokio::sync::Mutex<()>,
+    /// Who aborted the run from the API, and why (for the run's reason).
+    abort_reason: Mutex<Option<String>>,
+    /// The id of the extraction run pcrd started on it and that has not
+    /// ended, so following it reads one record, not the whole `runs` tree.
+    active_run: Mutex<Option<u64>>,
 }
 
 /// A copy of an instrument's state for the API.
@@ -420,6 +434,9 @@ impl Instruments {
                 link: key,
                 handle: handle.clone(),
                 tracked: Mutex::new(Tracked::new(SystemTime::now())),
+                command: tokio::sync::Mutex::new(()),
+                abort_reason: Mutex::new(None),
+                active_run: Mutex::new(None),
             });
             // Subscribe before the monitor starts so no event is missed.
             let events = handle.subscribe();
@@ -442,6 +459,21 @@ impl Instruments {
 
     /// Adds the cyclers (started by `Cyclers::start`, which needs the store).
     pub fn with_cyclers(mut self, cyclers: crate::cyclers::Cyclers) -> Instruments {
+        let runs = cyclers.run_store();
+        self.extraction = Some((Arc::clone(&runs), cyclers.lab()));
+        for instrument in self.by_name.values() {
+            // The run left unfinished when the daemon stopped is followed on.
+            match Self::active_extraction(&runs, &instrument.name) {
+                Ok(active) => set_active(instrument, active.map(|r| r.id)),
+                Err(e) => {
+                    error!(instrument = %instrument.name, error = %e, "Unfinished extraction runs cannot be read.")
+                }
+            }
+            let span = tracing::info_span!("extraction", instrument = %instrument.name);
+            self.supervisors.push(tokio::spawn(
+                follow_extraction_runs(Arc::clone(instrument), Arc::clone(&runs)).instrument(span),
+            ));
+        }
         self.cyclers = Some(Arc::new(cyclers));
         self
     }
@@ -586,6 +618,420 @@ pub fn label(value: &str) -> String {
         .replace('\\', "\\\\")
         .replace('"', "\\\"")
         .replace('\n', "\\n")
+}
+
+// ----- extraction runs (issue 7; docs/runs.md) -----
+
+/// Pace of the comparison between a stored extraction run and what the
+/// supervisor follows (the monitor polls at the profile's interval; this only
+/// carries its view into the store).
+const FOLLOW_EVERY: std::time::Duration = std::time::Duration::from_millis(200);
+/// A start that never showed on the instrument within this is taken as not
+/// having taken effect.
+const START_GRACE_MS: i64 = 15_000;
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+fn ms(t: SystemTime) -> i64 {
+    t.duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+impl Instruments {
+    fn extraction(&self) -> Result<&(Arc<RunStore>, Arc<crate::lab::Lab>), RunError> {
+        self.extraction.as_ref().ok_or_else(|| {
+            RunError::Conflict("extraction runs need the run store, which is not open".into())
+        })
+    }
+
+    /// The unfinished extraction run of `instrument`, if any (the newest).
+    fn active_extraction(runs: &RunStore, instrument: &str) -> Result<Option<RunRecord>, RunError> {
+        Ok(runs
+            .all()?
+            .into_iter()
+            .filter(|r| r.is_extraction() && r.instrument == instrument && !r.state.is_terminal())
+            .max_by_key(|r| r.id))
+    }
+
+    /// Starts an extraction run of a sealed extraction plate on an idle
+    /// extractor. The record is durable (state `starting`) before anything is
+    /// written to the device; the start command is never resent (the driver
+    /// reads the state back when its reply is lost). The run then follows the
+    /// supervisor's polls: running with progress, then finished (the plate
+    /// is extracted), failed with the device's reason, or aborted.
+    pub async fn start_extraction(
+        &self,
+        plate_id: &str,
+        instrument_name: &str,
+        protocol: Option<&str>,
+        user: &str,
+    ) -> Result<RunRecord, RunError> {
+        let (runs, lab) = self.extraction()?;
+        let instrument = self.by_name.get(instrument_name).ok_or_else(|| {
+            RunError::NotFound(format!("no instrument {instrument_name:?} in the config"))
+        })?;
+        let protocol: u16 = match protocol {
+            None => 1,
+            Some(text) => text.trim().parse().map_err(|_| {
+                RunError::Invalid(format!(
+                    "protocol {text:?}: an extractor's protocol is its number (1..=65535)"
+                ))
+            })?,
+        };
+        if protocol == 0 {
+            return Err(RunError::Invalid(
+                "protocol 0: extractor protocols count from 1".into(),
+            ));
+        }
+        let plate = lab.plate(plate_id).map_err(|e| match e {
+            crate::lab::LabError::NotFound { message } => RunError::NotFound(message),
+            crate::lab::LabError::Store(e) => RunError::Store(e),
+            other => RunError::Invalid(other.to_string()),
+        })?;
+        if plate.kind != PlateKind::Extraction {
+            return Err(RunError::Conflict(format!(
+                "plate {plate_id} is a PCR plate: it goes on a cycler, not an extractor"
+            )));
+        }
+        if plate.state != PlateState::Sealed {
+            return Err(RunError::Conflict(format!(
+                "plate {plate_id} is not sealed: seal it before it goes on an extractor"
+            )));
+        }
+        let Ok(_guard) = instrument.command.try_lock() else {
+            return Err(RunError::Conflict(format!(
+                "a run is being started or aborted on {instrument_name}"
+            )));
+        };
+        // A plate is extracted once; a failed or aborted extraction may be repeated.
+        if let Some(run) = runs.all()?.into_iter().find(|r| {
+            r.is_extraction()
+                && r.plate == plate_id
+                && (r.state == RunState::Finished || !r.state.is_terminal())
+        }) {
+            return Err(RunError::Conflict(format!(
+                "plate {plate_id} already has extraction run {} ({})",
+                run.id,
+                run.state.as_str()
+            )));
+        }
+        let active = *instrument
+            .active_run
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(run) = active
+            .map(|id| runs.get(id))
+            .transpose()?
+            .flatten()
+            .filter(|r| !r.state.is_terminal())
+        {
+            return Err(RunError::Conflict(format!(
+                "{instrument_name} is busy with run {} of plate {} ({})",
+                run.id,
+                run.plate,
+                run.state.as_str()
+            )));
+        }
+        let status =
+            instrument.handle.status().await.map_err(|e| {
+                RunError::Conflict(format!("{instrument_name} cannot be started: {e}"))
+            })?;
+        match status.state {
+            ExtractorState::Idle
+            | ExtractorState::Loaded
+            | ExtractorState::Completed
+            | ExtractorState::Aborted => {}
+            ExtractorState::Error => {
+                return Err(RunError::Conflict(format!(
+                    "{instrument_name} is in its error state ({}): clear the error on the instrument, then start again",
+                    status
+                        .error
+                        .as_ref()
+                        .map(|e| format!(
+                            "code {}: {}",
+                            e.code,
+                            e.reason.as_deref().unwrap_or("no reason given")
+                        ))
+                        .unwrap_or_else(|| "no code".into())
+                )));
+            }
+            other => {
+                return Err(RunError::Conflict(format!(
+                    "{instrument_name} is not idle: its state is {}",
+                    state_name(other)
+                )));
+            }
+        }
+        let run = runs
+            .create_extraction(plate_id, instrument_name, protocol, plate.format, user)
+            .await?;
+        set_active(instrument, Some(run.id));
+        let span = tracing::info_span!("run", run = run.id, plate = %plate_id, instrument = %instrument_name);
+        async {
+            info!(protocol, "Starting an extraction run.");
+            if let Err(e) = instrument.handle.load_protocol(protocol).await {
+                return Err(end_run(runs, run.id, RunState::Failed, Some(format!("loading protocol {protocol} failed: {e}"))).await);
+            }
+            match instrument.handle.start(plate_id).await {
+                Ok(_) => {
+                    let mut started = run.clone();
+                    started.state = RunState::Running;
+                    started.started_at = Some(now_ms());
+                    started.updated_at = now_ms();
+                    runs.put(&started).await?;
+                    Ok(started)
+                }
+                Err(pcrd_drivers::modbus::ModbusError::OutcomeUnknown { cause, .. }) => {
+                    // Whether it started is unknown: the follower decides from
+                    // the next status it reads; never resent.
+                    warn!(%cause, "Start sent, outcome unknown; the next status read decides.");
+                    let mut unknown = run.clone();
+                    unknown.reason = Some(format!("start sent, outcome unknown until the extractor answers: {cause}"));
+                    unknown.updated_at = now_ms();
+                    runs.put(&unknown).await?;
+                    Err(RunError::Instrument(format!(
+                        "run {} start sent but not confirmed ({cause}); it shows what the extractor reports once it answers",
+                        run.id
+                    )))
+                }
+                Err(e) => Err(end_run(runs, run.id, RunState::Failed, Some(format!("the extractor did not start: {e}"))).await),
+            }
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// Whether `id` is an extraction run (for the API to route an abort).
+    pub fn is_extraction_run(&self, id: u64) -> bool {
+        self.extraction
+            .as_ref()
+            .and_then(|(runs, _)| runs.get(id).ok().flatten())
+            .is_some_and(|r| r.is_extraction())
+    }
+
+    /// Aborts an extraction run: the abort is written once (a lost reply is
+    /// settled by reading the state back); the run ends as aborted when the
+    /// instrument shows it.
+    pub async fn abort_extraction(
+        &self,
+        id: u64,
+        user: &str,
+        reason: Option<&str>,
+    ) -> Result<RunRecord, RunError> {
+        let (runs, _) = self.extraction()?;
+        let run = runs
+            .get(id)?
+            .ok_or_else(|| RunError::NotFound(format!("no run {id}")))?;
+        if run.state.is_terminal() {
+            return Err(RunError::Conflict(format!(
+                "run {id} has already ended ({})",
+                run.state.as_str()
+            )));
+        }
+        let instrument = self.by_name.get(&run.instrument).ok_or_else(|| {
+            RunError::Conflict(format!(
+                "run {id} is on {}, which is no longer in the config",
+                run.instrument
+            ))
+        })?;
+        let Ok(_guard) = instrument.command.try_lock() else {
+            return Err(RunError::Conflict(format!(
+                "a run is being started or aborted on {}",
+                run.instrument
+            )));
+        };
+        let why = match reason {
+            Some(r) if !r.trim().is_empty() => format!("aborted by {user}: {r}"),
+            _ => format!("aborted by {user}"),
+        };
+        *instrument
+            .abort_reason
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(why.clone());
+        match instrument.handle.abort().await {
+            Ok(_) => {
+                warn!(run = id, plate = %run.plate, reason = %why, "Extraction run aborted.");
+                end_run(runs, id, RunState::Aborted, Some(why)).await;
+                Ok(runs.get(id)?.unwrap_or(run))
+            }
+            Err(e) => Err(RunError::Instrument(format!(
+                "the extractor did not confirm the abort: {e}"
+            ))),
+        }
+    }
+}
+
+/// Ends run `id` in `state` unless it has ended already; returns the error
+/// the caller reports.
+async fn end_run(runs: &RunStore, id: u64, state: RunState, reason: Option<String>) -> RunError {
+    let message = reason.clone().unwrap_or_else(|| state.as_str().to_owned());
+    match runs.get(id) {
+        Ok(Some(mut run)) if !run.state.is_terminal() => {
+            if state == RunState::Failed {
+                error!(run = id, plate = %run.plate, reason = %message, "The extraction run failed; the plate can be run again.");
+            }
+            run.state = state;
+            run.reason = reason;
+            run.ended_at = Some(now_ms());
+            run.updated_at = now_ms();
+            if let Err(e) = runs.put(&run).await {
+                return RunError::Store(e);
+            }
+        }
+        Ok(_) => {}
+        Err(e) => return RunError::Store(e),
+    }
+    RunError::Instrument(message)
+}
+
+fn set_active(instrument: &Instrument, id: Option<u64>) {
+    *instrument
+        .active_run
+        .lock()
+        .unwrap_or_else(|p| p.into_inner()) = id;
+}
+
+/// Carries what the supervisor follows into the extractor's stored run.
+async fn follow_extraction_runs(instrument: Arc<Instrument>, runs: Arc<RunStore>) {
+    loop {
+        tokio::time::sleep(FOLLOW_EVERY).await;
+        // Not while the API is starting or aborting: it writes the record then.
+        let Ok(_guard) = instrument.command.try_lock() else {
+            continue;
+        };
+        let Some(id) = *instrument
+            .active_run
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+        else {
+            continue;
+        };
+        let active = match runs.get(id) {
+            Ok(Some(run)) if !run.state.is_terminal() => run,
+            Ok(_) => {
+                set_active(&instrument, None);
+                continue;
+            }
+            Err(e) => {
+                error!(run = id, error = %e, "The extraction run cannot be read.");
+                continue;
+            }
+        };
+        if let Err(e) = follow_once(&instrument, &runs, active).await {
+            error!(error = %e, "The extraction run's state could not be stored.");
+        }
+    }
+}
+
+async fn follow_once(
+    instrument: &Instrument,
+    runs: &RunStore,
+    run: RunRecord,
+) -> Result<(), StoreError> {
+    let snapshot = instrument.snapshot();
+    let tracked = &snapshot.tracked;
+    let mut next = run.clone();
+    let mine = |r: &Run| r.plate_barcode == run.plate;
+    if tracked.connection != Connection::Online {
+        if matches!(run.state, RunState::Running | RunState::Starting)
+            && tracked.connection == Connection::Offline
+        {
+            next.state = RunState::InstrumentOffline;
+            next.reason = Some(format!(
+                "link lost: {}",
+                tracked.reason.as_deref().unwrap_or("no answer")
+            ));
+        }
+    } else if let Some(r) = tracked.run.as_ref().filter(|r| mine(r)) {
+        next.state = RunState::Running;
+        next.reason = None;
+        next.started_at.get_or_insert(ms(r.seen_at));
+        next.cycles_stored = r.progress.clamp(0.0, 100.0).floor() as u32;
+    } else if let Some(r) = tracked
+        .last_run
+        .as_ref()
+        .filter(|r| mine(r) && r.ended_at.is_some_and(|t| ms(t) >= run.created_at))
+    {
+        let end = |next: &mut RunRecord, state: RunState, reason: Option<String>| {
+            next.state = state;
+            next.reason = reason;
+            next.ended_at = Some(r.ended_at.map_or_else(now_ms, ms));
+        };
+        match r.outcome {
+            Some(Outcome::Completed) => {
+                next.cycles_stored = 100;
+                end(&mut next, RunState::Finished, None);
+                info!(run = run.id, plate = %run.plate, "Extraction run finished: the plate is extracted.");
+            }
+            Some(Outcome::Unconfirmed) if r.anomalies.is_empty() => {
+                // The Completed event that confirms it follows.
+            }
+            Some(Outcome::Unconfirmed) => end(
+                &mut next,
+                RunState::Failed,
+                Some(format!(
+                    "the extractor says the run completed but its values cannot be right: {}",
+                    r.anomalies.join("; ")
+                )),
+            ),
+            Some(Outcome::DeviceError) => {
+                let what = r.error.as_ref().map_or_else(
+                    || "device error (no code read)".to_owned(),
+                    |e| {
+                        format!(
+                            "device error {}: {}",
+                            e.code,
+                            e.reason
+                                .as_deref()
+                                .unwrap_or("not in the profile's error table")
+                        )
+                    },
+                );
+                end(
+                    &mut next,
+                    RunState::Failed,
+                    Some(format!("{what} at {:.0} %, step {}", r.progress, r.step)),
+                );
+            }
+            Some(Outcome::Aborted) => {
+                let why = instrument
+                    .abort_reason
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .take()
+                    .unwrap_or_else(|| format!("aborted on the instrument at {:.0} %", r.progress));
+                end(&mut next, RunState::Aborted, Some(why));
+            }
+            _ => end(
+                &mut next,
+                RunState::Failed,
+                Some(format!(
+                    "the run ended without completing (state {})",
+                    state_name(r.state)
+                )),
+            ),
+        }
+    } else if run.started_at.is_none()
+        && now_ms() - run.created_at > START_GRACE_MS
+        && snapshot.status.as_ref().is_some_and(|s| !s.state.in_run())
+    {
+        next.state = RunState::Failed;
+        next.reason =
+            Some("the start did not take effect: the extractor never showed the run".into());
+        next.ended_at = Some(now_ms());
+    }
+    if next != run {
+        if next.state == RunState::Failed {
+            error!(run = run.id, plate = %run.plate, reason = ?next.reason, "The extraction run failed; an operator must check the plate, which can be run again.");
+        }
+        next.updated_at = now_ms();
+        runs.put(&next).await?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

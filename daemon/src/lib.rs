@@ -20,6 +20,7 @@ pub mod model;
 pub mod outbox;
 pub mod panel;
 pub mod review;
+pub mod runs;
 pub mod sinks;
 pub mod store;
 pub mod telemetry;

@@ -445,6 +445,13 @@ pub struct InstrumentView {
     /// For a cycler (`kind` = `cycler`): its run and device state.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cycler: Option<CyclerView>,
+    /// One state for every kind of instrument: `idle`, `running`, `offline`
+    /// or `error` (crate::runs::instrument_state).
+    #[serde(default)]
+    pub state: String,
+    /// Why it is offline or in error.
+    #[serde(default)]
+    pub state_reason: Option<String>,
 }
 
 /// A cycler's state as its supervisor holds it.

@@ -416,6 +416,7 @@ pub fn router(
         .routes(routes!(start_run))
         .routes(routes!(get_run))
         .routes(routes!(abort_run))
+        .routes(routes!(run_analysis))
         .routes(routes!(combine))
         .routes(routes!(audit))
         .routes(routes!(audit_verify))
@@ -1008,6 +1009,27 @@ fn instrument_view(instrument: &crate::instruments::Instrument) -> InstrumentVie
         poll_errors: s.poll_errors,
         reconnects: s.reconnects,
         cycler: None,
+        state: if s.tracked.connection != Connection::Online {
+            "offline"
+        } else if s.status.as_ref().is_some_and(|st| st.error.is_some()) {
+            "error"
+        } else if s.tracked.run.is_some() {
+            "running"
+        } else {
+            "idle"
+        }
+        .to_owned(),
+        state_reason: if s.tracked.connection != Connection::Online {
+            s.tracked.reason.clone()
+        } else {
+            s.status.as_ref().and_then(|st| st.error.as_ref()).map(|e| {
+                format!(
+                    "device error {}: {}",
+                    e.code,
+                    e.reason.as_deref().unwrap_or("no reason given")
+                )
+            })
+        },
     }
 }
 
@@ -1056,6 +1078,27 @@ fn cycler_view(cycler: &crate::cyclers::Cycler) -> InstrumentView {
                 .collect(),
             last_fault: s.last_fault.clone(),
         }),
+        state: if s.link != Link::Online {
+            "offline"
+        } else if device.is_some_and(|d| d.state == pcrd_protocol::cycler::RunState::Error) {
+            "error"
+        } else if run.is_some() {
+            "running"
+        } else {
+            "idle"
+        }
+        .to_owned(),
+        state_reason: if s.link != Link::Online {
+            s.reason.clone()
+        } else if device.is_some_and(|d| d.state == pcrd_protocol::cycler::RunState::Error) {
+            Some(
+                s.last_fault
+                    .clone()
+                    .unwrap_or_else(|| "the cycler is in its error state".into()),
+            )
+        } else {
+            None
+        },
     }
 }
 
@@ -1117,7 +1160,9 @@ fn cyclers_of(state: &AppState) -> ApiResult<&crate::cyclers::Cyclers> {
     })
 }
 
-/// Start a PCR run of a sealed plate on an idle cycler. The run is stored
+/// Start a run: an extraction run of a sealed extraction plate on an idle
+/// extractor (`protocol` is then the extractor's protocol number, default 1),
+/// or a PCR run of a sealed plate on an idle cycler. The run is stored
 /// (state `starting`) before anything is sent; the start command is sent once
 /// and, if its reply is lost, the cycler's state is read back instead of
 /// sending it again.
@@ -1136,6 +1181,20 @@ async fn start_run(
     JsonBody(body): JsonBody<StartRunRequest>,
 ) -> ApiResult<(StatusCode, Json<RunView>)> {
     caller.lab_work("starting runs")?;
+    // An extractor's name: an extraction run (crate::instruments, docs/runs.md).
+    if state.instruments.get(&body.instrument).is_some() {
+        let run = state
+            .instruments
+            .start_extraction(
+                &body.plate,
+                &body.instrument,
+                body.protocol.as_deref(),
+                &caller.user,
+            )
+            .await?;
+        tracing::info!(run = run.id, "Extraction run started.");
+        return Ok((StatusCode::CREATED, Json(run_view(&run))));
+    }
     let cyclers = cyclers_of(&state)?;
     let run = cyclers
         .start_run(
@@ -1239,11 +1298,51 @@ async fn abort_run(
     OptionalJson(body): OptionalJson<ReasonRequest>,
 ) -> ApiResult<Json<RunView>> {
     caller.lab_work("aborting runs")?;
+    if state.instruments.is_extraction_run(id) {
+        let run = state
+            .instruments
+            .abort_extraction(id, &caller.user, body.reason.as_deref())
+            .await?;
+        return Ok(Json(run_view(&run)));
+    }
     let cyclers = cyclers_of(&state)?;
     let run = cyclers
         .abort_run(id, &caller.user, body.reason.as_deref())
         .await?;
     Ok(Json(run_view(&run)))
+}
+
+/// The analysis of a finished PCR run (crate::runs): Ct per well and target,
+/// curve QC flags, the kit's call per specimen and the plate's validity.
+#[utoipa::path(get, path = "/api/v1/runs/{id}/analysis", tag = "runs",
+    params(("id" = u64, Path, description = "Run id")),
+    responses(
+        (status = 200, body = crate::runs::RunAnalysis),
+        (status = 404, description = "No such run", body = ErrorBody),
+        (status = 409, description = "The run has not finished, or its analysis is not stored yet", body = ErrorBody),
+    ))]
+async fn run_analysis(
+    State(state): State<AppState>,
+    _caller: Caller,
+    Path(id): Path<u64>,
+) -> ApiResult<Json<crate::runs::RunAnalysis>> {
+    let cyclers = cyclers_of(&state)?;
+    let record = cyclers
+        .runs()
+        .get(id)
+        .map_err(LabError::Store)?
+        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("no run {id}")))?;
+    match crate::runs::stored(cyclers.runs(), id).map_err(LabError::Store)? {
+        Some(analysis) => Ok(Json(analysis)),
+        None => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "conflict",
+            format!(
+                "run {id} has no analysis yet (state {}): a run is analysed once it has finished",
+                record.state.as_str()
+            ),
+        )),
+    }
 }
 
 /// JSON has no NaN or infinity; a device that reports one is flagged as an anomaly,

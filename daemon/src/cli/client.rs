@@ -24,6 +24,9 @@ use crate::api::dto::{
     ReceiveResponse, TransferRequest, TubeIn, TubeView, UnassignRequest, WaitingList, WellsChanged,
 };
 
+#[path = "run.rs"]
+pub(super) mod run;
+
 /// Long enough for a 5000-tube batch on a busy daemon with a slow disk; a daemon that
 /// has not answered by then is stuck, and saying so beats hanging.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
@@ -68,6 +71,8 @@ fn api_args(command: &Command) -> Option<&ApiArgs> {
         ) => Some(api),
         Command::Audit(args) => Some(&args.api),
         Command::Kits(args) => Some(&args.api),
+        Command::Run(command) => Some(command.api()),
+        Command::Instrument(super::instrument::InstrumentCommand::List { api }) => Some(api),
         Command::Serve(_)
         | Command::Completions { .. }
         | Command::Store(_)
@@ -89,6 +94,10 @@ async fn dispatch(client: &Client, command: Command) -> Result<(), ClientError> 
             let reply = client.send::<Vec<KitView>>(client.get(&["kits"])).await?;
             client.print(&reply, |kits| kits_text(kits));
             Ok(())
+        }
+        Command::Run(command) => run::run(client, command).await,
+        Command::Instrument(super::instrument::InstrumentCommand::List { .. }) => {
+            run::instrument_list(client).await
         }
         Command::Serve(_)
         | Command::Completions { .. }

@@ -1,3 +1,4 @@
+//! `pcrd instrument list` asks the daemon (see `client::run`).
 //! `pcrd instrument check NAME --config FILE`: connect to one configured instrument,
 //! identify it and print its status as JSON, without the daemon. For commissioning a
 //! new instrument or register profile (docs/modbus-profiles.md) and for checking a
@@ -14,6 +15,12 @@ use crate::config::Config;
 
 #[derive(Debug, Subcommand)]
 pub enum InstrumentCommand {
+    /// Every extractor and cycler the daemon follows, with its state (idle,
+    /// running, offline, error with the reason) and run.
+    List {
+        #[command(flatten)]
+        api: super::ApiArgs,
+    },
     /// Connect to an instrument from the config, identify it and print its status as
     /// JSON; no daemon needed. Exit 4 when it cannot be reached.
     Check {
@@ -26,7 +33,12 @@ pub enum InstrumentCommand {
 }
 
 pub(super) fn run(command: InstrumentCommand) -> ExitCode {
-    let InstrumentCommand::Check { name, config } = command;
+    let (name, config) = match command {
+        InstrumentCommand::Check { name, config } => (name, config),
+        list @ InstrumentCommand::List { .. } => {
+            return super::client::run(super::Command::Instrument(list));
+        }
+    };
     let config = match Config::load(&config) {
         Ok(config) => config,
         Err(e) => {

@@ -57,9 +57,12 @@ pub enum Command {
     /// Ct values (and with --kit, calls and plate validity) from an RDML file;
     /// no daemon needed.
     Analyze(analyze::AnalyzeArgs),
-    /// Talk to an instrument directly (no daemon needed).
+    /// List the daemon's instruments, or talk to one directly (no daemon needed).
     #[command(subcommand)]
     Instrument(instrument::InstrumentCommand),
+    /// Start, watch and abort runs on instruments; a finished run's analysis.
+    #[command(subcommand)]
+    Run(client::run::RunCommand),
     /// Work on the store directly (the daemon must be stopped).
     #[command(subcommand)]
     Store(StoreCommand),

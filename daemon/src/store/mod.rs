@@ -112,8 +112,10 @@ pub struct Trees {
     /// (u64 BE) of a re-queued dead letter.
     pub sink_state: sled::Tree,
     /// PCR runs on cyclers; key layout in `crate::cyclers`.
+    /// Extraction runs share it (`RunRecord::is_extraction`, `crate::instruments`).
     pub runs: sled::Tree,
     /// Per-cycle fluorescence as it arrived; key layout in `crate::cyclers`.
+    /// A finished run's analysis too (`b'a'`/`b'p'` after the run id; `crate::runs`).
     pub cycles: sled::Tree,
     /// Messages received from analysers (raw bytes kept); key layout in `crate::analysers`.
     pub messages: sled::Tree,
