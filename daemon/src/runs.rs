@@ -160,6 +160,20 @@ fn plate_key(run: u64) -> [u8; 9] {
     key
 }
 
+/// Present once the run's judgement was staged for review (`review::stage_from_judgement`
+/// committed): a run analysed but not yet staged (a crash in between) is staged at the
+/// next start.
+fn staged_key(run: u64) -> [u8; 9] {
+    let mut key = [0u8; 9];
+    key[..8].copy_from_slice(&run.to_be_bytes());
+    key[8] = b's';
+    key
+}
+
+fn is_staged(runs: &RunStore, run: u64) -> Result<bool, StoreError> {
+    Ok(runs.store().trees().cycles.contains_key(staged_key(run))?)
+}
+
 fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -479,14 +493,16 @@ pub async fn finish(lab: Arc<Lab>, runs: Arc<RunStore>, run: RunRecord) {
 }
 
 async fn finish_in_span(lab: Arc<Lab>, runs: Arc<RunStore>, run: RunRecord) {
-    match stored(&runs, run.id) {
-        Ok(Some(_)) => return,
-        Ok(None) => {}
-        Err(e) => {
+    let already_stored = match (stored(&runs, run.id), is_staged(&runs, run.id)) {
+        (Ok(_), Ok(true)) => return,
+        (Ok(analysis), Ok(false)) => analysis.is_some(),
+        (Err(e), _) | (_, Err(e)) => {
             error!(error = %e, "The run's analysis cannot be read.");
             return;
         }
-    }
+    };
+    // The analysis is a pure function of the stored cycles, the plate and the kit, so
+    // a run analysed before a crash is analysed again to the same judgement.
     let (analysis, judgement) = match analyse(&lab, &runs, &run) {
         Ok(done) => done,
         Err(e) => {
@@ -494,17 +510,25 @@ async fn finish_in_span(lab: Arc<Lab>, runs: Arc<RunStore>, run: RunRecord) {
             return;
         }
     };
-    if let Err(e) = store(&runs, &analysis).await {
-        error!(error = %e, "The run's analysis could not be stored.");
-        return;
+    if !already_stored {
+        if let Err(e) = store(&runs, &analysis).await {
+            error!(error = %e, "The run's analysis could not be stored.");
+            return;
+        }
+        info!(valid = analysis.plate.valid, calls = ?analysis.plate.calls, "Run analysed and stored.");
     }
-    info!(valid = analysis.plate.valid, calls = ?analysis.plate.calls, "Run analysed and stored.");
     // The plate was read for the analysis a moment ago; its layout is what
     // review needs to map wells to tubes.
     match lab.plate(&run.plate) {
-        Ok(plate) => on_run_judged(&run, &plate, &analysis, judgement.as_ref()),
+        Ok(plate) => {
+            if let Err(e) =
+                on_run_judged(&lab, &runs, &run, &plate, &analysis, judgement.as_ref()).await
+            {
+                error!(error = %e, "The judged run could not be staged for review; it is staged again at the next start.");
+            }
+        }
         Err(e) => {
-            error!(error = %e, "The plate cannot be read to hand the judged run on; its analysis is stored but it was not handed on to review.")
+            error!(error = %e, "The plate cannot be read to hand the judged run on; its analysis is stored and it is staged at the next start.")
         }
     }
 }
@@ -513,40 +537,64 @@ async fn finish_in_span(lab: Arc<Lab>, runs: Arc<RunStore>, run: RunRecord) {
 /// the run's end and its analysis).
 pub async fn catch_up(lab: Arc<Lab>, runs: Arc<RunStore>) -> Result<(), StoreError> {
     for run in runs.all()? {
-        if run.state == RunState::Finished
-            && !run.is_extraction()
-            && stored(&runs, run.id)?.is_none()
-        {
-            info!(run = run.id, plate = %run.plate, "A finished run was not analysed yet; analysing it now.");
+        if run.state == RunState::Finished && !run.is_extraction() && !is_staged(&runs, run.id)? {
+            info!(run = run.id, plate = %run.plate, "A finished run was not analysed or not staged for review yet; doing it now.");
             finish(Arc::clone(&lab), Arc::clone(&runs), run).await;
         }
     }
     Ok(())
 }
 
-/// ===== THE HAND-OFF TO REVIEW =====
-///
-/// Called once per run, after its analysis is durable. The lead connects this
-/// to `review::stage_from_judgement(judgement, &plate.layout, run.id,
-/// &run.instrument)` when merging; until then it only logs. `judgement` is None
-/// when the kit could not judge the run (the reason is in
-/// `analysis.plate.error`): such a plate goes to review as it is.
-pub fn on_run_judged(
+/// The hand-off to review: stages one candidate per specimen well of the judged run
+/// (`review::stage_from_judgement`, idempotent), then marks the run staged. A crash
+/// between the two stages it again at the next start, which changes nothing. A run
+/// the kit could not judge is stored with its reason and staged with nothing: its
+/// plate's tubes wait for a person (the analysis shows why).
+pub async fn on_run_judged(
+    lab: &Arc<Lab>,
+    runs: &RunStore,
     run: &RunRecord,
     plate: &PlateRecord,
     analysis: &RunAnalysis,
     judgement: Option<&RunJudgement>,
-) {
-    info!(
-        run = run.id,
-        plate = %run.plate,
-        instrument = %run.instrument,
-        valid = analysis.plate.valid,
-        judged = judgement.is_some(),
-        wells = analysis.wells.len(),
-        layout_wells = plate.layout.iter().count(),
-        "Run judged; ready for review."
-    );
+) -> Result<(), crate::lab::LabError> {
+    let Some(judgement) = judgement else {
+        warn!(
+            run = run.id,
+            plate = %run.plate,
+            error = ?analysis.plate.error,
+            "The kit could not judge the run; nothing was staged for review."
+        );
+        return Ok(());
+    };
+    let outcome = crate::review::stage_from_judgement(
+        lab,
+        crate::lab::Actor {
+            user: format!("run:{}", run.id),
+            reason: Some(format!("PCR run {} on {} finished", run.id, run.instrument)),
+        },
+        plate,
+        judgement,
+        crate::review::Provenance {
+            run: run.id.to_string(),
+            instrument: run.instrument.clone(),
+            source: crate::review::CandidateSource {
+                kind: "pcr_run".into(),
+                id: run.id.to_string(),
+                detail: run.plate.clone(),
+            },
+            tested_at_ms: run.ended_at.unwrap_or_else(now_ms),
+        },
+    )
+    .await?;
+    runs.store()
+        .trees()
+        .cycles
+        .insert(staged_key(run.id), &[][..])
+        .map_err(crate::store::StoreError::from)?;
+    runs.store().durable().await?;
+    info!(run = run.id, plate = %run.plate, outcome = ?outcome, "Run staged for review.");
+    Ok(())
 }
 
 #[cfg(test)]

@@ -253,6 +253,37 @@ async fn a_finished_pcr_run_is_analysed_with_the_kit_and_watched_from_the_cli() 
     assert_eq!(analysis["plate"]["calls"]["detected"], positives);
     assert_eq!(analysis["plate"]["calls"]["not_detected"], negatives);
 
+    // The judged run is staged for review: one candidate per specimen well, from
+    // this run, with the same calls (none released: auto-release is off by default).
+    let staged = wait_for(
+        &api,
+        "/api/v1/results?limit=1000",
+        "candidates staged",
+        |v| {
+            v.as_array().is_some_and(|all| {
+                all.iter()
+                    .filter(|c| c["source"]["kind"] == "pcr_run" && c["run"] == id.to_string())
+                    .count()
+                    == positives + negatives
+            })
+        },
+    )
+    .await;
+    let from_run: Vec<&Value> = staged
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["run"] == id.to_string())
+        .collect();
+    let detected = from_run.iter().filter(|c| c["call"] == "detected").count();
+    assert_eq!(detected, positives, "{from_run:#?}");
+    assert!(
+        from_run
+            .iter()
+            .all(|c| c["state"] == "awaiting_review" && c["plate"] == plate.as_str()),
+        "{from_run:#?}"
+    );
+
     // `pcrd run analysis` shows the same in words.
     let shown = cli(&["run", "analysis", &id.to_string()]);
     let text = String::from_utf8_lossy(&shown.stdout).into_owned();
