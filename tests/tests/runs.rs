@@ -255,6 +255,7 @@ async fn a_finished_pcr_run_is_analysed_with_the_kit_and_watched_from_the_cli() 
 
     // The judged run is staged for review: one candidate per specimen well, from
     // this run, with the same calls (none released: auto-release is off by default).
+    let id_text = id.to_string();
     let staged = wait_for(
         &api,
         "/api/v1/results?limit=1000",
@@ -262,7 +263,7 @@ async fn a_finished_pcr_run_is_analysed_with_the_kit_and_watched_from_the_cli() 
         |v| {
             v.as_array().is_some_and(|all| {
                 all.iter()
-                    .filter(|c| c["source"]["kind"] == "pcr_run" && c["run"] == id.to_string())
+                    .filter(|c| c["source"]["kind"] == "pcr_run" && c["run"] == id_text.as_str())
                     .count()
                     == positives + negatives
             })
@@ -273,7 +274,7 @@ async fn a_finished_pcr_run_is_analysed_with_the_kit_and_watched_from_the_cli() 
         .as_array()
         .unwrap()
         .iter()
-        .filter(|c| c["run"] == id.to_string())
+        .filter(|c| c["run"] == id_text.as_str())
         .collect();
     let detected = from_run.iter().filter(|c| c["call"] == "detected").count();
     assert_eq!(detected, positives, "{from_run:#?}");
