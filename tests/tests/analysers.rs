@@ -170,6 +170,50 @@ async fn results_over_tcp_land_on_their_tubes() {
         .await
         .unwrap();
     assert_example_results(&api, "an-1").await;
+    // Each tube's result is staged for review like a plate's: plate = the analyser,
+    // run = analyser + message, with the reported call and Cts.
+    let staged = wait_for(&api, "/api/v1/results", "two candidates", |v| {
+        v.as_array().is_some_and(|all| {
+            all.iter()
+                .filter(|c| c["source"]["kind"] == "analyser")
+                .count()
+                == 2
+        })
+    })
+    .await;
+    for tube in ["SPC0042", "SPC0043"] {
+        let reported = api.get_ok(&format!("/api/v1/tubes/{tube}/reported")).await;
+        let reported = &reported[0];
+        let candidate = staged
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["tube"] == tube)
+            .unwrap_or_else(|| panic!("no candidate for {tube}: {staged:#}"));
+        assert_eq!(candidate["plate"], "an-1", "{candidate:#}");
+        assert_eq!(
+            candidate["call"], reported["call"],
+            "{candidate:#} {reported:#}"
+        );
+        assert_eq!(candidate["state"], "awaiting_review", "{candidate:#}");
+        let cts = |v: &serde_json::Value, field: &str| -> Vec<serde_json::Value> {
+            v["targets"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|t| t[field].clone())
+                .collect()
+        };
+        assert_eq!(cts(candidate, "ct"), cts(reported, "ct"), "{candidate:#}");
+        assert!(
+            candidate["targets"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|t| t["dye"] != ""),
+            "{candidate:#}"
+        );
+    }
     let view = wait_for(&api, "/api/v1/analysers", "one message", |v| {
         v[0]["messages_stored"] == 1 && v[0]["reported"] == 2
     })
@@ -295,6 +339,15 @@ async fn a_message_pending_at_kill_9_is_applied_at_the_restart() {
     assert_eq!(view["withdrawn"], 0, "{view:#}");
     assert_eq!(view["reported"], 2, "applied at start-up: {view:#}");
     assert_example_results(&api, "an-1").await;
+    // Applied at start-up, and staged for review before the API answered.
+    let staged = api.get_ok("/api/v1/results").await;
+    let from_analyser = staged
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["source"]["kind"] == "analyser" && c["plate"] == "an-1")
+        .count();
+    assert_eq!(from_analyser, 2, "{staged:#}");
     assert!(
         daemon
             .stderr()

@@ -35,6 +35,7 @@
 //! acknowledge (the technician decides).
 
 pub mod config;
+mod stage;
 pub mod store;
 
 use std::collections::HashMap;
@@ -192,6 +193,15 @@ impl Analysers {
             info!(
                 messages = applied,
                 "Applied analyser messages stored before the last stop."
+            );
+        }
+        let staged = stage::stage_pending(&lab)
+            .await
+            .map_err(|e| vec![format!("staging analyser results for review: {e}")])?;
+        if staged > 0 {
+            info!(
+                messages = staged,
+                "Staged analyser results for review left unstaged before the last stop."
             );
         }
         let metrics = Arc::new(AnalyserMetrics::default());

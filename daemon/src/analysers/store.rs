@@ -532,12 +532,12 @@ impl DurableMessages {
     }
 
     /// Applies confirmed message `id` (blocking: store reads and one transaction).
-    fn apply_blocking(&self, id: u64, message: &Message) -> Result<Option<Message>, StoreError> {
+    fn apply_blocking(&self, id: u64, message: &Message) -> Result<Applied, StoreError> {
         let applied = apply_message(&self.lab, &self.name, &self.profile, id, message)?;
         if let Some((reported, unmatched)) = applied.counts {
             info!(analyser = %self.name, message = id, reported, unmatched, "Analyser message applied.");
         }
-        Ok(applied.answer)
+        Ok(applied)
     }
 }
 
@@ -548,6 +548,8 @@ pub(super) struct Applied {
     pub counts: Option<(u32, u32)>,
     /// The answer to its queries, if it had any.
     pub answer: Option<Message>,
+    /// The reported results written (to be staged for review, `super::stage`).
+    pub results: Vec<ReportedResult>,
 }
 
 /// Turns stored message `id` into reported results and unmatched items, in one
@@ -676,6 +678,10 @@ pub(super) fn apply_message(
             };
             m.insert(key, encode(&record))?;
             m.remove(id_key(b's', id))?;
+            if !results.is_empty() {
+                // Removed once the results are staged for review (`super::stage`).
+                m.insert(super::stage::to_stage_key(id), &[][..])?;
+            }
             update_counts(m, analyser, |c| {
                 c.reported += results.len() as u64;
                 c.unmatched += unmatched.len() as u64;
@@ -683,7 +689,16 @@ pub(super) fn apply_message(
             Ok(Some(counts))
         })
         .map_err(sled_error)?;
-    Ok(Applied { counts, answer })
+    let results = if counts.is_some() {
+        results.into_iter().map(|(_, r)| r).collect()
+    } else {
+        Vec::new()
+    };
+    Ok(Applied {
+        counts,
+        answer,
+        results,
+    })
 }
 
 trait Pipe: Sized {
@@ -971,11 +986,20 @@ impl MessageStore for DurableMessages {
             };
             let applied = tokio::task::block_in_place(|| self.apply_blocking(id, &message));
             match applied {
-                Ok(answer) => {
+                Ok(Applied {
+                    answer, results, ..
+                }) => {
                     if let Err(e) = self.lab.store().durable().await {
                         error!(analyser = %self.name, message = id, error = %e,
                             "Applied analyser message not durable; it is applied again after a restart.");
                         continue;
+                    }
+                    if !results.is_empty()
+                        && let Err(e) =
+                            super::stage::stage_message(&self.lab, &self.name, id, &results).await
+                    {
+                        error!(analyser = %self.name, message = id, error = %e,
+                            "Reported results not staged for review; they are staged at the next start.");
                     }
                     if let Some(message) = answer {
                         let _ = self.outgoing.send(Outgoing {
@@ -990,6 +1014,24 @@ impl MessageStore for DurableMessages {
             }
         }
     }
+}
+
+/// The reported results of message `id`, in order (a scan of `reported`: used only
+/// to stage results a crash left unstaged).
+pub(super) fn reported_for_message(
+    store: &Store,
+    id: u64,
+) -> Result<Vec<ReportedResult>, StoreError> {
+    let mut out = Vec::new();
+    for item in store.trees().reported.iter() {
+        let (key, value) = item?;
+        // barcode ++ 0x00 ++ message id (8) ++ order index (4)
+        let n = key.len();
+        if n >= 12 && key[n - 12..n - 4] == id.to_be_bytes() {
+            out.push(decode::<ReportedResult>(&key, &value)?);
+        }
+    }
+    Ok(out)
 }
 
 /// Applies every message left pending by an earlier run (stored and acknowledged,

@@ -413,7 +413,7 @@ pub fn result_id(lab: &str, run: &str, well: &str, tube: &str) -> String {
         .collect()
 }
 
-fn interpretation_of(call: Call) -> Interpretation {
+pub(crate) fn interpretation_of(call: Call) -> Interpretation {
     match call {
         Call::Detected => Interpretation::Positive,
         Call::NotDetected => Interpretation::Negative,
@@ -442,7 +442,7 @@ fn parse_target_call(text: &str) -> TargetCall {
     }
 }
 
-fn target_call_name(call: TargetCall) -> &'static str {
+pub(crate) fn target_call_name(call: TargetCall) -> &'static str {
     match call {
         TargetCall::Detected => "detected",
         TargetCall::NotDetected => "not_detected",
