@@ -203,6 +203,27 @@ pub const DEFAULT_EXTRACTOR_TIMEOUT_MS: u64 = 500;
 /// Baud rates an RS-485 extractor line runs at (issue 4: 9600..115200).
 const SERIAL_BAUDS: std::ops::RangeInclusive<u32> = 9600..=115_200;
 
+/// Checks a serial line's port path and baud rate against the range the instrument
+/// kind runs at, naming the entry (`at`) in each problem.
+pub(crate) fn check_serial_line(
+    at: &str,
+    path: Option<&str>,
+    baud: u32,
+    bauds: &std::ops::RangeInclusive<u32>,
+    problems: &mut Vec<String>,
+) {
+    if !bauds.contains(&baud) {
+        problems.push(format!(
+            "{at}: serial.baud {baud} is outside {}..={}",
+            bauds.start(),
+            bauds.end()
+        ));
+    }
+    if path.is_some_and(|p| p.trim().is_empty()) {
+        problems.push(format!("{at}: serial.path must not be empty"));
+    }
+}
+
 /// A user allowed to call the API.
 #[derive(Clone, Debug)]
 pub struct User {
@@ -401,17 +422,13 @@ fn parse_cyclers(
                 }
             },
             (None, Some(serial)) => {
-                if !SERIAL_BAUDS.contains(&serial.baud) {
-                    problems.push(format!(
-                        "{at}: serial.baud {} is outside {}..={}",
-                        serial.baud,
-                        SERIAL_BAUDS.start(),
-                        SERIAL_BAUDS.end()
-                    ));
-                }
-                if serial.path.trim().is_empty() {
-                    problems.push(format!("{at}: serial.path must not be empty"));
-                }
+                check_serial_line(
+                    &at,
+                    Some(&serial.path),
+                    serial.baud,
+                    &SERIAL_BAUDS,
+                    problems,
+                );
                 Some(CyclerLink::Serial {
                     path: serial.path,
                     baud: serial.baud,
@@ -673,14 +690,7 @@ fn parse_extractors(
 
 fn parse_serial(raw: RawSerial, at: &str, problems: &mut Vec<String>) -> Option<SerialConfig> {
     let before = problems.len();
-    if !SERIAL_BAUDS.contains(&raw.baud) {
-        problems.push(format!(
-            "{at}: serial.baud {} is outside {}..={}",
-            raw.baud,
-            SERIAL_BAUDS.start(),
-            SERIAL_BAUDS.end()
-        ));
-    }
+    check_serial_line(at, None, raw.baud, &SERIAL_BAUDS, problems);
     // Modbus over Serial Line v1.02 §2.5.1: even parity is the default.
     let parity = match raw.parity.as_deref().unwrap_or("even") {
         "none" => Parity::None,

@@ -362,6 +362,63 @@ impl Api {
     }
 }
 
+impl Api {
+    /// Polls `GET path` until it answers 200 with a body for which `ok` holds, and
+    /// returns that body; fails after `deadline` with what was last seen.
+    pub async fn wait_for(
+        &self,
+        path: &str,
+        what: &str,
+        deadline: Duration,
+        ok: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let until = Instant::now() + deadline;
+        let mut last = serde_json::Value::Null;
+        while Instant::now() < until {
+            let reply = self.get(path).await;
+            if reply.status == 200 && ok(&reply.body) {
+                return reply.body;
+            }
+            last = reply.body;
+            // The pace of the polling, not a synchronisation.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("GET {path}: not {what} within {deadline:?}; last seen:\n{last:#}");
+    }
+
+    /// Receives 94 tubes `T{tag}0000..`, builds and seals the extraction plate
+    /// `EXT-{tag}` of `kit`, and transfers it to the PCR plate `PCR-{tag}`, which it
+    /// returns (sealed, ready for a run).
+    pub async fn sealed_pcr_plate(&self, kit: &str, tag: &str) -> String {
+        use serde_json::json;
+        let tubes: Vec<serde_json::Value> = (0..94)
+            .map(|i| json!({ "barcode": format!("T{tag}{i:04}") }))
+            .collect();
+        let r = self.post("/api/v1/tubes", json!({ "tubes": tubes })).await;
+        assert_eq!(r.status, 200, "{r:?}");
+        let ext = format!("EXT-{tag}");
+        let r = self
+            .post("/api/v1/plates", json!({ "kit": kit, "id": ext }))
+            .await;
+        assert_eq!(r.status, 201, "{r:?}");
+        for step in ["fill", "seal"] {
+            let r = self
+                .post(&format!("/api/v1/plates/{ext}/{step}"), json!({}))
+                .await;
+            assert_eq!(r.status, 200, "{step}: {r:?}");
+        }
+        let pcr = format!("PCR-{tag}");
+        let r = self
+            .post(
+                &format!("/api/v1/plates/{ext}/transfer"),
+                json!({ "id": pcr }),
+            )
+            .await;
+        assert_eq!(r.status, 201, "{r:?}");
+        pcr
+    }
+}
+
 /// A response read as text (for `/metrics`, which is not JSON).
 #[derive(Debug)]
 pub struct TextReply {

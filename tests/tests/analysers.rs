@@ -83,20 +83,9 @@ async fn analyser_addr(api: &Api, name: &str) -> SocketAddr {
         .unwrap()
 }
 
-/// Polls `GET path` until `ok` holds; fails with what was last seen.
+/// Polls `GET path` until `ok` holds (`Api::wait_for` with this file's deadline).
 async fn wait_for(api: &Api, path: &str, what: &str, ok: impl Fn(&Value) -> bool) -> Value {
-    let deadline = Instant::now() + DEADLINE;
-    let mut last = Value::Null;
-    while Instant::now() < deadline {
-        let reply = api.get(path).await;
-        if reply.status == 200 && ok(&reply.body) {
-            return reply.body;
-        }
-        last = reply.body;
-        // The pace of the polling, not a synchronisation.
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("GET {path}: not {what} within {DEADLINE:?}; last seen:\n{last:#}");
+    api.wait_for(path, what, DEADLINE, ok).await
 }
 
 async fn reported(api: &Api, barcode: &str, count: usize) -> Vec<Value> {

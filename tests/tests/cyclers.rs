@@ -51,52 +51,9 @@ async fn start_daemon(config: String) -> Daemon {
         .unwrap()
 }
 
-/// Receives 94 tubes, builds and seals extraction plate `EXT-{tag}` and
-/// transfers it to the sealed PCR plate `PCR-{tag}`, which it returns.
-async fn sealed_pcr_plate(api: &Api, tag: &str) -> String {
-    let tubes: Vec<Value> = (0..94)
-        .map(|i| json!({ "barcode": format!("T{tag}{i:04}") }))
-        .collect();
-    let r = api.post("/api/v1/tubes", json!({ "tubes": tubes })).await;
-    assert_eq!(r.status, 200, "{r:?}");
-    let ext = format!("EXT-{tag}");
-    let r = api
-        .post("/api/v1/plates", json!({ "kit": KIT, "id": ext }))
-        .await;
-    assert_eq!(r.status, 201, "{r:?}");
-    let r = api
-        .post(&format!("/api/v1/plates/{ext}/fill"), json!({}))
-        .await;
-    assert_eq!(r.status, 200, "{r:?}");
-    let r = api
-        .post(&format!("/api/v1/plates/{ext}/seal"), json!({}))
-        .await;
-    assert_eq!(r.status, 200, "{r:?}");
-    let pcr = format!("PCR-{tag}");
-    let r = api
-        .post(
-            &format!("/api/v1/plates/{ext}/transfer"),
-            json!({ "id": pcr }),
-        )
-        .await;
-    assert_eq!(r.status, 201, "{r:?}");
-    pcr
-}
-
-/// Polls `GET path` until `ok` holds, or fails with what was last seen.
+/// Polls `GET path` until `ok` holds (`Api::wait_for` with this file's deadline).
 async fn wait_for(api: &Api, path: &str, what: &str, ok: impl Fn(&Value) -> bool) -> Value {
-    let deadline = Instant::now() + DEADLINE;
-    let mut last = Value::Null;
-    while Instant::now() < deadline {
-        let reply = api.get(path).await;
-        if reply.status == 200 && ok(&reply.body) {
-            return reply.body;
-        }
-        last = reply.body;
-        // The pace of the polling, not a synchronisation.
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    panic!("{path}: not {what} within {DEADLINE:?}; last seen:\n{last:#}");
+    api.wait_for(path, what, DEADLINE, ok).await
 }
 
 /// Log text without its colour codes.
@@ -201,7 +158,7 @@ async fn a_whole_run_over_a_pty_is_stored_with_every_cycle() {
     );
 
     // Bad requests, before anything runs.
-    let plate = sealed_pcr_plate(&api, "A").await;
+    let plate = api.sealed_pcr_plate(KIT, "A").await;
     let bad = |body: Value| {
         let api = &api;
         async move { api.post("/api/v1/runs", body).await }
@@ -239,7 +196,7 @@ async fn a_whole_run_over_a_pty_is_stored_with_every_cycle() {
 
     let id = start_run(&api, &plate, "qpcr-1").await;
     // The cycler is busy now.
-    let other = sealed_pcr_plate(&api, "B").await;
+    let other = api.sealed_pcr_plate(KIT, "B").await;
     let r = bad(json!({ "plate": other, "instrument": "qpcr-1" })).await;
     assert_eq!(r.status, 409, "{r:?}");
 
@@ -311,7 +268,7 @@ async fn kill_9_mid_run_loses_no_stored_cycle_and_fetches_the_missed_ones() {
         v["online"] == true
     })
     .await;
-    let plate = sealed_pcr_plate(&api, "K").await;
+    let plate = api.sealed_pcr_plate(KIT, "K").await;
     let id = start_run(&api, &plate, "qpcr-2").await;
     let path = format!("/api/v1/runs/{id}");
     wait_for(&api, &path, "at cycle 10", |v| {
@@ -386,7 +343,7 @@ async fn a_pulled_cable_shows_instrument_offline_then_the_run_resumes_and_finish
         v["online"] == true
     })
     .await;
-    let plate = sealed_pcr_plate(&api, "C").await;
+    let plate = api.sealed_pcr_plate(KIT, "C").await;
     let id = start_run(&api, &plate, "qpcr-3").await;
     let path = format!("/api/v1/runs/{id}");
     wait_for(&api, &path, "at cycle 8", |v| {
@@ -446,7 +403,7 @@ async fn bad_lines_are_rejected_with_the_line_kept_and_the_run_is_not_corrupted(
         v["online"] == true
     })
     .await;
-    let plate = sealed_pcr_plate(&api, "G").await;
+    let plate = api.sealed_pcr_plate(KIT, "G").await;
     let id = start_run(&api, &plate, "qpcr-4").await;
     let run = wait_for(
         &api,
@@ -516,7 +473,7 @@ async fn a_fault_fails_the_run_and_an_abort_is_confirmed() {
         v["online"] == true
     })
     .await;
-    let plate = sealed_pcr_plate(&api, "F").await;
+    let plate = api.sealed_pcr_plate(KIT, "F").await;
     let id = start_run(&api, &plate, "qpcr-5").await;
     let failed = wait_for(&api, &format!("/api/v1/runs/{id}"), "failed", |v| {
         v["state"] == "failed"
@@ -528,7 +485,7 @@ async fn a_fault_fails_the_run_and_an_abort_is_confirmed() {
     let view = api.get_ok("/api/v1/instruments/qpcr-5").await;
     assert_eq!(view["cycler"]["state"], "idle", "{view:#}");
     assert!(view["cycler"]["last_fault"].is_string(), "{view:#}");
-    let other = sealed_pcr_plate(&api, "H").await;
+    let other = api.sealed_pcr_plate(KIT, "H").await;
     let r = api
         .post(
             "/api/v1/runs",
@@ -552,7 +509,7 @@ async fn a_fault_fails_the_run_and_an_abort_is_confirmed() {
         v["online"] == true
     })
     .await;
-    let plate = sealed_pcr_plate(&api, "P").await;
+    let plate = api.sealed_pcr_plate(KIT, "P").await;
     let id = start_run(&api, &plate, "qpcr-6").await;
     wait_for(&api, &format!("/api/v1/runs/{id}"), "at cycle 3", |v| {
         v["cycles_stored"].as_u64() >= Some(3)

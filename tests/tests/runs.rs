@@ -12,7 +12,7 @@
 //!   127.0.0.1) finishes and the plate is extracted; a device error fails it
 //!   with the reason, and the plate runs again once the error is cleared.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use pcrd_drivers::sim::cycler::{
     CyclerSim, CyclerSimConfig, PlateScenario, REFERENCE_THRESHOLD, WellRole,
@@ -50,49 +50,9 @@ fn scenario() -> PlateScenario {
     s
 }
 
-async fn sealed_pcr_plate(api: &Api, tag: &str) -> String {
-    let tubes: Vec<Value> = (0..94)
-        .map(|i| json!({ "barcode": format!("T{tag}{i:04}") }))
-        .collect();
-    let r = api.post("/api/v1/tubes", json!({ "tubes": tubes })).await;
-    assert_eq!(r.status, 200, "{r:?}");
-    let ext = format!("EXT-{tag}");
-    let r = api
-        .post("/api/v1/plates", json!({ "kit": KIT, "id": ext }))
-        .await;
-    assert_eq!(r.status, 201, "{r:?}");
-    let r = api
-        .post(&format!("/api/v1/plates/{ext}/fill"), json!({}))
-        .await;
-    assert_eq!(r.status, 200, "{r:?}");
-    let r = api
-        .post(&format!("/api/v1/plates/{ext}/seal"), json!({}))
-        .await;
-    assert_eq!(r.status, 200, "{r:?}");
-    let pcr = format!("PCR-{tag}");
-    let r = api
-        .post(
-            &format!("/api/v1/plates/{ext}/transfer"),
-            json!({ "id": pcr }),
-        )
-        .await;
-    assert_eq!(r.status, 201, "{r:?}");
-    pcr
-}
-
+/// Polls `GET path` until `ok` holds (`Api::wait_for` with this file's deadline).
 async fn wait_for(api: &Api, path: &str, what: &str, ok: impl Fn(&Value) -> bool) -> Value {
-    let deadline = Instant::now() + DEADLINE;
-    let mut last = Value::Null;
-    while Instant::now() < deadline {
-        let reply = api.get(path).await;
-        if reply.status == 200 && ok(&reply.body) {
-            return reply.body;
-        }
-        last = reply.body;
-        // The pace of the polling, not a synchronisation.
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("{path}: not {what} within {DEADLINE:?}; last seen:\n{last:#}");
+    api.wait_for(path, what, DEADLINE, ok).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -115,8 +75,8 @@ async fn a_finished_pcr_run_is_analysed_with_the_kit_and_watched_from_the_cli() 
         v["online"] == true
     })
     .await;
-    let plate = sealed_pcr_plate(&api, "A").await;
-    let other = sealed_pcr_plate(&api, "B").await;
+    let plate = api.sealed_pcr_plate(KIT, "A").await;
+    let other = api.sealed_pcr_plate(KIT, "B").await;
 
     // `pcrd run start` starts it and prints the run id.
     let url = daemon.url.clone();

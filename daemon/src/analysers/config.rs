@@ -143,17 +143,13 @@ pub fn parse_analysers(
                 }
             }
             (None, Some(serial)) => {
-                if !SERIAL_BAUDS.contains(&serial.baud) {
-                    problems.push(format!(
-                        "{at}: serial.baud {} is outside {}..={}",
-                        serial.baud,
-                        SERIAL_BAUDS.start(),
-                        SERIAL_BAUDS.end()
-                    ));
-                }
-                if serial.path.trim().is_empty() {
-                    problems.push(format!("{at}: serial.path must not be empty"));
-                }
+                crate::config::check_serial_line(
+                    &at,
+                    Some(&serial.path),
+                    serial.baud,
+                    &SERIAL_BAUDS,
+                    problems,
+                );
                 Some(Transport::Serial {
                     path: serial.path,
                     baud: serial.baud,
