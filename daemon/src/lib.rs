@@ -11,6 +11,8 @@ pub mod api;
 pub mod cli;
 pub mod config;
 pub mod cyclers;
+#[cfg(feature = "demo")]
+pub mod demo;
 pub mod folders;
 pub mod instruments;
 pub mod kits;

@@ -490,6 +490,21 @@ pub struct StartRunRequest {
     pub protocol: Option<String>,
 }
 
+/// `GET /api/v1/runs` filters.
+#[derive(Debug, Deserialize, IntoParams)]
+pub struct RunListQuery {
+    /// Only runs of this plate.
+    pub plate: Option<String>,
+    /// Only runs on this instrument.
+    pub instrument: Option<String>,
+    /// Only runs in this state (`starting`, `running`, `instrument_offline`,
+    /// `finished`, `failed`, `aborted`).
+    pub state: Option<String>,
+    /// At most this many, the newest (default 1000).
+    #[param(minimum = 1, maximum = 100000)]
+    pub limit: Option<u32>,
+}
+
 /// `GET /api/v1/runs/{id}` options.
 #[derive(Debug, Deserialize, IntoParams)]
 pub struct RunQuery {

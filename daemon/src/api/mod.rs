@@ -413,7 +413,7 @@ pub fn router(
         .routes(routes!(unassign))
         .routes(routes!(seal))
         .routes(routes!(transfer))
-        .routes(routes!(start_run))
+        .routes(routes!(start_run, list_runs))
         .routes(routes!(get_run))
         .routes(routes!(abort_run))
         .routes(routes!(run_analysis))
@@ -1206,6 +1206,50 @@ async fn start_run(
         .await?;
     tracing::info!(run = run.id, "Run started.");
     Ok((StatusCode::CREATED, Json(run_view(&run))))
+}
+
+/// Runs, oldest first (the newest `limit` that match): extraction and PCR runs,
+/// filtered by plate, instrument and state. A client that lost the answer to a
+/// start (a timeout, a restarted daemon) finds here whether the run was created.
+#[utoipa::path(get, path = "/api/v1/runs", tag = "runs", params(RunListQuery),
+    responses((status = 200, body = Vec<RunView>), (status = 422, body = ErrorBody)))]
+async fn list_runs(
+    State(state): State<AppState>,
+    _caller: Caller,
+    Query(q): Query<RunListQuery>,
+) -> ApiResult<Json<Vec<RunView>>> {
+    let limit = in_range("limit", q.limit.map(u64::from), 1, 100_000)?.unwrap_or(1000) as usize;
+    const STATES: [&str; 6] = [
+        "starting",
+        "running",
+        "instrument_offline",
+        "finished",
+        "failed",
+        "aborted",
+    ];
+    if let Some(wanted) = &q.state
+        && !STATES.contains(&wanted.as_str())
+    {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid",
+            format!("state {wanted:?} is not one of {}", STATES.join(", ")),
+        ));
+    }
+    let cyclers = cyclers_of(&state)?;
+    let mut runs: Vec<RunView> = cyclers
+        .runs()
+        .all()
+        .map_err(LabError::Store)?
+        .iter()
+        .filter(|r| q.plate.as_ref().is_none_or(|p| &r.plate == p))
+        .filter(|r| q.instrument.as_ref().is_none_or(|i| &r.instrument == i))
+        .filter(|r| q.state.as_ref().is_none_or(|s| r.state.as_str() == s))
+        .map(run_view)
+        .collect();
+    runs.sort_by_key(|r| r.id);
+    let skip = runs.len().saturating_sub(limit);
+    Ok(Json(runs.split_off(skip)))
 }
 
 /// A PCR run: state, cycles stored and, on request, per-well curves and the

@@ -73,6 +73,8 @@ fn api_args(command: &Command) -> Option<&ApiArgs> {
         Command::Kits(args) => Some(&args.api),
         Command::Run(command) => Some(command.api()),
         Command::Instrument(super::instrument::InstrumentCommand::List { api }) => Some(api),
+        #[cfg(feature = "demo")]
+        Command::Demo(_) => None,
         Command::Serve(_)
         | Command::Completions { .. }
         | Command::Store(_)
@@ -99,6 +101,8 @@ async fn dispatch(client: &Client, command: Command) -> Result<(), ClientError> 
         Command::Instrument(super::instrument::InstrumentCommand::List { .. }) => {
             run::instrument_list(client).await
         }
+        #[cfg(feature = "demo")]
+        Command::Demo(_) => Err(ClientError::usage("not a client command")),
         Command::Serve(_)
         | Command::Completions { .. }
         | Command::Store(_)

@@ -3,6 +3,8 @@
 
 mod analyze;
 mod client;
+#[cfg(feature = "demo")]
+mod demo;
 mod import;
 mod instrument;
 mod outbox;
@@ -44,6 +46,10 @@ pub struct Cli {
 pub enum Command {
     /// Run the daemon.
     Serve(ServeArgs),
+    /// The whole lab on this machine, no set-up: simulated instruments, the daemon
+    /// on a temporary store, plates from tubes to results in the batch-file sink.
+    #[cfg(feature = "demo")]
+    Demo(demo::DemoArgs),
     /// Receive, import and look up tubes.
     #[command(subcommand)]
     Tube(TubeCommand),
@@ -348,6 +354,8 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Serve(args) => serve::run(args),
+        #[cfg(feature = "demo")]
+        Command::Demo(args) => demo::run(args),
         Command::Store(StoreCommand::Check {
             config,
             data_dir,
