@@ -1015,6 +1015,51 @@ async fn follow_once(
                 )),
             ),
         }
+    } else if let Some(status) = snapshot
+        .status
+        .as_ref()
+        .filter(|s| s.barcode == run.plate && !s.state.in_run())
+        .filter(|s| s.state == ExtractorState::Completed || run.started_at.is_some())
+    {
+        // The run ended while pcrd was not watching (the daemon was down, or the
+        // link was): the supervisor never saw it end, but the device still shows
+        // how it ended, for this plate. A completed state for the plate can only be
+        // this run's (a plate that completed once is not run again); an error or an
+        // abort only counts once this run was seen running, so that the state left
+        // by an earlier failed run of the plate does not end a new one.
+        next.ended_at = Some(now_ms());
+        match status.state {
+            ExtractorState::Completed => {
+                next.state = RunState::Finished;
+                next.cycles_stored = 100;
+                next.reason = None;
+                info!(run = run.id, plate = %run.plate, "Extraction run finished while pcrd was not watching: the plate is extracted.");
+            }
+            ExtractorState::Aborted => {
+                next.state = RunState::Aborted;
+                next.reason = Some("aborted on the instrument while pcrd was not watching".into());
+            }
+            ExtractorState::Error => {
+                next.state = RunState::Failed;
+                next.reason = Some(match &status.error {
+                    Some(e) => format!(
+                        "device error {}: {} (while pcrd was not watching)",
+                        e.code,
+                        e.reason
+                            .as_deref()
+                            .unwrap_or("not in the profile's error table")
+                    ),
+                    None => "device error while pcrd was not watching (no code read)".into(),
+                });
+            }
+            other => {
+                next.state = RunState::Failed;
+                next.reason = Some(format!(
+                    "the extractor shows {} and no longer this run: it ended while pcrd was not watching",
+                    state_name(other)
+                ));
+            }
+        }
     } else if run.started_at.is_none()
         && now_ms() - run.created_at > START_GRACE_MS
         && snapshot.status.as_ref().is_some_and(|s| !s.state.in_run())

@@ -103,6 +103,8 @@ pub struct Summary {
 
 #[derive(Debug, Serialize)]
 pub struct PlateSummary {
+    /// From the plate's creation to its stored analysis.
+    pub seconds: f64,
     pub extraction_plate: String,
     pub pcr_plate: String,
     pub samples: usize,
@@ -235,7 +237,7 @@ async fn drive(
         scenario = Scenario::generated(&kit.viral(), options.plates, options.tubes);
     }
     scenario.check_targets(&kit.viral())?;
-    let poll = (timing.cycle / 2).clamp(Duration::from_millis(10), Duration::from_millis(200));
+    let poll = (timing.cycle / 2).clamp(Duration::from_millis(25), Duration::from_millis(200));
     let robot = Arc::new(Robot::new(
         api.clone(),
         Arc::clone(instruments),
@@ -545,6 +547,11 @@ fn summarise(
     let mut plate_summaries: Vec<PlateSummary> = plates
         .iter()
         .map(|p| PlateSummary {
+            seconds: p.plating
+                + match (p.started, p.analysed) {
+                    (Some(s), Some(a)) => a.saturating_duration_since(s).as_secs_f64(),
+                    _ => 0.0,
+                },
             extraction_plate: p.extraction_plate.clone(),
             pcr_plate: p.pcr_plate.clone(),
             samples: p.samples,
@@ -625,12 +632,13 @@ impl Summary {
         for p in self.plates.iter().take(10) {
             let _ = writeln!(
                 out,
-                "    {} -> {}: {} samples, {} then {}, {}",
+                "    {} -> {}: {} samples, {} then {}, {:.1} s, {}",
                 p.extraction_plate,
                 p.pcr_plate,
                 p.samples,
                 p.extractor,
                 p.cycler,
+                p.seconds,
                 match (p.valid, &p.invalid_reason) {
                     (Some(true), _) => "controls valid".to_string(),
                     (_, Some(why)) => format!("INVALID: {why}"),

@@ -698,12 +698,20 @@ impl Robot {
     ) -> Result<(u64, u32), RobotError> {
         let mut restarts = 0;
         let started = Instant::now();
+        // The run being followed, once known: read by id, which is cheap; the list
+        // by plate is only asked when an answer was lost.
+        let mut following: Option<u64> = None;
         loop {
-            let runs = self
-                .api
-                .get_ok(&format!("/api/v1/runs?plate={plate}"))
-                .await?;
-            let latest = runs.as_array().and_then(|r| r.last()).cloned();
+            let latest = match following {
+                Some(id) => Some(self.api.get_ok(&format!("/api/v1/runs/{id}")).await?),
+                None => self
+                    .api
+                    .get_ok(&format!("/api/v1/runs?plate={plate}"))
+                    .await?
+                    .as_array()
+                    .and_then(|r| r.last())
+                    .cloned(),
+            };
             let state = latest
                 .as_ref()
                 .and_then(|r| r["state"].as_str())
@@ -718,10 +726,12 @@ impl Robot {
                     return Ok((run, restarts));
                 }
                 "starting" | "running" | "instrument_offline" => {
+                    following = latest.as_ref().and_then(|r| r["id"].as_u64());
                     tokio::time::sleep(self.poll).await;
                     continue;
                 }
                 "failed" | "aborted" => {
+                    following = None;
                     restarts += 1;
                     if restarts > 3 {
                         return Err(RobotError::Stuck(format!(
@@ -735,7 +745,8 @@ impl Robot {
             }
             let body = json!({ "plate": plate, "instrument": instrument });
             match self.api.post(Who::Technician, "/api/v1/runs", &body).await {
-                Some(r) if r.status == 201 || r.status == 409 || r.status == 502 => {}
+                Some(r) if r.status == 201 => following = r.body["id"].as_u64(),
+                Some(r) if r.status == 409 || r.status == 502 => {}
                 Some(r) if r.status == 503 => {}
                 Some(r) => return Err(refused(&format!("starting a run of {plate}"), &r)),
                 None => {}
@@ -794,7 +805,7 @@ impl Robot {
                 .await?;
             let results = listed.body.as_array().cloned().unwrap_or_default();
             if results.is_empty() {
-                tokio::time::sleep(self.poll.max(Duration::from_millis(100))).await;
+                tokio::time::sleep(self.poll.max(Duration::from_millis(250))).await;
                 continue;
             }
             for result in results {
