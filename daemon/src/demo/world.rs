@@ -203,6 +203,7 @@ impl Instruments {
 pub struct DaemonProcess {
     pub url: String,
     pub pid_file: PathBuf,
+    /// Starts after the first: the daemon died, or was killed before it listened.
     pub restarts: Arc<AtomicU32>,
     stopping: Arc<AtomicBool>,
     child: Arc<Mutex<Option<u32>>>,
@@ -235,10 +236,11 @@ impl DaemonProcess {
                 async move { spawn_daemon(&exe, &config, listen, &log, &pid_file).await }
             }
         };
-        let (child, pid) = spawn().await?;
+        let (child, pid, attempts) = spawn().await?;
         let current = Arc::new(Mutex::new(Some(pid)));
         let stopping = Arc::new(AtomicBool::new(false));
-        let restarts = Arc::new(AtomicU32::new(0));
+        // A daemon killed before it listened was started again within `spawn`.
+        let restarts = Arc::new(AtomicU32::new(attempts - 1));
         let supervisor = tokio::spawn(supervise(
             child,
             spawn,
@@ -294,7 +296,7 @@ async fn spawn_daemon(
     listen: std::net::SocketAddr,
     log: &Path,
     pid_file: &Path,
-) -> Result<(Child, u32), DaemonError> {
+) -> Result<(Child, u32, u32), DaemonError> {
     let log_file = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -332,7 +334,7 @@ async fn spawn_daemon(
             Ok(Some(line)) if line.starts_with("listening on ") => {
                 // Keep reading so the child never blocks on a full pipe.
                 tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-                return Ok((child, pid));
+                return Ok((child, pid, attempt));
             }
             _ => {
                 let status = child.wait().await.map_err(DaemonError::Spawn)?;
@@ -357,7 +359,7 @@ async fn supervise<F, Fut>(
     log: PathBuf,
 ) where
     F: Fn() -> Fut,
-    Fut: std::future::Future<Output = Result<(Child, u32), DaemonError>>,
+    Fut: std::future::Future<Output = Result<(Child, u32, u32), DaemonError>>,
 {
     loop {
         let status = child.wait().await;
@@ -367,9 +369,9 @@ async fn supervise<F, Fut>(
         tracing::warn!(?status, log = %log.display(), "pcrd serve died; starting it again.");
         loop {
             match spawn().await {
-                Ok((next, pid)) => {
+                Ok((next, pid, attempts)) => {
                     *current.lock().unwrap_or_else(|p| p.into_inner()) = Some(pid);
-                    restarts.fetch_add(1, Ordering::SeqCst);
+                    restarts.fetch_add(attempts, Ordering::SeqCst);
                     child = next;
                     break;
                 }
