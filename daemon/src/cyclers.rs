@@ -331,10 +331,18 @@ impl RunStore {
 
     /// Writes a run record (one transaction) and waits until it is durable.
     pub async fn put(&self, run: &RunRecord) -> Result<(), StoreError> {
+        self.commit(run)?;
+        self.store.durable().await
+    }
+
+    /// Writes `run` without waiting for the durability barrier: for a caller
+    /// that must not hold a lock across the disk wait and calls
+    /// `store().durable()` itself before anything depends on the write.
+    pub fn commit(&self, run: &RunRecord) -> Result<(), StoreError> {
         let key = run.id.to_be_bytes();
         let value = sized("runs", &key, encode(run))?;
         self.store.trees().runs.insert(key, value)?;
-        self.store.durable().await
+        Ok(())
     }
 
     /// A new run record in state `starting`, durable when this returns.
