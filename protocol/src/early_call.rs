@@ -60,7 +60,7 @@ impl Default for EarlyCallRule {
             margin_cycles: 5,
             plateau_readings: 3,
             plateau_fraction: 0.05,
-            earliest_ct: 12.0,
+            earliest_ct: 15.0,
         }
     }
 }
@@ -119,6 +119,9 @@ pub enum Settlement {
     /// Levelled, but it never rose steeply (a late linear creep, not an
     /// amplification): its steepest cycle, and the amplitude.
     NoExponentialPhase { steepest: f64, amplitude: f64 },
+    /// Readings stuck at the detector's ceiling (the same highest value
+    /// twice): the plateau is the instrument's, not the reaction's.
+    Saturated { top: f64 },
     /// Crossed before [`EarlyCallRule::earliest_ct`]: too little baseline
     /// for the analysis to be stable as cycles are added.
     TooEarly { ct: f64 },
@@ -152,6 +155,12 @@ pub fn settlement(readings: &[f64], ct: Option<f64>, rule: &EarlyCallRule) -> Se
     let last_cycle = u32::try_from(n).unwrap_or(u32::MAX);
     if ct + f64::from(rule.margin_cycles) > f64::from(last_cycle) {
         return Settlement::TooRecent { ct, last_cycle };
+    }
+    // Two readings exactly at the top are the detector's ceiling, not a
+    // plateau: a saturated curve's shape (and Ct) is not what it seems.
+    let top = readings.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    if readings.iter().filter(|&&v| v == top).count() >= 2 {
+        return Settlement::Saturated { top };
     }
     // Single-cycle reading errors (a bubble, a flash) must not make a curve
     // look levelled or steep: the background, the steepest rise and the
@@ -335,7 +344,10 @@ mod tests {
 
     #[test]
     fn the_margin_counts_from_the_last_cycle_read() {
-        let flat_top: Vec<f64> = (1..=30).map(|c| if c < 10 { 1.0 } else { 3.0 }).collect();
+        // Flat, a jump at cycle 10, then a top rising by 0.001 a cycle.
+        let flat_top: Vec<f64> = (1..=30)
+            .map(|c| if c < 10 { 1.0 } else { 3.0 + 0.001 * f64::from(c) })
+            .collect();
         let rule = EarlyCallRule::default();
         assert_eq!(
             settlement(&flat_top, Some(25.5), &rule),
@@ -361,10 +373,32 @@ mod tests {
             settlement(&curve, Some(18.0), &rule),
             Settlement::Unreadable { .. }
         ));
-        // A flat line has no amplitude: never a plateau.
+        // A flat line (or a creep) never had an exponential phase.
+        let flat: Vec<f64> = (0..40).map(|c| 2.0 + 1e-6 * f64::from(c)).collect();
         assert!(matches!(
-            settlement(&[2.0; 40], Some(10.0), &rule),
-            Settlement::Rising { .. }
+            settlement(&flat, Some(20.0), &rule),
+            Settlement::NoExponentialPhase { .. }
+        ));
+        // Readings stuck at the detector's ceiling: not a plateau.
+        let mut stuck = strong();
+        let top = stuck.iter().copied().fold(f64::MIN, f64::max);
+        for v in &mut stuck[40..] {
+            *v = top;
+        }
+        assert!(matches!(
+            settlement(&stuck, ct_of(&stuck), &rule),
+            Settlement::Saturated { .. }
+        ));
+        // A crossing before cycle 15 waits for the end.
+        let early = CurveModel {
+            c_half: 14.0,
+            noise_sd: 0.002,
+            ..CurveModel::default()
+        }
+        .readings();
+        assert!(matches!(
+            settlement(&early, Some(11.0), &rule),
+            Settlement::TooEarly { .. }
         ));
     }
 
