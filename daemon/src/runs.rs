@@ -24,6 +24,8 @@
 //! What this does NOT do: release anything. [`on_run_judged`] is the one
 //! place the review stage is connected.
 
+pub mod early;
+
 use std::collections::BTreeMap;
 use std::sync::Arc;
 

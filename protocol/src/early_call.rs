@@ -115,7 +115,10 @@ pub enum Settlement {
     /// Crossed, but fewer than the margin's cycles before the last reading.
     TooRecent { ct: f64, last_cycle: u32 },
     /// Still rising: the largest of the last increments, and the amplitude.
-    Rising { largest_increment: f64, amplitude: f64 },
+    Rising {
+        largest_increment: f64,
+        amplitude: f64,
+    },
     /// Levelled, but it never rose steeply (a late linear creep, not an
     /// amplification): its steepest cycle, and the amplitude.
     NoExponentialPhase { steepest: f64, amplitude: f64 },
@@ -332,7 +335,10 @@ mod tests {
         // Cycle 24: crossed around 17-18 but still rising steeply.
         let at24 = settlement(&curve[..24], ct_of(&curve[..24]), &rule);
         assert!(
-            matches!(at24, Settlement::Rising { .. } | Settlement::TooRecent { .. }),
+            matches!(
+                at24,
+                Settlement::Rising { .. } | Settlement::TooRecent { .. }
+            ),
             "{at24:?}"
         );
         // Cycle 32: levelled for several cycles and crossed >5 cycles ago.
@@ -346,7 +352,13 @@ mod tests {
     fn the_margin_counts_from_the_last_cycle_read() {
         // Flat, a jump at cycle 10, then a top rising by 0.001 a cycle.
         let flat_top: Vec<f64> = (1..=30)
-            .map(|c| if c < 10 { 1.0 } else { 3.0 + 0.001 * f64::from(c) })
+            .map(|c| {
+                if c < 10 {
+                    1.0
+                } else {
+                    3.0 + 0.001 * f64::from(c)
+                }
+            })
             .collect();
         let rule = EarlyCallRule::default();
         assert_eq!(
@@ -356,7 +368,10 @@ mod tests {
                 last_cycle: 30
             }
         );
-        assert_eq!(settlement(&flat_top, Some(25.0), &rule), Settlement::Settled);
+        assert_eq!(
+            settlement(&flat_top, Some(25.0), &rule),
+            Settlement::Settled
+        );
         assert_eq!(settlement(&flat_top, None, &rule), Settlement::NotCrossed);
     }
 

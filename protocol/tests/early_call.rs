@@ -225,12 +225,17 @@ fn strong_simulated_positives_settle_mid_run() {
             let readings = model.readings();
             // At the simulator's reference threshold (a kit's fixed one).
             let threshold = Some(100.0);
-            let (cycle, early) =
-                first_settled_at(&readings, &EarlyCallRule::default(), threshold)
-                    .unwrap_or_else(|| panic!("Ct {ct} never settled: {model:?}"));
-            assert!(cycle <= ct as usize + 15, "Ct {ct} settled only at cycle {cycle}");
+            let (cycle, early) = first_settled_at(&readings, &EarlyCallRule::default(), threshold)
+                .unwrap_or_else(|| panic!("Ct {ct} never settled: {model:?}"));
+            assert!(
+                cycle <= ct as usize + 15,
+                "Ct {ct} settled only at cycle {cycle}"
+            );
             let end = ct_at(&readings, threshold).expect("determined at the end");
-            assert!((end - early).abs() < 0.5, "Ct {ct}: early {early:.2}, final {end:.2}");
+            assert!(
+                (end - early).abs() < 0.5,
+                "Ct {ct}: early {early:.2}, final {end:.2}"
+            );
             // And under the automatic threshold it settles too, and ends determined.
             assert!(first_settled(&readings, &EarlyCallRule::default()).is_some());
             assert!(ct_of(&readings).is_some());
