@@ -13,6 +13,10 @@
 //!   waits for a decision (an inconclusive may be reported as such).
 //! - A positive pool (pool size > 1) gets a follow-up entry: the lab tests its
 //!   members, which arrive as new tubes (pcrd knows no member's identity).
+//! - Early calls ([`release_early`], from `crate::runs::early`): a settled strong
+//!   positive mid-run becomes a candidate in state `preliminary` with version 1
+//!   released as preliminary; the run's end stages the final over it (version 2),
+//!   held for a reviewer when it disagrees with the preliminary one.
 //! - A release writes the result version and its outbox entry in the same
 //!   transaction as the candidate's new state ([`crate::lab::ReviewTx::release`]), so
 //!   a crash leaves either both or neither; a release is never repeated.
