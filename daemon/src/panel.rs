@@ -46,6 +46,9 @@ use crate::lab::Lab;
 /// (plus the instrument's poll interval); [`PanelInput`] reports wake it at once.
 pub const FEED_EVERY: Duration = Duration::from_millis(250);
 
+/// Longer than the debouncer needs to confirm a release (30 ms at 5 ms samples).
+const RELEASE_SETTLES: Duration = Duration::from_millis(100);
+
 /// How many recent actions the API shows.
 const RECENT_ACTIONS: usize = 20;
 
@@ -227,7 +230,8 @@ pub fn parse_panel(raw: Option<RawPanel>, problems: &mut Vec<String>) -> Option<
         .as_deref()
         .is_some_and(|name| name.trim().is_empty())
     {
-        problems.push("panel.instrument is empty: name an [[extractors]] or [[cyclers]] entry".into());
+        problems
+            .push("panel.instrument is empty: name an [[extractors]] or [[cyclers]] entry".into());
     }
     (problems.len() == before).then_some(PanelConfig {
         kind,
@@ -461,7 +465,15 @@ impl Panel {
         loop {
             match tokio::time::timeout_at(deadline, events.recv()).await {
                 Ok(Ok((Event::Pressed { press, effect }, _))) => {
-                    return Some((press == pcrd_drivers::panel::logic::Press::Long, effect));
+                    let long = press == pcrd_drivers::panel::logic::Press::Long;
+                    if long {
+                        // A long press is reported while the button is still
+                        // held; its release is confirmed one debounce time
+                        // (30 ms, sampled every 5 ms) after the contact opens.
+                        // Until then a next press would merge into this one.
+                        tokio::time::sleep(RELEASE_SETTLES).await;
+                    }
+                    return Some((long, effect));
                 }
                 Ok(Ok(_)) | Ok(Err(broadcast::error::RecvError::Lagged(_))) => {}
                 Ok(Err(broadcast::error::RecvError::Closed)) | Err(_) => return None,
@@ -672,7 +684,10 @@ enum Outcome {
 }
 
 /// The instrument the button works on: the configured one, else the only one.
-fn button_instrument(instruments: &Instruments, configured: Option<&str>) -> Result<String, String> {
+fn button_instrument(
+    instruments: &Instruments,
+    configured: Option<&str>,
+) -> Result<String, String> {
     if let Some(name) = configured {
         return Ok(name.to_owned());
     }
@@ -700,7 +715,9 @@ async fn start_from_button(
     instruments: &Instruments,
     instrument: &str,
 ) -> Result<Outcome, String> {
-    let cycler = instruments.cyclers().filter(|c| c.get(instrument).is_some());
+    let cycler = instruments
+        .cyclers()
+        .filter(|c| c.get(instrument).is_some());
     let runs = match cycler {
         Some(c) => c.runs().all(),
         None => match instruments.cyclers() {
@@ -808,7 +825,10 @@ async fn act(
         let request = match actions.recv().await {
             Ok(r) => r,
             Err(broadcast::error::RecvError::Lagged(n)) => {
-                warn!(missed = n, "Panel actions were missed; press the button again.");
+                warn!(
+                    missed = n,
+                    "Panel actions were missed; press the button again."
+                );
                 continue;
             }
             Err(broadcast::error::RecvError::Closed) => return,
@@ -829,7 +849,10 @@ async fn act(
             }
             Err(why) => {
                 warn!(action = request.action.as_str(), reason = %why, "The panel's button request was not carried out.");
-                input.fault(REFUSAL_SOURCE, &format!("{}: {why}", request.action.as_str()));
+                input.fault(
+                    REFUSAL_SOURCE,
+                    &format!("{}: {why}", request.action.as_str()),
+                );
                 let input = input.clone();
                 tokio::spawn(async move {
                     tokio::time::sleep(REFUSAL_SHOWN).await;
@@ -924,6 +947,10 @@ mod tests {
         assert!(problems[0].contains("\"led\""), "{problems:?}");
         let (_, problems) = parse("kind = \"sim\"\nchip = \"/dev/gpiochip0\"");
         assert!(problems[0].contains("panel.chip"), "{problems:?}");
+        let (_, problems) = parse("kind = \"sim\"\ninstrument = \" \"");
+        assert!(problems[0].contains("panel.instrument"), "{problems:?}");
+        let (config, _) = parse("kind = \"sim\"\ninstrument = \"qpcr-1\"");
+        assert_eq!(config.unwrap().instrument.as_deref(), Some("qpcr-1"));
     }
 
     #[test]
