@@ -966,7 +966,11 @@ async fn follow_extraction_runs(instrument: Arc<Instrument>, runs: Arc<RunStore>
 /// change, if any, without waiting for the durability barrier (the caller
 /// does, after releasing the instrument's command lock). Returns whether it
 /// wrote.
-fn follow_once(instrument: &Instrument, runs: &RunStore, run: RunRecord) -> Result<bool, StoreError> {
+fn follow_once(
+    instrument: &Instrument,
+    runs: &RunStore,
+    run: RunRecord,
+) -> Result<bool, StoreError> {
     let snapshot = instrument.snapshot();
     let tracked = &snapshot.tracked;
     let mut next = run.clone();

@@ -196,7 +196,9 @@ pub fn settlement(readings: &[f64], ct: Option<f64>, rule: &EarlyCallRule) -> Se
         .windows(2)
         .map(|w| w[1] - w[0])
         .fold(f64::NEG_INFINITY, f64::max);
-    if !(steepest >= MIN_STEEPEST_SHARE * amplitude) {
+    // A NaN comparison is false: no exponential phase.
+    let steep_enough = steepest >= MIN_STEEPEST_SHARE * amplitude;
+    if !steep_enough {
         return Settlement::NoExponentialPhase {
             steepest,
             amplitude,

@@ -120,10 +120,9 @@ fn first_settled_at(
             .ok()
             .filter(|r| r.flags.is_empty())
             .and_then(|r| r.ct.value())?;
-        let ct = Some(ct);
-        settlement(&readings[..n], ct, rule)
+        settlement(&readings[..n], Some(ct), rule)
             .is_settled()
-            .then(|| (n, ct.unwrap_or(f64::NAN)))
+            .then_some((n, ct))
     })
 }
 

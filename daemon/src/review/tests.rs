@@ -588,7 +588,7 @@ async fn an_early_call_is_released_once_as_preliminary_and_the_final_is_version_
         let id = result_id(
             "LAB",
             "R9",
-            &tubes.iter().find(|t| t.1 == tube).unwrap().0.to_string(),
+            tubes.iter().find(|t| t.1 == tube).unwrap().0,
             tube,
         );
         let c = load_candidate(&lab, &id).unwrap().unwrap();

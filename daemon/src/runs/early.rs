@@ -59,7 +59,7 @@ impl EarlyCalls {
             || cycle < FIRST_CYCLE
             // The last cycle: the run's end stages the final now.
             || cycle >= run.cycles_expected
-            || cycle % policy.early_call_every.max(1) != 0
+            || !cycle.is_multiple_of(policy.early_call_every.max(1))
         {
             return;
         }
