@@ -738,15 +738,23 @@ pub async fn stage_from_judgement(
 /// staged (an earlier evaluation, before a crash or not) is left as it is, so
 /// a result never gets a second preliminary version. Returns how many were
 /// released.
+///
+/// `still_running` is asked under the writer lock, just before anything is
+/// planned: once the run has ended its final staging decides (an evaluation
+/// that finishes after it must not leave a preliminary no staging will see).
 pub async fn release_early(
     lab: &Arc<Lab>,
     actor: Actor,
     candidates: Vec<Candidate>,
     cycle: u32,
     cycles_expected: u32,
+    still_running: impl FnOnce() -> bool + Send + 'static,
 ) -> Result<usize, LabError> {
     let released = lab
         .review_change(actor, move |tx| {
+            if !still_running() {
+                return Ok(0);
+            }
             let at = tx.at.as_millis();
             let mut fresh = Vec::new();
             let mut seen = BTreeSet::new();

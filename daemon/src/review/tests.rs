@@ -580,7 +580,7 @@ async fn an_early_call_is_released_once_as_preliminary_and_the_final_is_version_
     .await;
     let offered = candidates_from_judgement(&lab, &plate, &mid, &provenance("R9")).unwrap();
     assert_eq!(offered.len(), 4);
-    let n = release_early(&lab, user("run:9"), offered.clone(), 30, 45)
+    let n = release_early(&lab, user("run:9"), offered.clone(), 30, 45, || true)
         .await
         .unwrap();
     assert_eq!(n, 3, "the negative is not called early");
@@ -602,7 +602,7 @@ async fn an_early_call_is_released_once_as_preliminary_and_the_final_is_version_
     // A re-evaluation (or one after a crash) releases nothing again.
     let next = lab.outbox().next_seq();
     assert_eq!(
-        release_early(&lab, user("run:9"), offered, 33, 45)
+        release_early(&lab, user("run:9"), offered, 33, 45, || true)
             .await
             .unwrap(),
         0
@@ -730,8 +730,18 @@ async fn an_invalid_plate_after_an_early_call_releases_nothing_more_and_says_so(
     )
     .await;
     let offered = candidates_from_judgement(&lab, &plate, &mid, &provenance("R10")).unwrap();
+    // Once the run has ended, its final staging decides: nothing early.
+    let next = lab.outbox().next_seq();
     assert_eq!(
-        release_early(&lab, user("run:10"), offered, 30, 45)
+        release_early(&lab, user("run:10"), offered.clone(), 44, 45, || false)
+            .await
+            .unwrap(),
+        0
+    );
+    assert_eq!(lab.outbox().next_seq(), next);
+    assert!(load_candidate(&lab, "LAB-R10-A1-E2-POS").unwrap().is_none());
+    assert_eq!(
+        release_early(&lab, user("run:10"), offered, 30, 45, || true)
             .await
             .unwrap(),
         1

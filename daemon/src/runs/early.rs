@@ -77,7 +77,7 @@ impl EarlyCalls {
         let span = tracing::info_span!("early_call", run = run.id, plate = %run.plate, instrument = %run.instrument, cycle);
         tokio::spawn(
             async move {
-                match evaluate(&lab, &runs, &run).await {
+                match evaluate(&lab, runs, &run).await {
                     Ok(0) => {}
                     Ok(n) => info!(released = n, "Results called early: released as preliminary."),
                     Err(e) => error!(error = %e, "Early calls could not be evaluated; the final results follow at the end of the run as usual."),
@@ -143,7 +143,7 @@ fn controls_so_far(
 /// releases the new ones; returns how many were released.
 pub async fn evaluate(
     lab: &Arc<Lab>,
-    runs: &RunStore,
+    runs: Arc<RunStore>,
     run: &RunRecord,
 ) -> Result<usize, EarlyCallError> {
     let policy = lab.review().policy();
@@ -241,6 +241,16 @@ pub async fn evaluate(
     if early.is_empty() {
         return Ok(0);
     }
+    // Checked under the writer lock: the run's end (state finished) comes
+    // before its final staging, so a preliminary is released only where that
+    // staging will see it.
+    let id = run.id;
+    let still_running = move || {
+        runs.get(id)
+            .ok()
+            .flatten()
+            .is_some_and(|r| !r.state.is_terminal())
+    };
     let released = crate::review::release_early(
         lab,
         crate::lab::Actor {
@@ -253,6 +263,7 @@ pub async fn evaluate(
         early,
         run.cycles_stored,
         run.cycles_expected,
+        still_running,
     )
     .await?;
     Ok(released)
