@@ -1217,6 +1217,48 @@ mod tests {
         assert_eq!(t.runs_completed, 0);
     }
 
+    /// The 409 "a run is being started or aborted" was answered whenever the
+    /// lock was merely held for a moment (the follower holds it on each check,
+    /// and held it across the disk wait when it recorded a failed run): a
+    /// start now waits for it and then gets the answer that says what is in
+    /// the way.
+    #[tokio::test]
+    async fn a_start_waits_for_a_command_lock_held_for_a_moment() {
+        let profile = Arc::new(
+            pcrd_protocol::extractor::Profile::from_toml_str(include_str!(
+                "../../profiles/sim-extractor.toml"
+            ))
+            .unwrap(),
+        );
+        let addr = "127.0.0.1:9".parse().unwrap();
+        let config = ExtractorConfig {
+            name: "ext-1".into(),
+            unit: 1,
+            profile_path: std::path::PathBuf::new(),
+            profile,
+            bus: pcrd_drivers::modbus::BusConfig::new("t", LinkConfig::Tcp { addr }),
+        };
+        let instruments = Instruments::start(&[config]);
+        let instrument = instruments.get("ext-1").unwrap();
+        let held = Duration::from_millis(200);
+        let holder = async {
+            let guard = instrument.command.lock().await;
+            tokio::time::sleep(held).await;
+            drop(guard);
+        };
+        let waiter = async {
+            // Asks while the lock is held.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            let asked = std::time::Instant::now();
+            let got = instrument.command_lock().await.map(|_| ());
+            (got, asked.elapsed())
+        };
+        let ((), (got, waited)) = tokio::join!(holder, waiter);
+        assert!(got.is_ok(), "{got:?}");
+        assert!(waited >= Duration::from_millis(100), "{waited:?}");
+        assert!(COMMAND_WAIT > Duration::from_secs(5));
+    }
+
     #[test]
     fn label_values_are_escaped() {
         assert_eq!(label("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
