@@ -331,10 +331,18 @@ impl RunStore {
 
     /// Writes a run record (one transaction) and waits until it is durable.
     pub async fn put(&self, run: &RunRecord) -> Result<(), StoreError> {
+        self.commit(run)?;
+        self.store.durable().await
+    }
+
+    /// Writes `run` without waiting for the durability barrier: for a caller
+    /// that must not hold a lock across the disk wait and calls
+    /// `store().durable()` itself before anything depends on the write.
+    pub fn commit(&self, run: &RunRecord) -> Result<(), StoreError> {
         let key = run.id.to_be_bytes();
         let value = sized("runs", &key, encode(run))?;
         self.store.trees().runs.insert(key, value)?;
-        self.store.durable().await
+        Ok(())
     }
 
     /// A new run record in state `starting`, durable when this returns.
@@ -541,6 +549,9 @@ pub struct StoreSink {
     runs: Arc<RunStore>,
     active: Arc<ActiveRun>,
     instrument: Arc<str>,
+    /// Starts early-call evaluations after a cycle is durable
+    /// (`crate::runs::early`); none in benches and unit tests.
+    early: Option<Arc<crate::runs::early::EarlyCalls>>,
 }
 
 impl StoreSink {
@@ -549,7 +560,14 @@ impl StoreSink {
             runs,
             active,
             instrument: instrument.into(),
+            early: None,
         }
+    }
+
+    /// The same sink, evaluating early calls with `lab`'s review policy.
+    pub fn with_early_calls(mut self, lab: Arc<Lab>) -> StoreSink {
+        self.early = Some(Arc::new(crate::runs::early::EarlyCalls::new(lab)));
+        self
     }
 
     async fn store(&self, cycle: u32, readings: &[CycleData]) -> Result<(), SinkError> {
@@ -637,6 +655,10 @@ impl StoreSink {
             .cycles_stored
             .fetch_add(1, Ordering::Relaxed);
         tracing::debug!(run = updated.id, plate = %updated.plate, cycle, latency_us = latency.as_micros() as u64, "Cycle stored.");
+        if let Some(early) = &self.early {
+            // After the cycle is durable, in its own task: never holds the driver.
+            early.after_cycle(&self.runs, &updated);
+        }
         Ok(())
     }
 }
@@ -788,7 +810,8 @@ impl Cyclers {
                 runs.put(&stale).await?;
             }
             active.set(resume.clone());
-            let sink = StoreSink::new(Arc::clone(&runs), Arc::clone(&active), &config.name);
+            let sink = StoreSink::new(Arc::clone(&runs), Arc::clone(&active), &config.name)
+                .with_early_calls(Arc::clone(&out.lab));
             let (handle, events, task) = spawn_cycler(driver, sink);
             let cycler = Arc::new(Cycler {
                 name: config.name.clone(),

@@ -377,6 +377,25 @@ pub struct Snapshot {
 }
 
 impl Instrument {
+    /// The lock held while a run is started or aborted on this instrument.
+    /// Waits for it: the run follower holds it for a moment on every check,
+    /// and another start or abort holds it for its device commands. Only a
+    /// wait past [`COMMAND_WAIT`] (an instrument command stuck far longer
+    /// than its own timeouts) is answered as a conflict; a caller that got
+    /// the lock re-checks the run and device state, so it gets the answer
+    /// that says what is actually in the way.
+    async fn command_lock(&self) -> Result<tokio::sync::MutexGuard<'_, ()>, RunError> {
+        tokio::time::timeout(COMMAND_WAIT, self.command.lock())
+            .await
+            .map_err(|_| {
+                RunError::Conflict(format!(
+                    "a run is being started or aborted on {} (still under way after {} s)",
+                    self.name,
+                    COMMAND_WAIT.as_secs()
+                ))
+            })
+    }
+
     fn tracked(&self) -> MutexGuard<'_, Tracked> {
         // Only this module writes it, without panicking paths inside the lock;
         // a poisoned lock still holds a usable state.
@@ -626,6 +645,10 @@ pub fn label(value: &str) -> String {
 /// supervisor follows (the monitor polls at the profile's interval; this only
 /// carries its view into the store).
 const FOLLOW_EVERY: std::time::Duration = std::time::Duration::from_millis(200);
+/// How long a start or an abort waits for another one on the same instrument
+/// (or for the follower's check) before answering 409: longer than the
+/// driver's load + start + read-back with their timeouts.
+const COMMAND_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 /// A start that never showed on the instrument within this is taken as not
 /// having taken effect.
 const START_GRACE_MS: i64 = 15_000;
@@ -702,11 +725,7 @@ impl Instruments {
                 "plate {plate_id} is not sealed: seal it before it goes on an extractor"
             )));
         }
-        let Ok(_guard) = instrument.command.try_lock() else {
-            return Err(RunError::Conflict(format!(
-                "a run is being started or aborted on {instrument_name}"
-            )));
-        };
+        let _guard = instrument.command_lock().await?;
         // A plate is extracted once; a failed or aborted extraction may be repeated.
         if let Some(run) = runs.all()?.into_iter().find(|r| {
             r.is_extraction()
@@ -838,12 +857,14 @@ impl Instruments {
                 run.instrument
             ))
         })?;
-        let Ok(_guard) = instrument.command.try_lock() else {
+        let _guard = instrument.command_lock().await?;
+        // The run may have ended while this waited for the lock.
+        if let Some(ended) = runs.get(id)?.filter(|r| r.state.is_terminal()) {
             return Err(RunError::Conflict(format!(
-                "a run is being started or aborted on {}",
-                run.instrument
+                "run {id} has already ended ({})",
+                ended.state.as_str()
             )));
-        };
+        }
         let why = match reason {
             Some(r) if !r.trim().is_empty() => format!("aborted by {user}: {r}"),
             _ => format!("aborted by {user}"),
@@ -900,7 +921,7 @@ async fn follow_extraction_runs(instrument: Arc<Instrument>, runs: Arc<RunStore>
     loop {
         tokio::time::sleep(FOLLOW_EVERY).await;
         // Not while the API is starting or aborting: it writes the record then.
-        let Ok(_guard) = instrument.command.try_lock() else {
+        let Ok(guard) = instrument.command.try_lock() else {
             continue;
         };
         let Some(id) = *instrument
@@ -921,17 +942,35 @@ async fn follow_extraction_runs(instrument: Arc<Instrument>, runs: Arc<RunStore>
                 continue;
             }
         };
-        if let Err(e) = follow_once(&instrument, &runs, active).await {
-            error!(error = %e, "The extraction run's state could not be stored.");
+        // The change is committed under the lock (so it cannot interleave
+        // with a start's or an abort's write) but made durable after it is
+        // released: a start asked for right after a run failed must not be
+        // refused as "being started or aborted" because this task was waiting
+        // for the disk (the 409 it gets is the one that tells the operator what
+        // to do, such as "clear the error on the instrument").
+        let committed = follow_once(&instrument, &runs, active);
+        drop(guard);
+        match committed {
+            Ok(true) => {
+                if let Err(e) = runs.store().durable().await {
+                    error!(error = %e, "The extraction run's state could not be made durable.");
+                }
+            }
+            Ok(false) => {}
+            Err(e) => error!(error = %e, "The extraction run's state could not be stored."),
         }
     }
 }
 
-async fn follow_once(
+/// Compares the stored run with what the supervisor follows and commits the
+/// change, if any, without waiting for the durability barrier (the caller
+/// does, after releasing the instrument's command lock). Returns whether it
+/// wrote.
+fn follow_once(
     instrument: &Instrument,
     runs: &RunStore,
     run: RunRecord,
-) -> Result<(), StoreError> {
+) -> Result<bool, StoreError> {
     let snapshot = instrument.snapshot();
     let tracked = &snapshot.tracked;
     let mut next = run.clone();
@@ -1074,9 +1113,10 @@ async fn follow_once(
             error!(run = run.id, plate = %run.plate, reason = ?next.reason, "The extraction run failed; an operator must check the plate, which can be run again.");
         }
         next.updated_at = now_ms();
-        runs.put(&next).await?;
+        runs.commit(&next)?;
+        return Ok(true);
     }
-    Ok(())
+    Ok(false)
 }
 
 #[cfg(test)]
@@ -1220,6 +1260,48 @@ mod tests {
         assert_eq!(last.outcome, Some(Outcome::DeviceError));
         assert_eq!(last.error.as_ref().map(|e| e.code), Some(102));
         assert_eq!(t.runs_completed, 0);
+    }
+
+    /// The 409 "a run is being started or aborted" was answered whenever the
+    /// lock was merely held for a moment (the follower holds it on each check,
+    /// and held it across the disk wait when it recorded a failed run): a
+    /// start now waits for it and then gets the answer that says what is in
+    /// the way.
+    #[tokio::test]
+    async fn a_start_waits_for_a_command_lock_held_for_a_moment() {
+        let profile = Arc::new(
+            pcrd_protocol::extractor::Profile::from_toml_str(include_str!(
+                "../../profiles/sim-extractor.toml"
+            ))
+            .unwrap(),
+        );
+        let addr = "127.0.0.1:9".parse().unwrap();
+        let config = ExtractorConfig {
+            name: "ext-1".into(),
+            unit: 1,
+            profile_path: std::path::PathBuf::new(),
+            profile,
+            bus: pcrd_drivers::modbus::BusConfig::new("t", LinkConfig::Tcp { addr }),
+        };
+        let instruments = Instruments::start(&[config]);
+        let instrument = instruments.get("ext-1").unwrap();
+        let held = Duration::from_millis(200);
+        let holder = async {
+            let guard = instrument.command.lock().await;
+            tokio::time::sleep(held).await;
+            drop(guard);
+        };
+        let waiter = async {
+            // Asks while the lock is held.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            let asked = std::time::Instant::now();
+            let got = instrument.command_lock().await.map(|_| ());
+            (got, asked.elapsed())
+        };
+        let ((), (got, waited)) = tokio::join!(holder, waiter);
+        assert!(got.is_ok(), "{got:?}");
+        assert!(waited >= Duration::from_millis(100), "{waited:?}");
+        assert!(COMMAND_WAIT > Duration::from_secs(5));
     }
 
     #[test]

@@ -8,19 +8,22 @@
 //! - each extractor supervisor (`crate::instruments`): offline, in the device's
 //!   error state, or a run stalled is a fault (source `instrument:NAME`); a run in
 //!   progress is active;
+//! - each cycler (`crate::cyclers`): offline or in its error state is a fault
+//!   (source `cycler:NAME`); a run pcrd follows on it is active;
 //! - the store: a failed durability barrier or damage found is a fault (source
 //!   `store`); the daemon stops right after, so the lamp shows it only briefly;
-//! - whatever holds a [`PanelInput`] (cyclers, run orchestration, later work):
-//!   `input.active("run:R1")`, `input.fault("cycler:c1", "lid opened")`,
+//! - whatever holds a [`PanelInput`] (analysers, later work; the button's own
+//!   refusals): `input.active("run:R1")`, `input.fault("x:1", "lid opened")`,
 //!   `input.clear("run:R1")`.
 //!
 //! # Where presses go
-//! [`Panel::actions`] is a broadcast stream of [`PanelAction`] (`Start`, `Abort`)
-//! for the run orchestration: a short press on a green lamp asks to start the run
-//! waiting on the gateway; a long press during a run followed by a short one within
-//! the confirmation window asks to abort it. Nothing consumes them yet (issue 7's
-//! orchestration will); each is logged and kept in [`Panel::recent_actions`], so the
-//! API shows it.
+//! [`Panel::actions`] is a broadcast stream of [`PanelAction`] (`Start`, `Abort`),
+//! each logged and kept in [`Panel::recent_actions`]. The daemon's own consumer
+//! (`act`) carries them out on `[panel] instrument` (or the only instrument): a
+//! Start starts the one sealed plate ready for it, an Abort aborts its run in
+//! progress ("aborted from the panel"). A request it cannot carry out (no plate or
+//! several ready, nothing running, the instrument refusing) is logged with why and
+//! shown for a few seconds as a fault (red, buzzer) under `panel:button`.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::fmt::Write as _;
@@ -43,6 +46,9 @@ use crate::lab::Lab;
 /// (plus the instrument's poll interval); [`PanelInput`] reports wake it at once.
 pub const FEED_EVERY: Duration = Duration::from_millis(250);
 
+/// Longer than the debouncer needs to confirm a release (30 ms at 5 ms samples).
+const RELEASE_SETTLES: Duration = Duration::from_millis(100);
+
 /// How many recent actions the API shows.
 const RECENT_ACTIONS: usize = 20;
 
@@ -61,6 +67,8 @@ pub struct RawPanel {
     long_press_ms: Option<u64>,
     confirm_ms: Option<u64>,
     buzz_for_s: Option<u64>,
+    /// The extractor or cycler the button starts and aborts runs on.
+    instrument: Option<String>,
 }
 
 /// Where the pins are.
@@ -86,6 +94,9 @@ pub struct PanelConfig {
     pub wiring: LampWiring,
     pub active_low: bool,
     pub timing: Timing,
+    /// The instrument the button starts and aborts runs on; `None`: the only
+    /// configured instrument, if there is exactly one.
+    pub instrument: Option<String>,
 }
 
 /// Validates `[panel]`, adding each problem to `problems`.
@@ -214,11 +225,20 @@ pub fn parse_panel(raw: Option<RawPanel>, problems: &mut Vec<String>) -> Option<
         Duration::from_secs(1),
         &mut timing.buzz_for,
     );
+    if raw
+        .instrument
+        .as_deref()
+        .is_some_and(|name| name.trim().is_empty())
+    {
+        problems
+            .push("panel.instrument is empty: name an [[extractors]] or [[cyclers]] entry".into());
+    }
     (problems.len() == before).then_some(PanelConfig {
         kind,
         wiring,
         active_low: raw.active_low.unwrap_or(false),
         timing,
+        instrument: raw.instrument,
     })
 }
 
@@ -292,6 +312,9 @@ pub enum PanelError {
     /// a line another program holds).
     #[error("panel: {0}")]
     Gpio(String),
+    /// `[panel] instrument` names no configured extractor or cycler.
+    #[error("panel.instrument {0:?} is not an [[extractors]] or [[cyclers]] entry")]
+    UnknownInstrument(String),
 }
 
 /// The daemon's panel: absent when `[panel]` is not configured.
@@ -346,8 +369,22 @@ impl Panel {
             }
             PanelKind::Gpio { .. } => (open_gpio(config, lab_rx)?, None, "gpio"),
         };
+        if let Some(name) = &config.instrument {
+            let known = instruments.get(name).is_some()
+                || instruments.cyclers().is_some_and(|c| c.get(name).is_some());
+            if !known {
+                return Err(PanelError::UnknownInstrument(name.clone()));
+            }
+        }
         let (actions, _) = broadcast::channel(16);
         let recent = Arc::new(Mutex::new(VecDeque::new()));
+        let actor = tokio::spawn(act(
+            Arc::clone(&lab),
+            Arc::clone(&instruments),
+            input.clone(),
+            config.instrument.clone(),
+            actions.subscribe(),
+        ));
         let feeder = tokio::spawn(feed(lab, instruments, input.clone(), lab_tx));
         let relay = tokio::spawn(relay(
             handle.subscribe(),
@@ -363,7 +400,7 @@ impl Panel {
                 timing: config.timing,
                 actions,
                 recent,
-                tasks: vec![feeder, relay],
+                tasks: vec![feeder, relay, actor],
             }),
             input,
         })
@@ -428,7 +465,15 @@ impl Panel {
         loop {
             match tokio::time::timeout_at(deadline, events.recv()).await {
                 Ok(Ok((Event::Pressed { press, effect }, _))) => {
-                    return Some((press == pcrd_drivers::panel::logic::Press::Long, effect));
+                    let long = press == pcrd_drivers::panel::logic::Press::Long;
+                    if long {
+                        // A long press is reported while the button is still
+                        // held; its release is confirmed one debounce time
+                        // (30 ms, sampled every 5 ms) after the contact opens.
+                        // Until then a next press would merge into this one.
+                        tokio::time::sleep(RELEASE_SETTLES).await;
+                    }
+                    return Some((long, effect));
                 }
                 Ok(Ok(_)) | Ok(Err(broadcast::error::RecvError::Lagged(_))) => {}
                 Ok(Err(broadcast::error::RecvError::Closed)) | Err(_) => return None,
@@ -556,6 +601,31 @@ fn gather(lab: &Lab, instruments: &Instruments, input: &PanelInput) -> LabState 
             state.active.insert(source);
         }
     }
+    if let Some(cyclers) = instruments.cyclers() {
+        for cycler in cyclers.all() {
+            let link = cycler.link_state();
+            let source = format!("cycler:{}", cycler.name);
+            let device_error = link
+                .status
+                .as_ref()
+                .is_some_and(|st| st.state == pcrd_protocol::cycler::RunState::Error);
+            if link.link == crate::cyclers::Link::Offline {
+                state.faults.insert(
+                    source.clone(),
+                    format!("offline: {}", link.reason.as_deref().unwrap_or("no answer")),
+                );
+            } else if device_error {
+                state.faults.insert(
+                    source.clone(),
+                    link.last_fault
+                        .unwrap_or_else(|| "the cycler is in its error state".into()),
+                );
+            }
+            if cycler.active_run().is_some() {
+                state.active.insert(source);
+            }
+        }
+    }
     if let Some(why) = lab.store().failure() {
         state.faults.insert("store".into(), why);
     }
@@ -595,6 +665,204 @@ async fn feed(
     }
 }
 
+/// How long a refused Start or Abort shows on the panel (red, buzzer) before
+/// it clears by itself: the operator hears that nothing happened, and the
+/// log says why.
+const REFUSAL_SHOWN: Duration = Duration::from_secs(3);
+
+/// The fault source a refused button action is shown under.
+const REFUSAL_SOURCE: &str = "panel:button";
+
+/// The user runs started and aborted from the panel are recorded under.
+const PANEL_USER: &str = "panel";
+
+/// What a Start or an Abort from the button did.
+#[derive(Debug)]
+enum Outcome {
+    Started { run: u64, plate: String },
+    Aborted { run: u64 },
+}
+
+/// The instrument the button works on: the configured one, else the only one.
+fn button_instrument(
+    instruments: &Instruments,
+    configured: Option<&str>,
+) -> Result<String, String> {
+    if let Some(name) = configured {
+        return Ok(name.to_owned());
+    }
+    let mut names: Vec<String> = instruments.all().map(|i| i.name.clone()).collect();
+    if let Some(cyclers) = instruments.cyclers() {
+        names.extend(cyclers.all().map(|c| c.name.clone()));
+    }
+    match names.as_slice() {
+        [one] => Ok(one.clone()),
+        [] => Err("no instrument is configured".into()),
+        _ => Err(format!(
+            "{} instruments are configured ({}): set [panel] instrument to the one the button runs",
+            names.len(),
+            names.join(", ")
+        )),
+    }
+}
+
+/// Starts the run of the one sealed plate ready for the button's instrument:
+/// a sealed PCR plate with no finished or unfinished run for a cycler, a
+/// sealed extraction plate not yet extracted for an extractor. Refused (with
+/// why) when there is none or more than one: the button cannot choose.
+async fn start_from_button(
+    lab: &Lab,
+    instruments: &Instruments,
+    instrument: &str,
+) -> Result<Outcome, String> {
+    let cycler = instruments
+        .cyclers()
+        .filter(|c| c.get(instrument).is_some());
+    let runs = match cycler {
+        Some(c) => c.runs().all(),
+        None => match instruments.cyclers() {
+            Some(c) => c.runs().all(),
+            None => Ok(Vec::new()),
+        },
+    }
+    .map_err(|e| format!("the runs cannot be read: {e}"))?;
+    let want = if cycler.is_some() {
+        crate::model::PlateKind::Pcr
+    } else {
+        crate::model::PlateKind::Extraction
+    };
+    let plates = lab
+        .plates()
+        .map_err(|e| format!("the plates cannot be read: {e}"))?;
+    let ready: Vec<String> = plates
+        .into_iter()
+        .filter(|p| p.kind == want && p.state == crate::model::PlateState::Sealed)
+        .map(|p| p.id.to_string())
+        .filter(|id| {
+            !runs.iter().any(|r| {
+                r.plate == *id
+                    && r.is_extraction() == (want == crate::model::PlateKind::Extraction)
+                    && (r.state == crate::cyclers::RunState::Finished || !r.state.is_terminal())
+            })
+        })
+        .collect();
+    let plate = match ready.as_slice() {
+        [one] => one.clone(),
+        [] => {
+            return Err(format!(
+                "no sealed plate is ready for {instrument}: start it with `pcrd run start`"
+            ));
+        }
+        many => {
+            return Err(format!(
+                "{} sealed plates are ready for {instrument} ({}): the button cannot choose; start one with `pcrd run start`",
+                many.len(),
+                many.join(", ")
+            ));
+        }
+    };
+    let started = match cycler {
+        Some(c) => c.start_run(&plate, instrument, None, PANEL_USER).await,
+        None => {
+            instruments
+                .start_extraction(&plate, instrument, None, PANEL_USER)
+                .await
+        }
+    };
+    started
+        .map(|run| Outcome::Started {
+            run: run.id,
+            plate: run.plate,
+        })
+        .map_err(|e| format!("plate {plate} could not be started on {instrument}: {e}"))
+}
+
+/// Aborts the run in progress on the button's instrument.
+async fn abort_from_button(instruments: &Instruments, instrument: &str) -> Result<Outcome, String> {
+    const WHY: &str = "aborted from the panel";
+    if let Some(cyclers) = instruments.cyclers()
+        && let Some(cycler) = cyclers.get(instrument)
+    {
+        let run = cycler
+            .active_run()
+            .ok_or_else(|| format!("no run is in progress on {instrument}"))?;
+        return cyclers
+            .abort_run(run.id, PANEL_USER, Some(WHY))
+            .await
+            .map(|r| Outcome::Aborted { run: r.id })
+            .map_err(|e| format!("run {} on {instrument} could not be aborted: {e}", run.id));
+    }
+    let runs = instruments
+        .cyclers()
+        .map(|c| c.runs().all())
+        .transpose()
+        .map_err(|e| format!("the runs cannot be read: {e}"))?
+        .unwrap_or_default();
+    let run = runs
+        .into_iter()
+        .filter(|r| r.is_extraction() && r.instrument == instrument && !r.state.is_terminal())
+        .max_by_key(|r| r.id)
+        .ok_or_else(|| format!("no run pcrd started is in progress on {instrument}"))?;
+    instruments
+        .abort_extraction(run.id, PANEL_USER, Some(WHY))
+        .await
+        .map(|r| Outcome::Aborted { run: r.id })
+        .map_err(|e| format!("run {} on {instrument} could not be aborted: {e}", run.id))
+}
+
+/// Carries out the button's Start and Abort requests on the button's
+/// instrument. A request that cannot be carried out is logged with why and
+/// shown on the panel for [`REFUSAL_SHOWN`] as a fault (red, buzzer), then
+/// cleared.
+async fn act(
+    lab: Arc<Lab>,
+    instruments: Arc<Instruments>,
+    input: PanelInput,
+    configured: Option<String>,
+    mut actions: broadcast::Receiver<PanelAction>,
+) {
+    loop {
+        let request = match actions.recv().await {
+            Ok(r) => r,
+            Err(broadcast::error::RecvError::Lagged(n)) => {
+                warn!(
+                    missed = n,
+                    "Panel actions were missed; press the button again."
+                );
+                continue;
+            }
+            Err(broadcast::error::RecvError::Closed) => return,
+        };
+        let done = match button_instrument(&instruments, configured.as_deref()) {
+            Err(why) => Err(why),
+            Ok(instrument) => match request.action {
+                Action::Start => start_from_button(&lab, &instruments, &instrument).await,
+                Action::Abort => abort_from_button(&instruments, &instrument).await,
+            },
+        };
+        match done {
+            Ok(Outcome::Started { run, plate }) => {
+                info!(run, %plate, "Run started from the panel's button.");
+            }
+            Ok(Outcome::Aborted { run }) => {
+                warn!(run, "Run aborted from the panel's button.");
+            }
+            Err(why) => {
+                warn!(action = request.action.as_str(), reason = %why, "The panel's button request was not carried out.");
+                input.fault(
+                    REFUSAL_SOURCE,
+                    &format!("{}: {why}", request.action.as_str()),
+                );
+                let input = input.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(REFUSAL_SHOWN).await;
+                    input.clear(REFUSAL_SOURCE);
+                });
+            }
+        }
+    }
+}
+
 /// Logs the panel's events and turns requested actions into [`PanelAction`]s.
 async fn relay(
     mut events: broadcast::Receiver<(Event, SystemTime)>,
@@ -623,7 +891,8 @@ async fn relay(
                         recent.push_back(record);
                     }
                     info!(action = action.as_str(), "Panel action requested.");
-                    // No subscriber yet is normal: the run orchestration is not there.
+                    // `act` subscribes before this task starts; a send error
+                    // means the daemon is stopping.
                     let _ = actions.send(record);
                 }
             }
@@ -678,6 +947,10 @@ mod tests {
         assert!(problems[0].contains("\"led\""), "{problems:?}");
         let (_, problems) = parse("kind = \"sim\"\nchip = \"/dev/gpiochip0\"");
         assert!(problems[0].contains("panel.chip"), "{problems:?}");
+        let (_, problems) = parse("kind = \"sim\"\ninstrument = \" \"");
+        assert!(problems[0].contains("panel.instrument"), "{problems:?}");
+        let (config, _) = parse("kind = \"sim\"\ninstrument = \"qpcr-1\"");
+        assert_eq!(config.unwrap().instrument.as_deref(), Some("qpcr-1"));
     }
 
     #[test]

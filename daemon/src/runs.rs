@@ -21,8 +21,12 @@
 //! - run id (u64 BE) ++ `b'p'` -> [`PlateAnalysis`]: written in the same
 //!   transaction as the wells; its presence means the analysis is complete.
 //!
-//! What this does NOT do: release anything. [`on_run_judged`] is the one
-//! place the review stage is connected.
+//! What this does NOT do: release anything at the end of a run.
+//! [`on_run_judged`] is the one place the review stage is connected there;
+//! [`early`] releases preliminary results of settled strong positives while
+//! a run goes on (docs/runs.md, "Early call").
+
+pub mod early;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;

@@ -35,6 +35,7 @@ pub mod analysis;
 pub mod astm;
 pub mod cycler;
 pub mod domain;
+pub mod early_call;
 pub mod export;
 pub mod extractor;
 pub mod hl7;

@@ -5,13 +5,17 @@
 //! extractor failing with a device error turns it red, blinking, with the buzzer on
 //! and the fault named; a press through the API goes through the simulated pins (with
 //! contact bounce) and the debouncer, acknowledges the fault, and a press on a green
-//! lamp shows as a `start` action in the API and the log. Every wait polls the API
-//! against a deadline.
+//! lamp shows as a `start` action in the API and the log (refused there: no plate is
+//! ready). With a simulated cycler over a pseudo-terminal: a short press starts the
+//! one sealed PCR plate ready, the lamp turns amber, a long then a short press aborts
+//! the run "from the panel", and with two plates ready a press is refused and says
+//! so. Every wait polls the API against a deadline.
 
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use pcrd_drivers::sim::cycler::{CyclerSim, CyclerSimConfig};
 use pcrd_drivers::sim::extractor::{Fault, SimConfig, Simulator};
 use pcrd_protocol::extractor::{ExtractorCommand, Profile};
 use pcrd_tests::{Api, Daemon, REVIEWER_TOKEN, TEST_CONFIG, metric_value};
@@ -54,7 +58,7 @@ async fn press(api: &Api, long: bool) -> Value {
     let reply = api
         .post("/api/v1/panel/press", json!({ "long": long }))
         .await;
-    assert_eq!(reply.status, 200, "{}", reply.body);
+    assert_eq!(reply.status, 200, "press (long: {long}): {}", reply.body);
     reply.body
 }
 
@@ -109,6 +113,21 @@ async fn the_lamp_follows_an_extractor_from_green_to_amber_to_red_and_the_button
     let actions = seen["recent_actions"].as_array().unwrap();
     assert_eq!(actions.len(), 1, "{seen:#}");
     assert_eq!(actions[0]["action"], "start");
+
+    // No sealed extraction plate is ready on ext-1 (the only instrument): the
+    // start is refused, shown for a moment as a fault with the buzzer, and why.
+    let seen = wait_for(&api, "the refusal shown", |v| {
+        v["faults"]
+            .as_array()
+            .is_some_and(|f| f.iter().any(|f| f["source"] == "panel:button"))
+    })
+    .await;
+    let reason = seen["faults"][0]["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("start") && reason.contains("no sealed plate is ready for ext-1"),
+        "{seen:#}"
+    );
+    wait_for(&api, "green after the refusal", |v| v["lamp"] == "green").await;
 
     // Only lab roles press the button.
     let reviewer = daemon.client_as(REVIEWER_TOKEN);
@@ -194,6 +213,99 @@ async fn the_lamp_follows_an_extractor_from_green_to_amber_to_red_and_the_button
     assert!(
         log.lines()
             .any(|l| l.contains("Panel action requested.") && l.contains("\"start\"")),
+        "{log}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_button_starts_the_ready_plate_on_the_cycler_and_aborts_it() {
+    let sim = CyclerSim::new(CyclerSimConfig {
+        // 45 cycles take over 9 s: time to press twice to abort.
+        cycle_time: Duration::from_millis(200),
+        ..CyclerSimConfig::default()
+    });
+    let (master, slave) = tokio_serial::SerialStream::pair().unwrap();
+    let path = tokio_serial::SerialPort::name(&slave).unwrap();
+    sim.serve(master);
+    let daemon = start_daemon(format!(
+        "[panel]\nkind = \"sim\"\ninstrument = \"qpcr-1\"\n\n\
+         [[cyclers]]\nname = \"qpcr-1\"\nserial = {{ path = {path:?}, baud = 115200 }}\n\
+         timeout_ms = 2000\nsettle_ms = 200\nreconnect_max_ms = 200\n"
+    ))
+    .await;
+    let api = daemon.client();
+    api.wait_for("/api/v1/instruments/qpcr-1", "online", DEADLINE, |v| {
+        v["online"] == true
+    })
+    .await;
+    wait_for(&api, "green", |v| v["lamp"] == "green").await;
+    let plate = api.sealed_pcr_plate("sarscov2-orf1ab-n-ic", "PB").await;
+
+    // A short press on green starts the one sealed plate ready on qpcr-1.
+    let pressed = press(&api, false).await;
+    assert_eq!(pressed["effect"], "start");
+    let running = api
+        .wait_for(
+            "/api/v1/instruments/qpcr-1",
+            "running the plate",
+            DEADLINE,
+            |v| v["state"] == "running" && v["cycler"]["run"]["plate"] == plate.as_str(),
+        )
+        .await;
+    let run = running["cycler"]["run"]["id"].as_u64().unwrap();
+    let detail = api.get_ok(&format!("/api/v1/runs/{run}")).await;
+    assert_eq!(detail["started_by"], "panel", "{detail:#}");
+    let seen = wait_for(&api, "amber", |v| v["lamp"] == "amber").await;
+    assert_eq!(seen["active"], json!(["cycler:qpcr-1"]), "{seen:#}");
+
+    // A long press arms the abort; a short one within the window confirms it.
+    let pressed = press(&api, true).await;
+    assert_eq!(pressed["effect"], "abort_armed", "{pressed:#}");
+    let pressed = press(&api, false).await;
+    assert_eq!(pressed["effect"], "abort", "{pressed:#}");
+    let aborted = api
+        .wait_for(&format!("/api/v1/runs/{run}"), "aborted", DEADLINE, |v| {
+            v["state"] == "aborted"
+        })
+        .await;
+    assert!(
+        aborted["reason"]
+            .as_str()
+            .unwrap()
+            .contains("aborted from the panel"),
+        "{aborted:#}"
+    );
+    wait_for(&api, "green after the abort", |v| v["lamp"] == "green").await;
+
+    // Two plates ready (the aborted one may run again, and a new one): the
+    // button cannot choose; refused, shown, and nothing started.
+    let second = api.sealed_pcr_plate("sarscov2-orf1ab-n-ic", "PC").await;
+    let pressed = press(&api, false).await;
+    assert_eq!(pressed["effect"], "start");
+    let seen = wait_for(&api, "the refusal shown", |v| {
+        v["faults"]
+            .as_array()
+            .is_some_and(|f| f.iter().any(|f| f["source"] == "panel:button"))
+    })
+    .await;
+    let reason = seen["faults"][0]["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("2 sealed plates are ready")
+            && reason.contains(&plate)
+            && reason.contains(&second),
+        "{seen:#}"
+    );
+    assert_eq!(seen["buzzer"], true, "{seen:#}");
+    wait_for(&api, "green after the refusal", |v| v["lamp"] == "green").await;
+    let idle = api.get_ok("/api/v1/instruments/qpcr-1").await;
+    assert_eq!(idle["state"], "idle", "{idle:#}");
+    let log = daemon.stderr();
+    assert!(
+        log.contains("Run started from the panel's button."),
+        "{log}"
+    );
+    assert!(
+        log.contains("Run aborted from the panel's button."),
         "{log}"
     );
 }

@@ -314,6 +314,23 @@ fn extractor_sim(run_time: Duration) -> Simulator {
     )
 }
 
+/// Polls `GET path` every 20 ms (faster than `Api::wait_for`) until `ok`
+/// holds, to catch what the daemon shows in the moment a state changes.
+async fn poll_fast(api: &Api, path: &str, ok: impl Fn(&Value) -> bool) -> Value {
+    let until = std::time::Instant::now() + DEADLINE;
+    let mut last = Value::Null;
+    while std::time::Instant::now() < until {
+        let reply = api.get(path).await;
+        if reply.status == 200 && ok(&reply.body) {
+            return reply.body;
+        }
+        last = reply.body;
+        // The pace of the polling, not a synchronisation.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("GET {path}: not as expected within {DEADLINE:?}; last seen:\n{last:#}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_extraction_run_fails_on_a_device_error_and_the_plate_runs_again() {
     let sim = extractor_sim(Duration::from_secs(3));
@@ -396,10 +413,21 @@ async fn an_extraction_run_fails_on_a_device_error_and_the_plate_runs_again() {
     // The plate is on the extractor: neither it nor another goes on it now.
     let r = api.post("/api/v1/runs", start.clone()).await;
     assert_eq!(r.status, 409, "{r:?}");
-    let failed = wait_for(&api, &format!("/api/v1/runs/{first}"), "failed", |v| {
+    // Polled fast (20 ms) and the re-run asked for the moment the failure
+    // shows: the daemon may still be recording it, and that must not surface
+    // as a misleading "a run is being started or aborted" conflict.
+    let failed = poll_fast(&api, &format!("/api/v1/runs/{first}"), |v| {
         v["state"] == "failed"
     })
     .await;
+    // While the device is in error, a re-run is refused with what to do.
+    let r = api.post("/api/v1/runs", start.clone()).await;
+    assert_eq!(r.status, 409, "{r:?}");
+    assert!(
+        r.message().contains("clear the error on the instrument"),
+        "{r:?}"
+    );
+    assert!(r.message().contains("102"), "{r:?}");
     let reason = failed["reason"].as_str().unwrap();
     assert!(reason.contains("102"), "{failed:#}");
     let seen = api.get_ok("/api/v1/instruments/ext-1").await;
@@ -408,10 +436,16 @@ async fn an_extraction_run_fails_on_a_device_error_and_the_plate_runs_again() {
         seen["state_reason"].as_str().unwrap().contains("102"),
         "{seen:#}"
     );
-    // While the device is in error, a re-run is refused with what to do.
-    let r = api.post("/api/v1/runs", start.clone()).await;
-    assert_eq!(r.status, 409, "{r:?}");
-    assert!(r.message().contains("clear the error"), "{r:?}");
+    // And again, several times in a row, while the follower keeps checking.
+    for _ in 0..10 {
+        let r = api.post("/api/v1/runs", start.clone()).await;
+        assert_eq!(r.status, 409, "{r:?}");
+        assert!(
+            r.message().contains("clear the error on the instrument"),
+            "{r:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 
     // The operator clears the error on the panel; the same plate runs again.
     sim.clear_faults(1);

@@ -19,7 +19,8 @@ use crate::review::{Candidate, CandidateState, Decision, RerunEntry};
 /// Query of `GET /api/v1/results`.
 #[derive(Debug, Deserialize, IntoParams)]
 pub struct ResultsQuery {
-    /// awaiting_review, released, rerun_requested or rejected (default: every state).
+    /// awaiting_review, released, rerun_requested, rejected or preliminary
+    /// (called early, the run still going) (default: every state).
     pub state: Option<String>,
     /// At most this many (default 100).
     #[param(minimum = 1, maximum = 10000)]

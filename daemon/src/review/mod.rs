@@ -13,6 +13,10 @@
 //!   waits for a decision (an inconclusive may be reported as such).
 //! - A positive pool (pool size > 1) gets a follow-up entry: the lab tests its
 //!   members, which arrive as new tubes (pcrd knows no member's identity).
+//! - Early calls ([`release_early`], from `crate::runs::early`): a settled strong
+//!   positive mid-run becomes a candidate in state `preliminary` with version 1
+//!   released as preliminary; the run's end stages the final over it (version 2),
+//!   held for a reviewer when it disagrees with the preliminary one.
 //! - A release writes the result version and its outbox entry in the same
 //!   transaction as the candidate's new state ([`crate::lab::ReviewTx::release`]), so
 //!   a crash leaves either both or neither; a release is never repeated.
@@ -52,7 +56,7 @@ const MAX_REASON: usize = 1000;
 // ----- policy and runtime -----
 
 /// `[review]` in the config.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct ReviewPolicy {
     /// Release not-detected tubes of valid plates without QC holds at staging.
     pub auto_release_negatives: bool,
@@ -60,6 +64,13 @@ pub struct ReviewPolicy {
     pub at_risk_before: std::time::Duration,
     /// How often the due-time watcher looks for tubes newly at risk.
     pub check_every: std::time::Duration,
+    /// Report strong positives whose Ct is settled mid-run as preliminary
+    /// (docs/runs.md, "Early call"). Off unless the lab opts in.
+    pub early_calls: bool,
+    /// The early-call rule (margin in cycles before the last cycle read).
+    pub early_call_rule: pcrd_protocol::early_call::EarlyCallRule,
+    /// Evaluate early calls after every this many stored cycles.
+    pub early_call_every: u32,
 }
 
 impl Default for ReviewPolicy {
@@ -68,6 +79,9 @@ impl Default for ReviewPolicy {
             auto_release_negatives: false,
             at_risk_before: std::time::Duration::from_secs(3600),
             check_every: std::time::Duration::from_secs(30),
+            early_calls: false,
+            early_call_rule: pcrd_protocol::early_call::EarlyCallRule::default(),
+            early_call_every: 3,
         }
     }
 }
@@ -80,6 +94,12 @@ pub struct RawReview {
     /// e.g. "1h", "45min".
     at_risk_before: Option<String>,
     check_every: Option<String>,
+    /// Preliminary results for settled strong positives mid-run.
+    early_calls: Option<bool>,
+    /// Cycles between a settled crossing and the last cycle read (default 5).
+    early_call_margin_cycles: Option<u32>,
+    /// Evaluate after every this many stored cycles (default 3).
+    early_call_every: Option<u32>,
 }
 
 /// Validates `[review]`, adding each problem to `problems`.
@@ -106,6 +126,23 @@ pub fn parse_policy(raw: Option<RawReview>, problems: &mut Vec<String>) -> Revie
         &mut policy.at_risk_before,
     );
     duration("check_every", raw.check_every, &mut policy.check_every);
+    if let Some(on) = raw.early_calls {
+        policy.early_calls = on;
+    }
+    match raw.early_call_margin_cycles {
+        Some(m) if (1..=40).contains(&m) => policy.early_call_rule.margin_cycles = m,
+        Some(m) => problems.push(format!(
+            "review.early_call_margin_cycles: {m} must be 1..=40 (cycles between a settled crossing and the last cycle read)"
+        )),
+        None => {}
+    }
+    match raw.early_call_every {
+        Some(n) if (1..=20).contains(&n) => policy.early_call_every = n,
+        Some(n) => problems.push(format!(
+            "review.early_call_every: {n} must be 1..=20 (stored cycles between evaluations)"
+        )),
+        None => {}
+    }
     policy
 }
 
@@ -164,6 +201,11 @@ pub struct ReviewRuntime {
     pub auto_released: AtomicU64,
     pub reviewer_released: AtomicU64,
     pub reruns: AtomicU64,
+    /// Results released as preliminary by an early call.
+    pub early_calls: AtomicU64,
+    /// Finals of early-called results that disagree with the preliminary
+    /// version (sent to a reviewer).
+    pub early_calls_disagreed: AtomicU64,
     /// From a tube's receipt to the release of its first result version.
     pub received_to_released: TatHistogram,
     /// From staging (the result computed) to its release.
@@ -232,6 +274,18 @@ impl ReviewRuntime {
             "Tubes put back into the plating queue for a rerun since start.",
             self.reruns.load(Ordering::Relaxed),
         );
+        gauge(
+            "pcrd_early_calls_total",
+            "counter",
+            "Results released as preliminary by an early call (a settled strong positive before its run ended) since start.",
+            self.early_calls.load(Ordering::Relaxed),
+        );
+        gauge(
+            "pcrd_early_calls_disagreed_total",
+            "counter",
+            "Final results that disagree with their early-called preliminary version (held for a reviewer) since start.",
+            self.early_calls_disagreed.load(Ordering::Relaxed),
+        );
         self.received_to_released.render(
             out,
             "pcrd_tube_received_to_released_seconds",
@@ -278,6 +332,10 @@ pub enum CandidateState {
     Released,
     RerunRequested,
     Rejected,
+    /// Called early: version 1 released as preliminary while its run goes
+    /// on; the run's end stages the final (last in the enum so records
+    /// written before it decode unchanged).
+    Preliminary,
 }
 
 impl CandidateState {
@@ -287,6 +345,7 @@ impl CandidateState {
             CandidateState::Released => "released",
             CandidateState::RerunRequested => "rerun_requested",
             CandidateState::Rejected => "rejected",
+            CandidateState::Preliminary => "preliminary",
         }
     }
 
@@ -296,6 +355,7 @@ impl CandidateState {
             CandidateState::Released,
             CandidateState::RerunRequested,
             CandidateState::Rejected,
+            CandidateState::Preliminary,
         ]
         .into_iter()
         .find(|s| s.as_str() == text)
@@ -306,7 +366,7 @@ impl CandidateState {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ReleasedVersion {
     pub version: u32,
-    /// final or corrected.
+    /// preliminary, final or corrected.
     pub status: String,
     pub idempotency_key: String,
     pub released_at_ms: i64,
@@ -591,6 +651,8 @@ pub struct StageOutcome {
     pub awaiting_review: usize,
     pub reruns: usize,
     pub follow_ups: usize,
+    /// Finals that disagree with their early-called preliminary version.
+    pub early_disagreed: usize,
 }
 
 /// Releases observed after commit, for the turnaround histograms.
@@ -624,9 +686,158 @@ pub async fn stage_from_judgement(
     from: Provenance,
 ) -> Result<StageOutcome, LabError> {
     let candidates = candidates_from_judgement(lab, plate, judgement, &from)?;
-    Ok(stage(lab, actor, candidates, Vec::new(), None)
+    let staged_ids: BTreeSet<String> = candidates.iter().map(|c| c.result_id.clone()).collect();
+    let mut outcome = stage(lab, actor.clone(), candidates, Vec::new(), None)
         .await?
-        .unwrap_or_default())
+        .unwrap_or_default();
+    // An early-called result whose well got no call at the end (its curve
+    // could not be analysed in the end) must not stay preliminary for ever.
+    let run_prefix = result_id(lab.lab_id(), &from.run, "", "");
+    let run_prefix = run_prefix.trim_end_matches('-').to_owned() + "-";
+    let orphans: Vec<Candidate> = candidates_with_prefix(lab, &run_prefix)?
+        .into_iter()
+        .filter(|c| c.state == CandidateState::Preliminary && !staged_ids.contains(&c.result_id))
+        .collect();
+    if !orphans.is_empty() {
+        let n = orphans.len();
+        lab.review_change(actor, move |tx| {
+            for mut c in orphans {
+                // Re-read under the writer lock: only a still-preliminary one changes.
+                match load_candidate(tx.lab(), &c.result_id)? {
+                    Some(now) if now.state == CandidateState::Preliminary => c = now,
+                    _ => continue,
+                }
+                c.state = CandidateState::AwaitingReview;
+                c.decision_reason = Some(
+                    "called early (preliminary version released), but the run's final analysis gave this well no call: review before release".into(),
+                );
+                tx.put_review(candidate_key(&c.result_id), encode(&c));
+                tx.audit(
+                    "result.early_call_unconfirmed",
+                    PlateId::new(c.plate.clone()).ok().as_ref(),
+                    Barcode::new(c.tube.clone()).ok().into_iter().collect(),
+                    format!("result {} has a preliminary version but no final call", c.result_id),
+                );
+            }
+            Ok(())
+        })
+        .await?;
+        outcome.early_disagreed += n;
+        outcome.awaiting_review += n;
+        lab.review()
+            .early_calls_disagreed
+            .fetch_add(n as u64, Ordering::Relaxed);
+    }
+    Ok(outcome)
+}
+
+/// Releases the early calls of a running PCR run: each candidate (a detected
+/// tube whose viral Cts are settled, from `crate::runs`) not staged before
+/// becomes state `preliminary` with version 1, status preliminary, released
+/// through the outbox in one transaction with the candidate. A result already
+/// staged (an earlier evaluation, before a crash or not) is left as it is, so
+/// a result never gets a second preliminary version. Returns how many were
+/// released.
+///
+/// `still_running` is asked under the writer lock, just before anything is
+/// planned: once the run has ended its final staging decides (an evaluation
+/// that finishes after it must not leave a preliminary no staging will see).
+pub async fn release_early(
+    lab: &Arc<Lab>,
+    actor: Actor,
+    candidates: Vec<Candidate>,
+    cycle: u32,
+    cycles_expected: u32,
+    still_running: impl FnOnce() -> bool + Send + 'static,
+) -> Result<usize, LabError> {
+    let released = lab
+        .review_change(actor, move |tx| {
+            if !still_running() {
+                return Ok(0);
+            }
+            let at = tx.at.as_millis();
+            let mut fresh = Vec::new();
+            let mut seen = BTreeSet::new();
+            for mut c in candidates {
+                let exists = tx
+                    .lab()
+                    .store()
+                    .trees()
+                    .review
+                    .contains_key(candidate_key(&c.result_id))
+                    .map_err(StoreError::from)?;
+                if exists || !seen.insert(c.result_id.clone()) || c.call != "detected" {
+                    continue;
+                }
+                c.staged_at_ms = at;
+                c.state = CandidateState::Preliminary;
+                c.decided_by = Some(AUTO.to_owned());
+                c.decided_at_ms = Some(at);
+                c.decision_reason = Some(format!(
+                    "called early at cycle {cycle} of {cycles_expected}: every viral target crossed and levelled off, the positive control crossed and the no-template control did not; the final follows when the run ends"
+                ));
+                fresh.push(c);
+            }
+            if fresh.is_empty() {
+                return Ok(0);
+            }
+            let records = fresh
+                .iter()
+                .map(|c| {
+                    build_record(
+                        tx.lab().lab_id(),
+                        c,
+                        1,
+                        ResultStatus::Preliminary,
+                        None,
+                        None,
+                        AUTO,
+                        at,
+                    )
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            let released = tx.release(&records)?;
+            for c in &mut fresh {
+                let key = format!("{}:1", c.result_id);
+                c.versions.push(ReleasedVersion {
+                    version: 1,
+                    status: ResultStatus::Preliminary.as_str().to_owned(),
+                    idempotency_key: released
+                        .iter()
+                        .find(|r| r.key == key)
+                        .map_or(key.clone(), |r| r.key.clone()),
+                    released_at_ms: at,
+                    released_by: AUTO.to_owned(),
+                    interpretation: c.interpretation.clone(),
+                    correction_reason: None,
+                });
+                tx.put_review(candidate_key(&c.result_id), encode(&*c));
+            }
+            let plate = fresh.first().and_then(|c| PlateId::new(c.plate.clone()).ok());
+            tx.audit(
+                "result.early_called",
+                plate.as_ref(),
+                fresh
+                    .iter()
+                    .filter_map(|c| Barcode::new(c.tube.clone()).ok())
+                    .collect(),
+                format!(
+                    "{} result(s) released as preliminary at cycle {cycle} of {cycles_expected}: {}",
+                    fresh.len(),
+                    fresh
+                        .iter()
+                        .map(|c| c.result_id.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            );
+            Ok(fresh.len())
+        })
+        .await?;
+    lab.review()
+        .early_calls
+        .fetch_add(released as u64, Ordering::Relaxed);
+    Ok(released)
 }
 
 /// Stages `candidates`, writing `imports` entries in the same transaction. With
@@ -663,6 +874,11 @@ pub async fn stage(
         .await?
         .map_or((None, ReleaseTimes::default()), |(o, t)| (Some(o), t));
     observe(lab, &times, true);
+    if let Some(o) = &outcome {
+        lab.review()
+            .early_calls_disagreed
+            .fetch_add(o.early_disagreed as u64, Ordering::Relaxed);
+    }
     Ok(outcome)
 }
 
@@ -685,11 +901,38 @@ fn plan_stage(
             .review
             .get(&key)
             .map_err(StoreError::from)?;
-        if existing.is_some() || !seen.insert(c.result_id.clone()) {
+        // A result called early (state preliminary, version 1 out) gets its
+        // final here: the staging goes on with its versions kept.
+        let mut preliminary: Option<ReleasedVersion> = None;
+        if let Some(raw) = &existing {
+            let prev: Candidate = decode(&key, raw)?;
+            if prev.state != CandidateState::Preliminary || seen.contains(&c.result_id) {
+                outcome.already_staged += 1;
+                continue;
+            }
+            preliminary = prev.versions.last().cloned();
+            c.versions = prev.versions;
+        }
+        if !seen.insert(c.result_id.clone()) {
             outcome.already_staged += 1;
             continue;
         }
         c.staged_at_ms = at;
+        let disagrees = preliminary
+            .as_ref()
+            .is_some_and(|p| !c.plate_valid || p.interpretation != c.interpretation);
+        if let Some(p) = preliminary.as_ref().filter(|_| disagrees) {
+            outcome.early_disagreed += 1;
+            tracing::error!(
+                result = %c.result_id,
+                tube = %c.tube,
+                plate = %c.plate,
+                preliminary = %p.interpretation,
+                final_call = %c.call,
+                plate_valid = c.plate_valid,
+                "The final result disagrees with the preliminary version released by an early call; a reviewer must decide."
+            );
+        }
         let barcode = Barcode::new(c.tube.clone()).map_err(|e| LabError::Invalid {
             message: e.to_string(),
             problems: Vec::new(),
@@ -705,12 +948,33 @@ fn plan_stage(
                 c.plate,
                 c.plate_invalid_reason.clone().unwrap_or_default()
             ));
+            if let Some(p) = &preliminary {
+                c.decision_reason = Some(format!(
+                    "{}; preliminary version {} ({}) was released by an early call before the run ended and is not confirmed: tell the receiver",
+                    c.decision_reason.clone().unwrap_or_default(),
+                    p.version,
+                    p.interpretation
+                ));
+            }
             let why = c.decision_reason.clone().unwrap_or_default();
             add_rerun(tx, &c, &barcode, plate_id.as_ref(), AUTO, &why)?;
             outcome.reruns += 1;
         } else {
             let call = c.call.as_str();
-            if call == "not_detected" && c.qc_holds.is_empty() && policy.auto_release_negatives {
+            if disagrees {
+                // Never released by policy: a person decides what replaces
+                // the preliminary version.
+                c.decision_reason = preliminary.as_ref().map(|p| {
+                    format!(
+                        "the final call ({}, {}) disagrees with preliminary version {} ({}) released by an early call: review before release",
+                        c.call, c.interpretation, p.version, p.interpretation
+                    )
+                });
+                outcome.awaiting_review += 1;
+            } else if call == "not_detected"
+                && c.qc_holds.is_empty()
+                && policy.auto_release_negatives
+            {
                 to_release.push(c.result_id.clone());
             } else {
                 outcome.awaiting_review += 1;
@@ -733,7 +997,7 @@ fn plan_stage(
         records.push(build_record(
             tx.lab().lab_id(),
             c,
-            1,
+            c.versions.len() as u32 + 1,
             ResultStatus::Final,
             None,
             None,
@@ -748,16 +1012,17 @@ fn plan_stage(
     };
     let mut times = ReleaseTimes::default();
     for c in &mut staged {
+        let version = c.versions.len() as u32 + 1;
         if let Some(r) = released
             .iter()
-            .find(|r| r.key == format!("{}:1", c.result_id))
+            .find(|r| r.key == format!("{}:{version}", c.result_id))
         {
             c.state = CandidateState::Released;
             c.decided_by = Some(AUTO.to_owned());
             c.decided_at_ms = Some(at);
             c.decision_reason = Some("not detected on a valid plate: released by policy".into());
             c.versions.push(ReleasedVersion {
-                version: 1,
+                version,
                 status: ResultStatus::Final.as_str().to_owned(),
                 idempotency_key: r.key.clone(),
                 released_at_ms: at,
@@ -1174,6 +1439,21 @@ pub fn candidates(lab: &Lab, state: Option<CandidateState>) -> Result<Vec<Candid
         if state.is_none_or(|s| s == c.state) {
             out.push(c);
         }
+    }
+    Ok(out)
+}
+
+/// Candidates whose result id starts with `prefix` (one run's: `LAB-RUN-`).
+pub fn candidates_with_prefix(lab: &Lab, prefix: &str) -> Result<Vec<Candidate>, StoreError> {
+    let mut out = Vec::new();
+    for item in lab
+        .store()
+        .trees()
+        .review
+        .scan_prefix(candidate_key(prefix))
+    {
+        let (key, raw) = item?;
+        out.push(decode(&key, &raw)?);
     }
     Ok(out)
 }

@@ -524,3 +524,254 @@ async fn an_invalid_plate_releases_nothing_even_with_auto_release() {
     );
     lab.scrub().unwrap();
 }
+
+#[test]
+fn early_calls_are_off_unless_the_lab_opts_in_and_their_numbers_are_checked() {
+    let mut problems = Vec::new();
+    let policy = parse_policy(None, &mut problems);
+    assert!(!policy.early_calls);
+    assert_eq!(policy.early_call_rule.margin_cycles, 5);
+    let raw: RawReview =
+        toml::from_str("early_calls = true\nearly_call_margin_cycles = 7\nearly_call_every = 2\n")
+            .unwrap();
+    let policy = parse_policy(Some(raw), &mut problems);
+    assert!(problems.is_empty(), "{problems:?}");
+    assert!(policy.early_calls);
+    assert_eq!(policy.early_call_rule.margin_cycles, 7);
+    assert_eq!(policy.early_call_every, 2);
+    let raw: RawReview =
+        toml::from_str("early_call_margin_cycles = 0\nearly_call_every = 99\n").unwrap();
+    parse_policy(Some(raw), &mut problems);
+    assert_eq!(problems.len(), 2, "{problems:?}");
+    assert!(problems[0].contains("early_call_margin_cycles"));
+    assert!(problems[1].contains("early_call_every"));
+}
+
+#[tokio::test]
+async fn an_early_call_is_released_once_as_preliminary_and_the_final_is_version_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let lab = open_lab(dir.path());
+    lab.review().set_policy(ReviewPolicy {
+        auto_release_negatives: true,
+        early_calls: true,
+        ..ReviewPolicy::default()
+    });
+    let tubes = [
+        ("A1", "E-AGREE", 1),
+        ("B1", "E-DISAGREE", 1),
+        ("C1", "E-ORPHAN", 1),
+        ("D1", "E-NEG", 1),
+    ];
+    let positive = || cts(Some(18.0), Some(19.0), Some(27.0));
+    // Mid-run: three positives (the caller, crate::runs::early, picks the
+    // settled ones); a negative offered too is never called early.
+    let (plate, mid) = judged_plate(
+        &lab,
+        "PL-E1",
+        &tubes,
+        &[
+            ("A1", positive()),
+            ("B1", positive()),
+            ("C1", positive()),
+            ("D1", cts(None, None, Some(26.0))),
+        ],
+        true,
+    )
+    .await;
+    let offered = candidates_from_judgement(&lab, &plate, &mid, &provenance("R9")).unwrap();
+    assert_eq!(offered.len(), 4);
+    let n = release_early(&lab, user("run:9"), offered.clone(), 30, 45, || true)
+        .await
+        .unwrap();
+    assert_eq!(n, 3, "the negative is not called early");
+    for tube in ["E-AGREE", "E-DISAGREE", "E-ORPHAN"] {
+        let id = result_id(
+            "LAB",
+            "R9",
+            tubes.iter().find(|t| t.1 == tube).unwrap().0,
+            tube,
+        );
+        let c = load_candidate(&lab, &id).unwrap().unwrap();
+        assert_eq!(c.state, CandidateState::Preliminary);
+        assert_eq!(c.versions.len(), 1);
+        assert_eq!(c.versions[0].status, "preliminary");
+        assert_eq!(c.versions[0].version, 1);
+        assert_eq!(released_versions(&lab, &id), Some(1));
+    }
+    assert!(load_candidate(&lab, "LAB-R9-D1-E-NEG").unwrap().is_none());
+    // A re-evaluation (or one after a crash) releases nothing again.
+    let next = lab.outbox().next_seq();
+    assert_eq!(
+        release_early(&lab, user("run:9"), offered, 33, 45, || true)
+            .await
+            .unwrap(),
+        0
+    );
+    assert_eq!(
+        lab.outbox().next_seq(),
+        next,
+        "no second preliminary version"
+    );
+    assert_eq!(released_versions(&lab, "LAB-R9-A1-E-AGREE"), Some(1));
+    // Not the reviewer's to release before the run ends.
+    let early = decide(
+        &lab,
+        user("rev"),
+        "LAB-R9-A1-E-AGREE".into(),
+        Decision::Release,
+    )
+    .await
+    .unwrap_err();
+    assert!(matches!(early, LabError::Conflict { .. }), "{early:?}");
+
+    // The run ends: A1 positive (agrees), B1 negative (disagrees), C1 got no
+    // call at all, D1 negative.
+    let kit = lab.kits().find(KIT).unwrap();
+    let mut readings: BTreeMap<Well, BTreeMap<String, Ct>> = BTreeMap::from([
+        ("A1".parse().unwrap(), positive()),
+        ("B1".parse().unwrap(), cts(None, None, Some(26.0))),
+        ("D1".parse().unwrap(), cts(None, None, Some(26.0))),
+    ]);
+    readings.insert("G12".parse().unwrap(), cts(None, None, None));
+    readings.insert(
+        "H12".parse().unwrap(),
+        cts(Some(28.0), Some(28.5), Some(27.0)),
+    );
+    let end = RunJudgement {
+        plate: kit.judge_plate(plate.format, &readings).unwrap(),
+        unjudged: Vec::new(),
+    };
+    let outcome = stage_from_judgement(&lab, user("run:9"), &plate, &end, provenance("R9"))
+        .await
+        .unwrap();
+    assert_eq!(outcome.early_disagreed, 2, "{outcome:?}");
+    assert_eq!(outcome.auto_released, 1, "only D1: {outcome:?}");
+    let agree = load_candidate(&lab, "LAB-R9-A1-E-AGREE").unwrap().unwrap();
+    assert_eq!(agree.state, CandidateState::AwaitingReview);
+    assert_eq!(agree.versions.len(), 1);
+    let disagree = load_candidate(&lab, "LAB-R9-B1-E-DISAGREE")
+        .unwrap()
+        .unwrap();
+    assert_eq!(disagree.interpretation, "negative");
+    assert_eq!(
+        disagree.state,
+        CandidateState::AwaitingReview,
+        "a negative that contradicts its preliminary is never released by policy"
+    );
+    assert!(
+        disagree
+            .decision_reason
+            .as_deref()
+            .unwrap()
+            .contains("disagrees with preliminary version 1 (positive)"),
+        "{disagree:?}"
+    );
+    assert_eq!(released_versions(&lab, "LAB-R9-B1-E-DISAGREE"), Some(1));
+    let orphan = load_candidate(&lab, "LAB-R9-C1-E-ORPHAN").unwrap().unwrap();
+    assert_eq!(orphan.state, CandidateState::AwaitingReview);
+    assert!(orphan.decision_reason.unwrap().contains("no call"));
+    assert_eq!(released_versions(&lab, "LAB-R9-D1-E-NEG"), Some(1));
+
+    // The reviewer releases the agreeing final: version 2, final.
+    let released = decide(
+        &lab,
+        user("rev"),
+        "LAB-R9-A1-E-AGREE".into(),
+        Decision::Release,
+    )
+    .await
+    .unwrap();
+    assert_eq!(released.versions.len(), 2);
+    assert_eq!(released.versions[1].version, 2);
+    assert_eq!(released.versions[1].status, "final");
+    assert_eq!(released_versions(&lab, "LAB-R9-A1-E-AGREE"), Some(2));
+    // And the disagreeing one, after a look, as version 2 final (negative).
+    let released = decide(
+        &lab,
+        user("rev"),
+        "LAB-R9-B1-E-DISAGREE".into(),
+        Decision::Release,
+    )
+    .await
+    .unwrap();
+    assert_eq!(released.versions[1].status, "final");
+    assert_eq!(released.versions[1].interpretation, "negative");
+    assert_eq!(released_versions(&lab, "LAB-R9-B1-E-DISAGREE"), Some(2));
+
+    // The end staged again (a restart): nothing changes.
+    let next = lab.outbox().next_seq();
+    let again = stage_from_judgement(&lab, user("run:9"), &plate, &end, provenance("R9"))
+        .await
+        .unwrap();
+    assert_eq!(again.staged, 0, "{again:?}");
+    assert_eq!(again.early_disagreed, 0);
+    assert_eq!(lab.outbox().next_seq(), next);
+    assert_eq!(lab.review().early_calls.load(Ordering::Relaxed), 3);
+    assert_eq!(
+        lab.review().early_calls_disagreed.load(Ordering::Relaxed),
+        2
+    );
+    let mut metrics = String::new();
+    lab.review().render_metrics(&mut metrics);
+    assert!(metrics.contains("pcrd_early_calls_total 3"), "{metrics}");
+}
+
+#[tokio::test]
+async fn an_invalid_plate_after_an_early_call_releases_nothing_more_and_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let lab = open_lab(dir.path());
+    let positive = || cts(Some(18.0), Some(19.0), Some(27.0));
+    let (plate, mid) = judged_plate(
+        &lab,
+        "PL-E2",
+        &[("A1", "E2-POS", 1)],
+        &[("A1", positive())],
+        true,
+    )
+    .await;
+    let offered = candidates_from_judgement(&lab, &plate, &mid, &provenance("R10")).unwrap();
+    // Once the run has ended, its final staging decides: nothing early.
+    let next = lab.outbox().next_seq();
+    assert_eq!(
+        release_early(&lab, user("run:10"), offered.clone(), 44, 45, || false)
+            .await
+            .unwrap(),
+        0
+    );
+    assert_eq!(lab.outbox().next_seq(), next);
+    assert!(load_candidate(&lab, "LAB-R10-A1-E2-POS").unwrap().is_none());
+    assert_eq!(
+        release_early(&lab, user("run:10"), offered, 30, 45, || true)
+            .await
+            .unwrap(),
+        1
+    );
+    // At the end the NTC crossed: the plate is invalid.
+    let kit = lab.kits().find(KIT).unwrap();
+    let readings: BTreeMap<Well, BTreeMap<String, Ct>> = BTreeMap::from([
+        ("A1".parse().unwrap(), positive()),
+        ("G12".parse().unwrap(), cts(Some(38.0), Some(38.0), None)),
+        (
+            "H12".parse().unwrap(),
+            cts(Some(28.0), Some(28.5), Some(27.0)),
+        ),
+    ]);
+    let end = RunJudgement {
+        plate: kit.judge_plate(plate.format, &readings).unwrap(),
+        unjudged: Vec::new(),
+    };
+    let outcome = stage_from_judgement(&lab, user("run:10"), &plate, &end, provenance("R10"))
+        .await
+        .unwrap();
+    assert_eq!(outcome.early_disagreed, 1, "{outcome:?}");
+    let c = load_candidate(&lab, "LAB-R10-A1-E2-POS").unwrap().unwrap();
+    assert_eq!(c.state, CandidateState::RerunRequested);
+    assert!(
+        c.decision_reason
+            .as_deref()
+            .unwrap()
+            .contains("preliminary version 1 (positive)"),
+        "{c:?}"
+    );
+    assert_eq!(released_versions(&lab, "LAB-R10-A1-E2-POS"), Some(1));
+}
