@@ -668,3 +668,66 @@ async fn a_table_the_fast_path_cannot_guard_takes_every_batch_through_staging() 
         );
     }
 }
+
+#[tokio::test]
+async fn a_table_without_the_record_column_takes_every_field_in_its_own_column() {
+    let server = PgServer::start();
+    let db = server.create_database("exchange");
+    server.psql(
+        &db,
+        &pcrd::sinks::postgres::schema_sql(
+            &pcrd::sinks::postgres::TableName::parse("pcrd_results").expect("name"),
+        ),
+    );
+    // The operator dropped the whole-record column: every field has its own column.
+    server.psql(&db, "ALTER TABLE pcrd_results DROP COLUMN record");
+    let mut sink = sink(&server, &db, None, false);
+    let mut batch = items(0..300, 1);
+    batch[7] = OutboxItem {
+        seq: 7,
+        record: record(7, 2),
+        attempt: 0,
+    };
+    batch[9].record.targets[1].name = "R\u{0}P".into();
+    let outcomes = sink.deliver(&batch).await;
+    for (i, outcome) in outcomes.iter().enumerate() {
+        match (i, outcome) {
+            (9, ItemOutcome::Dead { reason, detail }) => {
+                assert_eq!(*reason, DeadReason::Unencodable);
+                assert!(detail.contains("targets holds a NUL"), "{detail}");
+            }
+            (_, other) => assert_eq!(*other, ItemOutcome::Delivered, "item {i}"),
+        }
+    }
+    // Sent again (with version 1 of result 7, new): only that row is added; then half
+    // committed and sent again: nothing twice.
+    all_delivered(&sink.deliver(&items(0..9, 1)).await, 9);
+    let mut restarted = self::sink(&server, &db, None, false);
+    all_delivered(&restarted.deliver(&items(300..450, 1)).await, 150);
+    let mut again = self::sink(&server, &db, None, false);
+    all_delivered(&again.deliver(&items(300..600, 1)).await, 300);
+    assert_eq!(
+        count(&server, &db, "SELECT count(*) FROM pcrd_results"),
+        600
+    );
+    // The record rebuilt from the columns is the record released.
+    let rebuilt = server.psql(
+        &db,
+        "SELECT json_build_object('schema_version', schema_version, 'result_id', result_id, \
+         'version', version, 'tube', tube, 'pool_size', pool_size, 'plate', plate, \
+         'well', well, 'run', run, 'instrument', instrument, \
+         'kit', json_build_object('id', kit_id, 'version', kit_version), \
+         'targets', targets, 'interpretation', interpretation, 'status', status, \
+         'correction_reason', correction_reason, \
+         'tested_at', to_char(tested_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"'), \
+         'released_at', to_char(released_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"'), \
+         'released_by', released_by, 'lab_id', lab_id) \
+         FROM pcrd_results WHERE result_id IN ('LAB1-R0001-000007', 'LAB1-R0001-000042') \
+         ORDER BY result_id, version",
+    );
+    let rebuilt: Vec<ResultRecord> = rebuilt
+        .lines()
+        .map(|line| serde_json::from_str(line).expect("rebuilt record"))
+        .collect();
+    assert_eq!(rebuilt, vec![record(7, 1), record(7, 2), record(42, 1)]);
+}

@@ -31,6 +31,10 @@
 //!   write it: every item is retried with a message naming the problem, so results
 //!   wait, none is dead-lettered, until the operator fixes the table.
 //!
+//! The table may lack the `record` column (the operator dropped it: every field has
+//! its own column); pcrd then does not send the whole record, a row of ~0.6 KB instead
+//! of ~1.4 KB.
+//!
 //! What goes over the wire is binary `COPY` of the 21 typed columns: pcrd takes every
 //! column from the record itself (integers as integers, timestamps as microseconds
 //! since 2000, the targets and the whole record as JSON text), so the server parses no
@@ -48,7 +52,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::SinkExt;
-use pcrd_protocol::upstream::ResultRecord;
+use pcrd_protocol::upstream::{KitRef, ResultRecord, TargetResult};
 use serde::Deserialize;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::{Client, NoTls, Transaction};
@@ -57,6 +61,12 @@ use super::{DeadReason, ItemOutcome, OutboxItem, all_retry};
 
 /// The exchange table's name when the config names none.
 pub const DEFAULT_TABLE: &str = "pcrd_results";
+
+/// Results per delivery when the sink's config gives no `batch_size` (the other sinks
+/// take 500): each batch costs a transaction, a COMMIT's fsync and round trips, so
+/// larger batches take more results per second; 5,000 rows are ~7 MB of COPY data.
+/// Measured in BENCHMARKS.md §8 ("Fast-path COPY").
+pub const DEFAULT_BATCH_SIZE: u64 = 5_000;
 
 /// `[sinks.postgres]` as written in the config file.
 #[derive(Debug, Default, Deserialize)]
@@ -331,7 +341,9 @@ impl JsonType {
 struct Layout {
     /// The JSON columns' types, which decide their binary form.
     targets: JsonType,
-    record: JsonType,
+    /// `None`: the table has no `record` column (the operator dropped it: every field
+    /// of the record has its own column), so pcrd does not send the whole record.
+    record: Option<JsonType>,
     /// Batches may be copied straight into the table: every other column has exactly
     /// pcrd's type, and a unique index on exactly (result_id, version) refuses a row
     /// sent again, so the batch can fall back to staging and ON CONFLICT DO NOTHING.
@@ -342,15 +354,24 @@ impl Default for Layout {
     fn default() -> Layout {
         Layout {
             targets: JsonType::Json,
-            record: JsonType::Json,
+            record: Some(JsonType::Json),
             fast_path: false,
         }
     }
 }
 
 impl Layout {
-    fn json_types(self) -> (JsonType, JsonType) {
+    fn json_types(self) -> (JsonType, Option<JsonType>) {
         (self.targets, self.record)
+    }
+
+    /// The columns pcrd writes into this table, in `COPY` order.
+    fn columns(self) -> Vec<&'static str> {
+        COLUMNS
+            .iter()
+            .map(|(name, _)| *name)
+            .filter(|name| *name != "record" || self.record.is_some())
+            .collect()
     }
 
     /// The session's staging table, typed as the exchange table.
@@ -363,7 +384,7 @@ impl Layout {
              correction_reason text, tested_at timestamptz, released_at timestamptz, \
              released_by text, lab_id text, targets {}, record {}) ON COMMIT DELETE ROWS",
             self.targets.sql(),
-            self.record.sql()
+            self.record.unwrap_or(JsonType::Json).sql()
         )
     }
 }
@@ -482,6 +503,11 @@ pub struct PostgresSink {
 #[derive(Debug)]
 struct Shared {
     config: PostgresConfig,
+}
+
+/// The statements writing a batch into one table of one [`Layout`].
+#[derive(Debug)]
+struct Statements {
     /// The fast path: COPY straight into the exchange table.
     copy_into_table: String,
     /// The path for batches holding rows the table already has, and for tables the
@@ -489,6 +515,23 @@ struct Shared {
     /// staging table, then INSERT ... ON CONFLICT DO NOTHING.
     copy_into_staging: String,
     insert_from_staging: String,
+}
+
+impl Statements {
+    fn new(table: &TableName, layout: Layout) -> Statements {
+        let columns = layout.columns().join(", ");
+        let table = table.quoted();
+        Statements {
+            copy_into_table: format!("COPY {table} ({columns}) FROM STDIN (FORMAT binary)"),
+            copy_into_staging: format!(
+                "COPY {STAGING_TABLE} ({columns}) FROM STDIN (FORMAT binary)"
+            ),
+            insert_from_staging: format!(
+                "INSERT INTO {table} ({columns}) SELECT {columns} FROM {STAGING_TABLE} \
+                 ON CONFLICT (result_id, version) DO NOTHING"
+            ),
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -501,6 +544,7 @@ struct Connection {
     client: Client,
     /// Read at connect from the exchange table.
     layout: Layout,
+    statements: Statements,
     /// The last batch met rows the table already has (a batch sent again after a
     /// restart): later batches go through staging until one inserts every row again,
     /// so a backlog of re-sent batches does not pay a refused COPY each.
@@ -518,19 +562,9 @@ const MIN_ITEMS_PER_LANE: usize = 250;
 
 impl PostgresSink {
     pub fn new(config: &PostgresConfig) -> Result<PostgresSink, String> {
-        let columns = COLUMNS.map(|(name, _)| name).join(", ");
-        let table = config.table.quoted();
         Ok(PostgresSink {
             shared: Shared {
                 config: config.clone(),
-                copy_into_table: format!("COPY {table} ({columns}) FROM STDIN (FORMAT binary)"),
-                copy_into_staging: format!(
-                    "COPY {STAGING_TABLE} ({columns}) FROM STDIN (FORMAT binary)"
-                ),
-                insert_from_staging: format!(
-                    "INSERT INTO {table} ({columns}) SELECT {columns} FROM {STAGING_TABLE} \
-                     ON CONFLICT (result_id, version) DO NOTHING"
-                ),
             },
             lanes: (0..config.connections.max(1))
                 .map(|_| Lane::default())
@@ -716,7 +750,7 @@ impl Lane {
         } else {
             Bytes::from(encode_batch(items, connection.layout).map_err(WriteError::Data)?)
         };
-        write_batch(connection, shared, rows, items.len()).await
+        write_batch(connection, rows, items.len()).await
     }
 }
 
@@ -795,6 +829,7 @@ impl Shared {
         Ok(Connection {
             client,
             layout,
+            statements: Statements::new(&c.table, layout),
             replaying: false,
         })
     }
@@ -838,10 +873,11 @@ impl Shared {
                 .find(|(name, _)| name == column)
                 .map(|(_, t)| t.as_str())
         };
+        // `record` may be dropped: every field of the record has its own column.
         let missing: Vec<&str> = COLUMNS
             .iter()
             .map(|(name, _)| *name)
-            .filter(|name| type_of(name).is_none())
+            .filter(|name| *name != "record" && type_of(name).is_none())
             .collect();
         if !missing.is_empty() {
             return Err(WriteError::Transient {
@@ -864,7 +900,11 @@ impl Shared {
                 reconnect: true,
             })
         };
-        let (targets, record) = (json_type("targets")?, json_type("record")?);
+        let targets = json_type("targets")?;
+        let record = match type_of("record") {
+            Some(_) => Some(json_type("record")?),
+            None => None,
+        };
         // Binary COPY sends each value in the form of pcrd's type for it: straight into
         // the table only when the table's type is that very type (an INSERT from
         // staging converts, e.g. to bigint or varchar, as PostgreSQL's assignment casts
@@ -908,14 +948,14 @@ impl Shared {
 /// Either way the batch is delivered only when COMMIT returns.
 async fn write_batch(
     connection: &mut Connection,
-    shared: &Shared,
     rows: Bytes,
     count: usize,
 ) -> Result<(), WriteError> {
+    let statements = &connection.statements;
     if connection.layout.fast_path && !connection.replaying {
         match copy_into_table(
             &mut connection.client,
-            &shared.copy_into_table,
+            &statements.copy_into_table,
             rows.clone(),
         )
         .await
@@ -933,7 +973,7 @@ async fn write_batch(
             Err((context, e)) => return Err(classify(context, &e)),
         }
     }
-    let inserted = copy_through_staging(&mut connection.client, shared, rows).await?;
+    let inserted = copy_through_staging(&mut connection.client, statements, rows).await?;
     if inserted == count as u64 {
         connection.replaying = false;
     }
@@ -958,18 +998,18 @@ async fn copy_into_table(
 /// rows inserted.
 async fn copy_through_staging(
     client: &mut Client,
-    shared: &Shared,
+    statements: &Statements,
     rows: Bytes,
 ) -> Result<u64, WriteError> {
     let transaction = client
         .transaction()
         .await
         .map_err(|e| classify("BEGIN", &e))?;
-    copy_in(&transaction, &shared.copy_into_staging, rows)
+    copy_in(&transaction, &statements.copy_into_staging, rows)
         .await
         .map_err(|e| classify("COPY into the staging table", &e))?;
     let inserted = transaction
-        .execute(&shared.insert_from_staging, &[])
+        .execute(&statements.insert_from_staging, &[])
         .await
         .map_err(|e| classify("INSERT into the exchange table", &e))?;
     transaction
@@ -1036,14 +1076,13 @@ fn encode_binary_row(
     let tested_at = pg_timestamp_micros(&r.tested_at).map_err(|e| format!("tested_at: {e}"))?;
     let released_at =
         pg_timestamp_micros(&r.released_at).map_err(|e| format!("released_at: {e}"))?;
-    // The record's JSON holds every string of the record, escaped: one search finds a
-    // NUL anywhere in it.
-    scratch.clear();
-    let _ = serde_json::to_writer(&mut *scratch, r);
-    if scratch.windows(6).any(|w| w == b"\\u0000") {
-        return Err("holds a NUL character, which PostgreSQL text cannot store".to_owned());
+    if let Some(name) = nul_field(r) {
+        return Err(format!(
+            "{name} holds a NUL character, which PostgreSQL text cannot store"
+        ));
     }
-    out.extend_from_slice(&(COLUMNS.len() as i16).to_be_bytes());
+    let fields: i16 = if layout.record.is_some() { 21 } else { 20 };
+    out.extend_from_slice(&fields.to_be_bytes());
     field(out, r.result_id.as_bytes())?;
     field(out, &version.to_be_bytes())?;
     field(out, r.idempotency_key().as_bytes())?;
@@ -1074,15 +1113,73 @@ fn encode_binary_row(
     }
     let _ = serde_json::to_writer(&mut targets, &r.targets);
     field(out, &targets)?;
-    if layout.record == JsonType::Jsonb {
-        let len = i32::try_from(scratch.len() + 1).map_err(|_| "a value over 2 GiB".to_owned())?;
-        out.extend_from_slice(&len.to_be_bytes());
-        out.push(JSONB_VERSION);
-        out.extend_from_slice(scratch);
-    } else {
+    if let Some(record) = layout.record {
+        scratch.clear();
+        if record == JsonType::Jsonb {
+            scratch.push(JSONB_VERSION);
+        }
+        let _ = serde_json::to_writer(&mut *scratch, r);
         field(out, scratch)?;
     }
     Ok(())
+}
+
+/// The first field of `r` holding a NUL character, if any. Destructured so that a
+/// field added to the record cannot be missed here.
+fn nul_field(r: &ResultRecord) -> Option<&'static str> {
+    let ResultRecord {
+        schema_version: _,
+        result_id,
+        version: _,
+        tube,
+        pool_size: _,
+        plate,
+        well,
+        run,
+        instrument,
+        kit: KitRef { id, version },
+        targets,
+        // Fixed words.
+        interpretation: _,
+        status: _,
+        correction_reason,
+        tested_at,
+        released_at,
+        released_by,
+        lab_id,
+    } = r;
+    let nul = |s: &str| s.contains('\0');
+    let target_nul = targets.iter().any(
+        |TargetResult {
+             name,
+             dye,
+             loinc,
+             ct: _,
+             call: _,
+         }| nul(name) || nul(dye) || loinc.as_deref().is_some_and(nul),
+    );
+    [
+        ("result_id", nul(result_id)),
+        ("tube", nul(tube)),
+        ("plate", nul(plate)),
+        ("well", nul(well)),
+        ("run", nul(run)),
+        ("instrument", nul(instrument)),
+        ("kit.id", nul(id)),
+        ("kit.version", nul(version)),
+        ("targets", target_nul),
+        (
+            "correction_reason",
+            correction_reason.as_deref().is_some_and(nul),
+        ),
+        ("tested_at", nul(tested_at)),
+        ("released_at", nul(released_at)),
+        ("released_by", nul(released_by)),
+        ("lab_id", nul(lab_id)),
+    ]
+    .into_iter()
+    .find(|(_, has_nul)| *has_nul)
+    .map(|(name, _)| name)
 }
 
 /// Days from 1970-01-01 to the given civil date (proleptic Gregorian).
@@ -1222,6 +1319,44 @@ mod tests {
         fn timestamp_parsing_never_panics(text in "\\PC{0,40}") {
             let _ = pg_timestamp_micros(&text);
         }
+    }
+
+    #[test]
+    fn the_postgres_sink_defaults_to_batches_of_5000() {
+        let text = r#"
+            [lab]
+            id = "LAB-01"
+            [server]
+            listen = "127.0.0.1:9000"
+            [store]
+            path = "data"
+            [[users]]
+            name = "alice"
+            role = "technician"
+            token = "alice-token-0123456789"
+            [[sinks]]
+            name = "central"
+            [sinks.postgres]
+            [[sinks]]
+            name = "small"
+            batch_size = 200
+            [sinks.postgres]
+            [[sinks]]
+            name = "export"
+            [sinks.files]
+            dir = "out"
+        "#;
+        let config = crate::config::Config::parse(text, Path::new("/etc/pcrd"), |_| None)
+            .expect("valid config");
+        let sizes: Vec<usize> = config.sinks.iter().map(|s| s.batch_size).collect();
+        assert_eq!(
+            sizes,
+            vec![
+                DEFAULT_BATCH_SIZE as usize,
+                200,
+                crate::config::DEFAULT_SINK_BATCH as usize
+            ]
+        );
     }
 
     #[test]
