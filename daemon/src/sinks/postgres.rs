@@ -374,7 +374,7 @@ impl Layout {
             .collect()
     }
 
-    /// The session's staging table, typed as the exchange table.
+    /// The session's staging table: pcrd's types, the JSON columns as the exchange table's.
     fn staging_ddl(self) -> String {
         format!(
             "CREATE TEMP TABLE IF NOT EXISTS pcrd_staging (\
