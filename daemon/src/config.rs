@@ -543,6 +543,11 @@ fn parse_sinks(
             problems.push(format!("{at}: sink name appears twice"));
         }
         let batch_size = s.batch_size.unwrap_or(DEFAULT_SINK_BATCH);
+        // The PostgreSQL sink's own default: fewer, larger transactions.
+        let batch_size = match (&s.postgres, s.batch_size) {
+            (Some(_), None) => postgres::DEFAULT_BATCH_SIZE,
+            _ => batch_size,
+        };
         if !(1..=MAX_SINK_BATCH).contains(&batch_size) {
             problems.push(format!(
                 "{at}: batch_size {batch_size} is outside 1..={MAX_SINK_BATCH}"

@@ -209,6 +209,21 @@ impl PgServer {
         String::from_utf8_lossy(&output.stdout).into_owned()
     }
 
+    /// The server's log so far (errors with their statements; every statement after
+    /// [`PgServer::log_statements`]).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default()
+    }
+
+    /// Makes the server log every statement from now on (`log_statement = all`), so a
+    /// test can read from [`PgServer::log`] which statements a client sent.
+    pub fn log_statements(&self) {
+        self.psql("postgres", "ALTER SYSTEM SET log_statement = 'all'");
+        self.psql("postgres", "SELECT pg_reload_conf()");
+        // The reload reaches running backends at their next command.
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
     /// Creates an empty database and returns its name.
     pub fn create_database(&self, name: &str) -> String {
         self.psql("postgres", &format!("CREATE DATABASE \"{name}\""));

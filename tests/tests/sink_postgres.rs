@@ -465,3 +465,269 @@ async fn a_table_with_jsonb_columns_from_an_earlier_ddl_still_takes_results() {
         other => panic!("{other:?}"),
     }
 }
+
+/// Every stored row, as (key, record), in key order.
+fn stored_records(server: &PgServer, dbname: &str, table: &str) -> Vec<(String, ResultRecord)> {
+    server
+        .psql(
+            dbname,
+            &format!("SELECT idempotency_key, record FROM {table} ORDER BY idempotency_key"),
+        )
+        .lines()
+        .map(|line| {
+            let (key, json) = line.split_once('|').expect("key|record");
+            let record: ResultRecord = serde_json::from_str(json).expect("record JSON");
+            (key.to_owned(), record)
+        })
+        .collect()
+}
+
+/// What the server log gained since `before` (its length then).
+fn log_since(server: &PgServer, before: usize) -> String {
+    server.log().get(before..).unwrap_or_default().to_owned()
+}
+
+#[tokio::test]
+async fn a_batch_committed_before_and_sent_again_whole_or_half_adds_only_what_is_missing() {
+    let server = PgServer::start();
+    let db = server.create_database("exchange");
+    server.log_statements();
+    let mut first = sink(&server, &db, None, true);
+    // Two sessions of 300, each copying straight into the table.
+    let before = server.log().len();
+    all_delivered(&first.deliver(&items(0..600, 1)).await, 600);
+    let log = log_since(&server, before);
+    assert_eq!(
+        log.matches("COPY \"pcrd_results\"").count(),
+        2,
+        "the fast path, once per session:\n{log}"
+    );
+    assert!(
+        !log.contains("COPY pg_temp.pcrd_staging"),
+        "no staging:\n{log}"
+    );
+
+    // A restart after those commits and before the cursor moved: the whole batch
+    // again, from a new sink. The COPY meets the primary key, rolls back, and the
+    // batch goes through staging and ON CONFLICT DO NOTHING.
+    let mut restarted = sink(&server, &db, None, false);
+    let before = server.log().len();
+    all_delivered(&restarted.deliver(&items(0..600, 1)).await, 600);
+    let log = log_since(&server, before);
+    assert!(
+        log.contains("duplicate key value violates unique constraint"),
+        "the fast path was tried and refused:\n{log}"
+    );
+    assert_eq!(
+        log.matches("INSERT INTO \"pcrd_results\"").count(),
+        2,
+        "each session fell back to staging:\n{log}"
+    );
+    assert_eq!(
+        count(&server, &db, "SELECT count(*) FROM pcrd_results"),
+        600
+    );
+
+    // Half a batch committed (600..750 by one daemon), then the whole batch
+    // (600..900, one session) sent by the restarted one: only the missing half lands.
+    all_delivered(&first.deliver(&items(600..750, 1)).await, 150);
+    let mut again = sink(&server, &db, None, false);
+    all_delivered(&again.deliver(&items(600..900, 1)).await, 300);
+    // After a batch that met old rows the next one goes through staging too; it
+    // inserts all of its rows, so the one after it takes the fast path again.
+    all_delivered(&again.deliver(&items(900..1000, 1)).await, 100);
+    let before = server.log().len();
+    all_delivered(&again.deliver(&items(1000..1100, 1)).await, 100);
+    let log = log_since(&server, before);
+    assert!(
+        log.contains("COPY \"pcrd_results\"") && !log.contains("COPY pg_temp.pcrd_staging"),
+        "back on the fast path:\n{log}"
+    );
+
+    // Exactly one row per key, each the record released, nothing dead-lettered
+    // (all_delivered above), no key twice.
+    let expected: Vec<(String, ResultRecord)> = {
+        let mut all: Vec<_> = items(0..1100, 1)
+            .into_iter()
+            .map(|i| (i.record.idempotency_key(), i.record))
+            .collect();
+        all.sort_by(|a, b| a.0.cmp(&b.0));
+        all
+    };
+    let stored = stored_records(&server, &db, "pcrd_results");
+    assert_eq!(stored.len(), 1100);
+    assert!(
+        stored == expected,
+        "the stored rows differ from the records"
+    );
+    assert_eq!(
+        count(
+            &server,
+            &db,
+            "SELECT count(DISTINCT (result_id, version)) FROM pcrd_results"
+        ),
+        1100
+    );
+}
+
+#[tokio::test]
+async fn a_table_the_fast_path_cannot_guard_takes_every_batch_through_staging() {
+    let server = PgServer::start();
+    let db = server.create_database("exchange");
+    server.log_statements();
+    let ddl = |table: &str| {
+        pcrd::sinks::postgres::schema_sql(
+            &pcrd::sinks::postgres::TableName::parse(table).expect("name"),
+        )
+    };
+
+    // A view over the table (COPY cannot write into a view; INSERT can).
+    server.psql(&db, &ddl("base_results"));
+    server.psql(
+        &db,
+        "CREATE VIEW viewed_results AS SELECT * FROM base_results",
+    );
+    // Columns of wider types than pcrd's (binary COPY would not convert them).
+    server.psql(&db, &ddl("wide_results"));
+    server.psql(
+        &db,
+        "DROP VIEW wide_results_targets; \
+         ALTER TABLE wide_results ALTER version TYPE bigint, ALTER tube TYPE varchar(32)",
+    );
+    for (table, rows) in [
+        ("viewed_results", "base_results"),
+        ("wide_results", "wide_results"),
+    ] {
+        let before = server.log().len();
+        let mut sink = sink(&server, &db, Some(table), false);
+        all_delivered(&sink.deliver(&items(0..100, 1)).await, 100);
+        all_delivered(&sink.deliver(&items(50..150, 1)).await, 100);
+        let log = log_since(&server, before);
+        assert!(
+            !log.contains(&format!("COPY \"{table}\""))
+                && log.contains("COPY pg_temp.pcrd_staging"),
+            "{table}: staging only:\n{log}"
+        );
+        let expected: Vec<(String, ResultRecord)> = {
+            let mut all: Vec<_> = items(0..150, 1)
+                .into_iter()
+                .map(|i| (i.record.idempotency_key(), i.record))
+                .collect();
+            all.sort_by(|a, b| a.0.cmp(&b.0));
+            all
+        };
+        assert!(
+            stored_records(&server, &db, rows) == expected,
+            "{table}: the stored rows differ from the records"
+        );
+    }
+    assert_eq!(
+        count(&server, &db, "SELECT max(version) FROM wide_results"),
+        1
+    );
+
+    // Tables INSERT ... ON CONFLICT refuses, which COPY would fill: without a unique
+    // key on (result_id, version) a batch sent again would land twice; with a rule
+    // (COPY ignores rules) the central system's rule would silently not run. Both stay
+    // what they were before the fast path: every result retried, the message naming
+    // the problem, nothing written.
+    server.psql(&db, &ddl("unkeyed_results"));
+    server.psql(
+        &db,
+        "ALTER TABLE unkeyed_results DROP CONSTRAINT unkeyed_results_pkey",
+    );
+    server.psql(&db, &ddl("ruled_results"));
+    server.psql(
+        &db,
+        "CREATE TABLE ruled_audit (key text NOT NULL); \
+         CREATE RULE audit AS ON INSERT TO ruled_results \
+         DO ALSO INSERT INTO ruled_audit VALUES (NEW.idempotency_key)",
+    );
+    for (table, problem) in [
+        (
+            "unkeyed_results",
+            "no unique or exclusion constraint matching the ON CONFLICT",
+        ),
+        (
+            "ruled_results",
+            "cannot be used with table that has INSERT or UPDATE rules",
+        ),
+    ] {
+        let mut sink = sink(&server, &db, Some(table), false);
+        for outcome in sink.deliver(&items(0..10, 1)).await {
+            match outcome {
+                ItemOutcome::Retry { reason, .. } => {
+                    assert!(reason.contains(problem), "{table}: {reason}")
+                }
+                other => panic!("{table}: {other:?}"),
+            }
+        }
+        assert_eq!(
+            count(&server, &db, &format!("SELECT count(*) FROM {table}")),
+            0
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_table_without_the_record_column_takes_every_field_in_its_own_column() {
+    let server = PgServer::start();
+    let db = server.create_database("exchange");
+    server.psql(
+        &db,
+        &pcrd::sinks::postgres::schema_sql(
+            &pcrd::sinks::postgres::TableName::parse("pcrd_results").expect("name"),
+        ),
+    );
+    // The operator dropped the whole-record column: every field has its own column.
+    server.psql(&db, "ALTER TABLE pcrd_results DROP COLUMN record");
+    let mut sink = sink(&server, &db, None, false);
+    let mut batch = items(0..300, 1);
+    batch[7] = OutboxItem {
+        seq: 7,
+        record: record(7, 2),
+        attempt: 0,
+    };
+    batch[9].record.targets[1].name = "R\u{0}P".into();
+    let outcomes = sink.deliver(&batch).await;
+    for (i, outcome) in outcomes.iter().enumerate() {
+        match (i, outcome) {
+            (9, ItemOutcome::Dead { reason, detail }) => {
+                assert_eq!(*reason, DeadReason::Unencodable);
+                assert!(detail.contains("targets holds a NUL"), "{detail}");
+            }
+            (_, other) => assert_eq!(*other, ItemOutcome::Delivered, "item {i}"),
+        }
+    }
+    // Sent again (with version 1 of result 7, new): only that row is added; then half
+    // committed and sent again: nothing twice.
+    all_delivered(&sink.deliver(&items(0..9, 1)).await, 9);
+    let mut restarted = self::sink(&server, &db, None, false);
+    all_delivered(&restarted.deliver(&items(300..450, 1)).await, 150);
+    let mut again = self::sink(&server, &db, None, false);
+    all_delivered(&again.deliver(&items(300..600, 1)).await, 300);
+    assert_eq!(
+        count(&server, &db, "SELECT count(*) FROM pcrd_results"),
+        600
+    );
+    // The record rebuilt from the columns is the record released.
+    let rebuilt = server.psql(
+        &db,
+        "SELECT json_build_object('schema_version', schema_version, 'result_id', result_id, \
+         'version', version, 'tube', tube, 'pool_size', pool_size, 'plate', plate, \
+         'well', well, 'run', run, 'instrument', instrument, \
+         'kit', json_build_object('id', kit_id, 'version', kit_version), \
+         'targets', targets, 'interpretation', interpretation, 'status', status, \
+         'correction_reason', correction_reason, \
+         'tested_at', to_char(tested_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"'), \
+         'released_at', to_char(released_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"'), \
+         'released_by', released_by, 'lab_id', lab_id) \
+         FROM pcrd_results WHERE result_id IN ('LAB1-R0001-000007', 'LAB1-R0001-000042') \
+         ORDER BY result_id, version",
+    );
+    let rebuilt: Vec<ResultRecord> = rebuilt
+        .lines()
+        .map(|line| serde_json::from_str(line).expect("rebuilt record"))
+        .collect();
+    assert_eq!(rebuilt, vec![record(7, 1), record(7, 2), record(42, 1)]);
+}

@@ -1,12 +1,25 @@
 //! The PostgreSQL table-exchange sink: the central system reads released results
 //! from a table in its own database.
 //!
-//! Each batch is one transaction: `COPY` (text format) into a session-local staging
-//! table, then `INSERT INTO <table> SELECT ... FROM staging ON CONFLICT (result_id,
-//! version) DO NOTHING`, then `COMMIT`. Only the commit counts as delivery (field notes
-//! §3: "delivery done only on the system of record's word"). Re-sending a batch after
-//! a crash adds nothing, because the exchange table's primary key is the record's
-//! idempotency key; a correction is a new version and so a new row.
+//! Each batch is one transaction, and only its COMMIT counts as delivery (field notes
+//! §3: "delivery done only on the system of record's word"):
+//! - the fast path: binary `COPY` straight into the exchange table, then `COMMIT`;
+//! - a batch sent again after a crash (the commit landed, the outbox cursor had not
+//!   moved) meets the table's primary key `(result_id, version)`, the record's
+//!   idempotency key: the COPY fails with a unique violation, the transaction rolls
+//!   back, and the batch is written again through a session-local staging table:
+//!   `COPY` into it, `INSERT INTO <table> SELECT ... ON CONFLICT (result_id, version)
+//!   DO NOTHING`, `COMMIT`, which adds only the rows the table lacks. Later batches
+//!   take that path too until one inserts every row again (a backlog of re-sent
+//!   batches pays no refused COPY each). A correction is a new version and so a new
+//!   row.
+//!
+//! The fast path is taken only where it is as safe as the INSERT: a plain table (COPY
+//! ignores rules and cannot write into a view) whose unique index on exactly
+//! `(result_id, version)` refuses a row sent again, and whose columns have exactly
+//! pcrd's types (binary COPY does not convert; the INSERT from staging does, with
+//! PostgreSQL's assignment casts). Any other table takes the staging path for every
+//! batch, as before the fast path existed.
 //!
 //! Failures:
 //! - the connection or the server is gone, a timeout, a serialization failure or
@@ -18,32 +31,42 @@
 //!   write it: every item is retried with a message naming the problem, so results
 //!   wait, none is dead-lettered, until the operator fixes the table.
 //!
+//! The table may lack the `record` column (the operator dropped it: every field has
+//! its own column); pcrd then does not send the whole record, a row of ~0.6 KB instead
+//! of ~1.4 KB.
+//!
 //! What goes over the wire is binary `COPY` of the 21 typed columns: pcrd takes every
 //! column from the record itself (integers as integers, timestamps as microseconds
-//! since 2000, the targets and the whole record as `json` text), so the server parses
-//! no text into values except the validation of the two JSON values. Measured on the
+//! since 2000, the targets and the whole record as JSON text), so the server parses no
+//! text into values except the validation of the two JSON values. Measured on the
 //! loopback server (BENCHMARKS.md §8): decomposing ~1 KB of JSON per result into JSONB
 //! was the largest cost pcrd could avoid (a `jsonb` table takes results at about 0.7×
-//! the rate of a `json` one); `json` is validated but stored as sent. Most of what
-//! remains is the server writing the row, its WAL and two index entries. The
-//! INSERT casts the staged values to the exchange table's own column types, read at
-//! connect, so a table created with `jsonb` columns (an earlier DDL, or an operator who
-//! wants GIN indexes) keeps working, at the server's JSONB parsing cost.
+//! the rate of a `json` one), and copying straight into the table instead of through
+//! staging and an INSERT the next one. The JSON values are sent in the exchange
+//! table's own column type, read at connect, so a table created with `jsonb` columns
+//! (an earlier DDL, or an operator who wants GIN indexes) keeps working, at the
+//! server's JSONB parsing cost.
 
 use std::path::Path;
 use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::SinkExt;
-use pcrd_protocol::upstream::ResultRecord;
+use pcrd_protocol::upstream::{KitRef, ResultRecord, TargetResult};
 use serde::Deserialize;
 use tokio_postgres::error::SqlState;
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::{Client, NoTls, Transaction};
 
 use super::{DeadReason, ItemOutcome, OutboxItem, all_retry};
 
 /// The exchange table's name when the config names none.
 pub const DEFAULT_TABLE: &str = "pcrd_results";
+
+/// Results per delivery when the sink's config gives no `batch_size` (the other sinks
+/// take 500): each batch costs a transaction, a COMMIT's fsync and round trips, so
+/// larger batches take more results per second; 5,000 rows are ~7 MB of COPY data.
+/// Measured in BENCHMARKS.md §8 ("Fast-path COPY").
+pub const DEFAULT_BATCH_SIZE: u64 = 5_000;
 
 /// `[sinks.postgres]` as written in the config file.
 #[derive(Debug, Default, Deserialize)]
@@ -248,43 +271,123 @@ impl TableName {
     }
 }
 
-/// The columns pcrd writes, in `COPY` order. The table may have more (with defaults).
-const COLUMNS: [&str; 21] = [
-    "result_id",
-    "version",
-    "idempotency_key",
-    "schema_version",
-    "tube",
-    "pool_size",
-    "plate",
-    "well",
-    "run",
-    "instrument",
-    "kit_id",
-    "kit_version",
-    "interpretation",
-    "status",
-    "correction_reason",
-    "tested_at",
-    "released_at",
-    "released_by",
-    "lab_id",
-    "targets",
-    "record",
+/// The columns pcrd writes, in `COPY` order, each with the type (as
+/// `information_schema.columns.data_type` names it) whose binary form
+/// [`encode_binary_row`] writes; `targets` and `record` follow the table's [`Layout`].
+/// The table may have more columns (with defaults).
+const COLUMNS: [(&str, &str); 21] = [
+    ("result_id", "text"),
+    ("version", "integer"),
+    ("idempotency_key", "text"),
+    ("schema_version", "integer"),
+    ("tube", "text"),
+    ("pool_size", "smallint"),
+    ("plate", "text"),
+    ("well", "text"),
+    ("run", "text"),
+    ("instrument", "text"),
+    ("kit_id", "text"),
+    ("kit_version", "text"),
+    ("interpretation", "text"),
+    ("status", "text"),
+    ("correction_reason", "text"),
+    ("tested_at", "timestamp with time zone"),
+    ("released_at", "timestamp with time zone"),
+    ("released_by", "text"),
+    ("lab_id", "text"),
+    ("targets", "json"),
+    ("record", "json"),
 ];
 
-/// The staging table (session-local, emptied at every commit): one typed column per
-/// entry of [`COLUMNS`], in that order, matching what [`encode_binary_row`] writes.
-const STAGING_DDL: &str = "CREATE TEMP TABLE IF NOT EXISTS pcrd_staging_v2 (\
-    result_id text, version integer, idempotency_key text, schema_version integer, \
-    tube text, pool_size smallint, plate text, well text, run text, instrument text, \
-    kit_id text, kit_version text, interpretation text, status text, \
-    correction_reason text, tested_at timestamptz, released_at timestamptz, \
-    released_by text, lab_id text, targets json, record json) ON COMMIT DELETE ROWS";
+/// The staging table's name (session-local, emptied at every commit), created at
+/// connect with one column per entry of [`COLUMNS`] of pcrd's type for it, except the
+/// JSON columns, which take the exchange table's type: the rows [`encode_batch`] writes
+/// for the table fit the staging table unchanged.
+const STAGING_TABLE: &str = "pg_temp.pcrd_staging";
 
-/// The column types a table may use for `targets` and `record`; anything else is the
-/// operator's table and refused at connect with a message.
-const JSON_COLUMN_TYPES: [&str; 3] = ["json", "jsonb", "text"];
+/// How a JSON value (`targets`, `record`) is stored in the exchange table: the type
+/// of its column, read at connect. Binary `COPY` sends each in its own form.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum JsonType {
+    /// Validated and stored as sent (pcrd's DDL).
+    Json,
+    /// Decomposed by the server (an earlier DDL, or an operator's GIN index).
+    Jsonb,
+    Text,
+}
+
+impl JsonType {
+    /// The type as `information_schema.columns.data_type` names it.
+    fn from_sql(name: &str) -> Option<JsonType> {
+        match name {
+            "json" => Some(JsonType::Json),
+            "jsonb" => Some(JsonType::Jsonb),
+            "text" => Some(JsonType::Text),
+            _ => None,
+        }
+    }
+
+    fn sql(self) -> &'static str {
+        match self {
+            JsonType::Json => "json",
+            JsonType::Jsonb => "jsonb",
+            JsonType::Text => "text",
+        }
+    }
+}
+
+/// What pcrd knows of the exchange table, read at connect.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Layout {
+    /// The JSON columns' types, which decide their binary form.
+    targets: JsonType,
+    /// `None`: the table has no `record` column (the operator dropped it: every field
+    /// of the record has its own column), so pcrd does not send the whole record.
+    record: Option<JsonType>,
+    /// Batches may be copied straight into the table: every other column has exactly
+    /// pcrd's type, and a unique index on exactly (result_id, version) refuses a row
+    /// sent again, so the batch can fall back to staging and ON CONFLICT DO NOTHING.
+    fast_path: bool,
+}
+
+impl Default for Layout {
+    fn default() -> Layout {
+        Layout {
+            targets: JsonType::Json,
+            record: Some(JsonType::Json),
+            fast_path: false,
+        }
+    }
+}
+
+impl Layout {
+    fn json_types(self) -> (JsonType, Option<JsonType>) {
+        (self.targets, self.record)
+    }
+
+    /// The columns pcrd writes into this table, in `COPY` order.
+    fn columns(self) -> Vec<&'static str> {
+        COLUMNS
+            .iter()
+            .map(|(name, _)| *name)
+            .filter(|name| *name != "record" || self.record.is_some())
+            .collect()
+    }
+
+    /// The session's staging table: pcrd's types, the JSON columns as the exchange table's.
+    fn staging_ddl(self) -> String {
+        format!(
+            "CREATE TEMP TABLE IF NOT EXISTS pcrd_staging (\
+             result_id text, version integer, idempotency_key text, schema_version integer, \
+             tube text, pool_size smallint, plate text, well text, run text, instrument text, \
+             kit_id text, kit_version text, interpretation text, status text, \
+             correction_reason text, tested_at timestamptz, released_at timestamptz, \
+             released_by text, lab_id text, targets {}, record {}) ON COMMIT DELETE ROWS",
+            self.targets.sql(),
+            self.record.unwrap_or(JsonType::Json).sql()
+        )
+    }
+}
 
 /// The exchange table's DDL (`pcrd sink schema postgres`): the table, an index by tube
 /// and a view with one row per target. Idempotent (`IF NOT EXISTS` / `OR REPLACE`).
@@ -300,7 +403,8 @@ pub fn schema_sql(table: &TableName) -> String {
     format!(
         "-- pcrd result exchange table (result record schema v1). One row per result
 -- version: a correction is a new row with a higher version, nothing is updated.
--- pcrd writes with INSERT ... ON CONFLICT (result_id, version) DO NOTHING.
+-- pcrd copies each batch in (COPY); a batch sent again after a crash goes in with
+-- INSERT ... ON CONFLICT (result_id, version) DO NOTHING: keep the primary key.
 CREATE TABLE IF NOT EXISTS {t} (
     result_id         text        NOT NULL,
     version           integer     NOT NULL CHECK (version >= 1),
@@ -388,7 +492,7 @@ fn classify(context: &str, error: &tokio_postgres::Error) -> WriteError {
 /// delivery that needs it and again after it breaks. A large batch is cut into one
 /// part per lane, written concurrently, each part in its own transaction: PostgreSQL
 /// runs one backend per session, so a second session puts the server's second core to
-/// work parsing JSON (where a batch spends most of its time).
+/// work.
 #[derive(Debug)]
 pub struct PostgresSink {
     shared: Shared,
@@ -399,7 +503,35 @@ pub struct PostgresSink {
 #[derive(Debug)]
 struct Shared {
     config: PostgresConfig,
-    copy_sql: String,
+}
+
+/// The statements writing a batch into one table of one [`Layout`].
+#[derive(Debug)]
+struct Statements {
+    /// The fast path: COPY straight into the exchange table.
+    copy_into_table: String,
+    /// The path for batches holding rows the table already has, and for tables the
+    /// fast path cannot guard (see [`Layout::fast_path`]): COPY into the session's
+    /// staging table, then INSERT ... ON CONFLICT DO NOTHING.
+    copy_into_staging: String,
+    insert_from_staging: String,
+}
+
+impl Statements {
+    fn new(table: &TableName, layout: Layout) -> Statements {
+        let columns = layout.columns().join(", ");
+        let table = table.quoted();
+        Statements {
+            copy_into_table: format!("COPY {table} ({columns}) FROM STDIN (FORMAT binary)"),
+            copy_into_staging: format!(
+                "COPY {STAGING_TABLE} ({columns}) FROM STDIN (FORMAT binary)"
+            ),
+            insert_from_staging: format!(
+                "INSERT INTO {table} ({columns}) SELECT {columns} FROM {STAGING_TABLE} \
+                 ON CONFLICT (result_id, version) DO NOTHING"
+            ),
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -410,8 +542,19 @@ struct Lane {
 #[derive(Debug)]
 struct Connection {
     client: Client,
-    /// Built at connect from the table's column types.
-    insert_sql: String,
+    /// Read at connect from the exchange table.
+    layout: Layout,
+    statements: Statements,
+    /// The last batch met rows the table already has (a batch sent again after a
+    /// restart): later batches go through staging until one inserts every row again,
+    /// so a backlog of re-sent batches does not pay a refused COPY each.
+    replaying: bool,
+}
+
+/// Binary COPY rows for a [`Layout`].
+struct Encoded {
+    layout: Layout,
+    rows: Bytes,
 }
 
 /// A batch is cut into parts for several lanes only when each part gets this many.
@@ -422,10 +565,6 @@ impl PostgresSink {
         Ok(PostgresSink {
             shared: Shared {
                 config: config.clone(),
-                copy_sql: format!(
-                    "COPY pg_temp.pcrd_staging_v2 ({}) FROM STDIN (FORMAT binary)",
-                    COLUMNS.join(", ")
-                ),
             },
             lanes: (0..config.connections.max(1))
                 .map(|_| Lane::default())
@@ -494,14 +633,26 @@ impl Lane {
         Ok(())
     }
 
+    /// The layout of the table as this lane last saw it.
+    fn layout(&self) -> Layout {
+        self.connection
+            .as_ref()
+            .map_or_else(Layout::default, |c| c.layout)
+    }
+
     /// `items` in one transaction; when the table refuses a value, item by item.
     async fn deliver(&mut self, shared: &Shared, items: &[OutboxItem]) -> Vec<ItemOutcome> {
         // A batch holding an item PostgreSQL cannot take is written item by item, so
         // that item is dead before anything of it is sent and the rest still go.
-        let Ok(rows) = encode_batch(items) else {
+        let layout = self.layout();
+        let Ok(rows) = encode_batch(items, layout) else {
             return self.deliver_one_by_one(shared, items).await;
         };
-        match self.write(shared, rows).await {
+        let encoded = Encoded {
+            layout,
+            rows: Bytes::from(rows),
+        };
+        match self.write(shared, items, encoded).await {
             Ok(()) => vec![ItemOutcome::Delivered; items.len()],
             Err(WriteError::Transient { reason, .. }) => all_retry(items, &reason, None),
             Err(WriteError::Data(reason)) => {
@@ -521,7 +672,9 @@ impl Lane {
     ) -> Vec<ItemOutcome> {
         let mut outcomes = Vec::with_capacity(items.len());
         for (index, item) in items.iter().enumerate() {
-            let rows = match encode_batch(std::slice::from_ref(item)) {
+            let layout = self.layout();
+            let one = std::slice::from_ref(item);
+            let rows = match encode_batch(one, layout) {
                 Ok(rows) => rows,
                 Err(detail) => {
                     outcomes.push(ItemOutcome::Dead {
@@ -531,7 +684,11 @@ impl Lane {
                     continue;
                 }
             };
-            match self.write(shared, rows).await {
+            let encoded = Encoded {
+                layout,
+                rows: Bytes::from(rows),
+            };
+            match self.write(shared, one, encoded).await {
                 Ok(()) => outcomes.push(ItemOutcome::Delivered),
                 Err(WriteError::Data(detail)) => {
                     tracing::warn!(sink = "postgres", key = %item.record.idempotency_key(),
@@ -550,12 +707,18 @@ impl Lane {
         outcomes
     }
 
-    /// Writes encoded `rows` (see [`encode_batch`]) in one transaction, connecting
-    /// first when needed. The whole attempt is bounded: a server that stops answering
-    /// is a retry, not a hang.
-    async fn write(&mut self, shared: &Shared, rows: Vec<u8>) -> Result<(), WriteError> {
+    /// Writes `items` (already encoded) in one transaction, connecting first when
+    /// needed. The whole attempt is bounded: a server that stops answering is a retry,
+    /// not a hang.
+    async fn write(
+        &mut self,
+        shared: &Shared,
+        items: &[OutboxItem],
+        encoded: Encoded,
+    ) -> Result<(), WriteError> {
         let limit = shared.config.connect_timeout + shared.config.statement_timeout * 3;
-        let result = match tokio::time::timeout(limit, self.write_unbounded(shared, rows)).await {
+        let attempt = self.write_unbounded(shared, items, encoded);
+        let result = match tokio::time::timeout(limit, attempt).await {
             Ok(result) => result,
             Err(_) => Err(shared.no_answer(limit)),
         };
@@ -568,7 +731,12 @@ impl Lane {
         result
     }
 
-    async fn write_unbounded(&mut self, shared: &Shared, rows: Vec<u8>) -> Result<(), WriteError> {
+    async fn write_unbounded(
+        &mut self,
+        shared: &Shared,
+        items: &[OutboxItem],
+        encoded: Encoded,
+    ) -> Result<(), WriteError> {
         self.ensure_connected(shared).await?;
         let Some(connection) = self.connection.as_mut() else {
             return Err(WriteError::Transient {
@@ -576,13 +744,13 @@ impl Lane {
                 reconnect: true,
             });
         };
-        write_batch(
-            &mut connection.client,
-            &shared.copy_sql,
-            &connection.insert_sql,
-            rows,
-        )
-        .await
+        // A reconnect may have found the table's JSON columns changed since encoding.
+        let rows = if encoded.layout.json_types() == connection.layout.json_types() {
+            encoded.rows
+        } else {
+            Bytes::from(encode_batch(items, connection.layout).map_err(WriteError::Data)?)
+        };
+        write_batch(connection, rows, items.len()).await
     }
 }
 
@@ -643,20 +811,39 @@ impl Shared {
                 .await
                 .map_err(setup)?;
         }
-        let insert_sql = self.insert_sql(&client).await?;
+        let layout = self.table_layout(&client).await?;
         // The staging table lives as long as the session; ON COMMIT DELETE ROWS empties
         // it at every commit, and a rolled-back batch leaves nothing in it either.
-        client.batch_execute(STAGING_DDL).await.map_err(setup)?;
+        client
+            .batch_execute(&layout.staging_ddl())
+            .await
+            .map_err(setup)?;
+        if !layout.fast_path {
+            tracing::info!(sink = "postgres", table = %c.table.display(),
+                "the exchange table is not exactly as pcrd's DDL makes it (column types, \
+                 unique key on result_id, version, rules, or a view): every batch goes \
+                 through staging and INSERT ... ON CONFLICT");
+        }
         tracing::info!(sink = "postgres", host = %c.host, port = c.port,
-            table = %c.table.display(), "connected to PostgreSQL");
-        Ok(Connection { client, insert_sql })
+            table = %c.table.display(), fast_path = layout.fast_path, "connected to PostgreSQL");
+        Ok(Connection {
+            client,
+            layout,
+            statements: Statements::new(&c.table, layout),
+            replaying: false,
+        })
     }
 
-    /// The INSERT from staging into the exchange table, each JSON value cast to the
-    /// table's own type for it. Fails (retry, with what to do) when the table is missing,
-    /// lacks a column, or holds the JSON in a type pcrd cannot cast to.
-    async fn insert_sql(&self, client: &Client) -> Result<String, WriteError> {
+    /// Reads what pcrd must know of the exchange table: its JSON column types, and
+    /// whether batches may be copied straight into it. Fails (retry, with what to do)
+    /// when the table is missing, lacks a column, or holds the JSON in a type pcrd
+    /// cannot write.
+    async fn table_layout(&self, client: &Client) -> Result<Layout, WriteError> {
         let table = &self.config.table;
+        let checking = |e: tokio_postgres::Error| WriteError::Transient {
+            reason: format!("checking the exchange table {}: {e}", table.display()),
+            reconnect: true,
+        };
         let rows = client
             .query(
                 "SELECT column_name::text, data_type::text FROM information_schema.columns \
@@ -664,10 +851,7 @@ impl Shared {
                 &[&table.schema, &table.name],
             )
             .await
-            .map_err(|e| WriteError::Transient {
-                reason: format!("checking the columns of {}: {e}", table.display()),
-                reconnect: true,
-            })?;
+            .map_err(checking)?;
         let present: Vec<(String, String)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
         let hint = format!(
             "create it with `pcrd sink schema postgres --table {}`, or set create_table = true",
@@ -683,10 +867,17 @@ impl Shared {
                 reconnect: true,
             });
         }
+        let type_of = |column: &str| {
+            present
+                .iter()
+                .find(|(name, _)| name == column)
+                .map(|(_, t)| t.as_str())
+        };
+        // `record` may be dropped: every field of the record has its own column.
         let missing: Vec<&str> = COLUMNS
             .iter()
-            .copied()
-            .filter(|c| !present.iter().any(|(p, _)| p == c))
+            .map(|(name, _)| *name)
+            .filter(|name| *name != "record" && type_of(name).is_none())
             .collect();
         if !missing.is_empty() {
             return Err(WriteError::Transient {
@@ -698,98 +889,178 @@ impl Shared {
                 reconnect: true,
             });
         }
-        let mut select = Vec::with_capacity(COLUMNS.len());
-        for column in COLUMNS {
-            if column != "targets" && column != "record" {
-                select.push(column.to_owned());
-                continue;
-            }
-            let data_type = present
-                .iter()
-                .find(|(name, _)| name == column)
-                .map(|(_, t)| t.as_str())
-                .unwrap_or("json");
-            if !JSON_COLUMN_TYPES.contains(&data_type) {
-                return Err(WriteError::Transient {
-                    reason: format!(
-                        "the column {column} of {} is {data_type}; pcrd writes json, jsonb or \
-                         text there: {hint}",
-                        table.display()
-                    ),
-                    reconnect: true,
-                });
-            }
-            select.push(format!("{column}::{data_type}"));
-        }
-        Ok(format!(
-            "INSERT INTO {} ({}) SELECT {} FROM pg_temp.pcrd_staging_v2 \
-             ON CONFLICT (result_id, version) DO NOTHING",
-            table.quoted(),
-            COLUMNS.join(", "),
-            select.join(", ")
-        ))
+        let json_type = |column: &str| {
+            let data_type = type_of(column).unwrap_or("json");
+            JsonType::from_sql(data_type).ok_or_else(|| WriteError::Transient {
+                reason: format!(
+                    "the column {column} of {} is {data_type}; pcrd writes json, jsonb or \
+                     text there: {hint}",
+                    table.display()
+                ),
+                reconnect: true,
+            })
+        };
+        let targets = json_type("targets")?;
+        let record = match type_of("record") {
+            Some(_) => Some(json_type("record")?),
+            None => None,
+        };
+        // Binary COPY sends each value in the form of pcrd's type for it: straight into
+        // the table only when the table's type is that very type (an INSERT from
+        // staging converts, e.g. to bigint or varchar, as PostgreSQL's assignment casts
+        // do).
+        let exact_types = COLUMNS.iter().all(|(name, data_type)| {
+            *name == "targets" || *name == "record" || type_of(name) == Some(*data_type)
+        });
+        // COPY skips rules, does not write into views, and would let duplicates in
+        // where no unique index on exactly (result_id, version) stops them: only a
+        // plain table with that key may take the fast path.
+        let guard = client
+            .query_one(
+                "SELECT coalesce(( \
+                   SELECT c.relkind IN ('r', 'p') AND NOT c.relhasrules AND EXISTS ( \
+                     SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisunique \
+                       AND i.indisvalid AND i.indimmediate AND i.indpred IS NULL \
+                       AND i.indexprs IS NULL AND i.indnatts = 2 \
+                       AND (SELECT array_agg(a.attname::text ORDER BY a.attname) \
+                            FROM pg_attribute a \
+                            WHERE a.attrelid = c.oid AND a.attnum = ANY (i.indkey::int2[])) \
+                           = ARRAY['result_id', 'version']) \
+                   FROM pg_class c WHERE c.oid = to_regclass($1)), false)",
+                &[&table.quoted()],
+            )
+            .await
+            .map_err(checking)?;
+        let guarded: bool = guard.get(0);
+        Ok(Layout {
+            targets,
+            record,
+            fast_path: exact_types && guarded,
+        })
     }
 }
 
-/// COPY into staging, INSERT ... ON CONFLICT DO NOTHING, COMMIT.
+/// Writes one encoded batch of `count` rows in one transaction. The fast path copies
+/// it straight into the table; when that meets a row the table already has (a unique
+/// violation: the batch, or part of it, committed before and sent again after a
+/// restart) the transaction is rolled back and the batch written through staging with
+/// `ON CONFLICT (result_id, version) DO NOTHING`, which adds only the rows missing.
+/// Either way the batch is delivered only when COMMIT returns.
 async fn write_batch(
+    connection: &mut Connection,
+    rows: Bytes,
+    count: usize,
+) -> Result<(), WriteError> {
+    let statements = &connection.statements;
+    if connection.layout.fast_path && !connection.replaying {
+        match copy_into_table(
+            &mut connection.client,
+            &statements.copy_into_table,
+            rows.clone(),
+        )
+        .await
+        {
+            Ok(()) => return Ok(()),
+            Err((_, e)) if e.code() == Some(&SqlState::UNIQUE_VIOLATION) => {
+                tracing::info!(
+                    sink = "postgres",
+                    rows = count,
+                    "the batch holds results the table already has (sent again after a \
+                     restart); writing it through staging, skipping those"
+                );
+                connection.replaying = true;
+            }
+            Err((context, e)) => return Err(classify(context, &e)),
+        }
+    }
+    let inserted = copy_through_staging(&mut connection.client, statements, rows).await?;
+    if inserted == count as u64 {
+        connection.replaying = false;
+    }
+    Ok(())
+}
+
+/// BEGIN, COPY into the exchange table, COMMIT; on failure the dropped transaction
+/// rolls back.
+async fn copy_into_table(
     client: &mut Client,
     copy_sql: &str,
-    insert_sql: &str,
-    rows: Vec<u8>,
-) -> Result<(), WriteError> {
+    rows: Bytes,
+) -> Result<(), (&'static str, tokio_postgres::Error)> {
+    let transaction = client.transaction().await.map_err(|e| ("BEGIN", e))?;
+    copy_in(&transaction, copy_sql, rows)
+        .await
+        .map_err(|e| ("COPY into the exchange table", e))?;
+    transaction.commit().await.map_err(|e| ("COMMIT", e))
+}
+
+/// BEGIN, COPY into staging, INSERT ... ON CONFLICT DO NOTHING, COMMIT. Returns the
+/// rows inserted.
+async fn copy_through_staging(
+    client: &mut Client,
+    statements: &Statements,
+    rows: Bytes,
+) -> Result<u64, WriteError> {
     let transaction = client
         .transaction()
         .await
         .map_err(|e| classify("BEGIN", &e))?;
-    let copy = transaction
-        .copy_in::<_, Bytes>(copy_sql)
+    copy_in(&transaction, &statements.copy_into_staging, rows)
         .await
         .map_err(|e| classify("COPY into the staging table", &e))?;
-    futures_util::pin_mut!(copy);
-    copy.send(Bytes::from(rows))
-        .await
-        .map_err(|e| classify("COPY into the staging table", &e))?;
-    copy.as_mut()
-        .finish()
-        .await
-        .map_err(|e| classify("COPY into the staging table", &e))?;
-    transaction
-        .execute(insert_sql, &[])
+    let inserted = transaction
+        .execute(&statements.insert_from_staging, &[])
         .await
         .map_err(|e| classify("INSERT into the exchange table", &e))?;
     transaction
         .commit()
         .await
         .map_err(|e| classify("COMMIT", &e))?;
-    Ok(())
+    Ok(inserted)
+}
+
+async fn copy_in(
+    transaction: &Transaction<'_>,
+    copy_sql: &str,
+    rows: Bytes,
+) -> Result<u64, tokio_postgres::Error> {
+    let copy = transaction.copy_in::<_, Bytes>(copy_sql).await?;
+    futures_util::pin_mut!(copy);
+    copy.send(rows).await?;
+    copy.as_mut().finish().await
 }
 
 /// The whole binary `COPY` stream for `items` (header, rows, trailer), or why one of
 /// them cannot be written to PostgreSQL at all, naming it.
-fn encode_batch(items: &[OutboxItem]) -> Result<Vec<u8>, String> {
+fn encode_batch(items: &[OutboxItem], layout: Layout) -> Result<Vec<u8>, String> {
     let mut rows = Vec::with_capacity(COPY_HEADER.len() + 2 + items.len() * 1400);
     rows.extend_from_slice(COPY_HEADER);
     let mut scratch = Vec::with_capacity(2048);
     for item in items {
-        encode_binary_row(&item.record, &mut scratch, &mut rows)
+        encode_binary_row(&item.record, layout, &mut scratch, &mut rows)
             .map_err(|e| format!("{}: {e}", item.record.idempotency_key()))?;
     }
     rows.extend_from_slice(&(-1i16).to_be_bytes());
     Ok(rows)
 }
 
+/// The first byte of `jsonb`'s binary form (then the JSON text); `json` and `text`
+/// are the text alone.
+const JSONB_VERSION: u8 = 1;
+
 /// The binary COPY header: signature, flags, header extension length.
 const COPY_HEADER: &[u8] = b"PGCOPY\n\xff\r\n\0\0\0\0\0\0\0\0\0";
 
-/// Appends one staging row in binary `COPY` format, the fields in [`COLUMNS`] order:
-/// a field count, then per field its length and its bytes in PostgreSQL's binary
-/// representation (text and json: UTF-8; integer, smallint: big-endian; timestamptz:
-/// microseconds since 2000-01-01 UTC; NULL: length -1). Refuses a record holding a
+/// Appends one row in binary `COPY` format, the fields in [`COLUMNS`] order: a field
+/// count, then per field its length and its bytes in PostgreSQL's binary
+/// representation (text and json: UTF-8; jsonb: a version byte, then UTF-8; integer,
+/// smallint: big-endian; timestamptz: microseconds since 2000-01-01 UTC; NULL: length
+/// -1). Refuses a record holding a
 /// NUL character (PostgreSQL text cannot store it) or a timestamp that is not RFC 3339
 /// (the table would refuse it too).
 fn encode_binary_row(
     r: &ResultRecord,
+    layout: Layout,
     scratch: &mut Vec<u8>,
     out: &mut Vec<u8>,
 ) -> Result<(), String> {
@@ -805,14 +1076,13 @@ fn encode_binary_row(
     let tested_at = pg_timestamp_micros(&r.tested_at).map_err(|e| format!("tested_at: {e}"))?;
     let released_at =
         pg_timestamp_micros(&r.released_at).map_err(|e| format!("released_at: {e}"))?;
-    // The record's JSON holds every string of the record, escaped: one search finds a
-    // NUL anywhere in it.
-    scratch.clear();
-    let _ = serde_json::to_writer(&mut *scratch, r);
-    if scratch.windows(6).any(|w| w == b"\\u0000") {
-        return Err("holds a NUL character, which PostgreSQL text cannot store".to_owned());
+    if let Some(name) = nul_field(r) {
+        return Err(format!(
+            "{name} holds a NUL character, which PostgreSQL text cannot store"
+        ));
     }
-    out.extend_from_slice(&(COLUMNS.len() as i16).to_be_bytes());
+    let fields: i16 = if layout.record.is_some() { 21 } else { 20 };
+    out.extend_from_slice(&fields.to_be_bytes());
     field(out, r.result_id.as_bytes())?;
     field(out, &version.to_be_bytes())?;
     field(out, r.idempotency_key().as_bytes())?;
@@ -838,10 +1108,78 @@ fn encode_binary_row(
     // Serialising a struct of strings and numbers does not fail (a non-finite Ct is
     // written as null).
     let mut targets = Vec::with_capacity(512);
+    if layout.targets == JsonType::Jsonb {
+        targets.push(JSONB_VERSION);
+    }
     let _ = serde_json::to_writer(&mut targets, &r.targets);
     field(out, &targets)?;
-    field(out, scratch)?;
+    if let Some(record) = layout.record {
+        scratch.clear();
+        if record == JsonType::Jsonb {
+            scratch.push(JSONB_VERSION);
+        }
+        let _ = serde_json::to_writer(&mut *scratch, r);
+        field(out, scratch)?;
+    }
     Ok(())
+}
+
+/// The first field of `r` holding a NUL character, if any. Destructured so that a
+/// field added to the record cannot be missed here.
+fn nul_field(r: &ResultRecord) -> Option<&'static str> {
+    let ResultRecord {
+        schema_version: _,
+        result_id,
+        version: _,
+        tube,
+        pool_size: _,
+        plate,
+        well,
+        run,
+        instrument,
+        kit: KitRef { id, version },
+        targets,
+        // Fixed words.
+        interpretation: _,
+        status: _,
+        correction_reason,
+        tested_at,
+        released_at,
+        released_by,
+        lab_id,
+    } = r;
+    let nul = |s: &str| s.contains('\0');
+    let target_nul = targets.iter().any(
+        |TargetResult {
+             name,
+             dye,
+             loinc,
+             ct: _,
+             call: _,
+         }| nul(name) || nul(dye) || loinc.as_deref().is_some_and(nul),
+    );
+    [
+        ("result_id", nul(result_id)),
+        ("tube", nul(tube)),
+        ("plate", nul(plate)),
+        ("well", nul(well)),
+        ("run", nul(run)),
+        ("instrument", nul(instrument)),
+        ("kit.id", nul(id)),
+        ("kit.version", nul(version)),
+        ("targets", target_nul),
+        (
+            "correction_reason",
+            correction_reason.as_deref().is_some_and(nul),
+        ),
+        ("tested_at", nul(tested_at)),
+        ("released_at", nul(released_at)),
+        ("released_by", nul(released_by)),
+        ("lab_id", nul(lab_id)),
+    ]
+    .into_iter()
+    .find(|(_, has_nul)| *has_nul)
+    .map(|(name, _)| name)
 }
 
 /// Days from 1970-01-01 to the given civil date (proleptic Gregorian).
@@ -981,6 +1319,44 @@ mod tests {
         fn timestamp_parsing_never_panics(text in "\\PC{0,40}") {
             let _ = pg_timestamp_micros(&text);
         }
+    }
+
+    #[test]
+    fn the_postgres_sink_defaults_to_batches_of_5000() {
+        let text = r#"
+            [lab]
+            id = "LAB-01"
+            [server]
+            listen = "127.0.0.1:9000"
+            [store]
+            path = "data"
+            [[users]]
+            name = "alice"
+            role = "technician"
+            token = "alice-token-0123456789"
+            [[sinks]]
+            name = "central"
+            [sinks.postgres]
+            [[sinks]]
+            name = "small"
+            batch_size = 200
+            [sinks.postgres]
+            [[sinks]]
+            name = "export"
+            [sinks.files]
+            dir = "out"
+        "#;
+        let config = crate::config::Config::parse(text, Path::new("/etc/pcrd"), |_| None)
+            .expect("valid config");
+        let sizes: Vec<usize> = config.sinks.iter().map(|s| s.batch_size).collect();
+        assert_eq!(
+            sizes,
+            vec![
+                DEFAULT_BATCH_SIZE as usize,
+                200,
+                crate::config::DEFAULT_SINK_BATCH as usize
+            ]
+        );
     }
 
     #[test]
