@@ -313,6 +313,7 @@ token = "{REVIEWER_TOKEN}"
 
 [review]
 auto_release_negatives = true
+early_calls = true
 
 [[sinks]]
 name = "demo-files"

@@ -570,60 +570,37 @@ impl Robot {
         let started = Instant::now();
         loop {
             let reply = self.api.get(&path).await?;
-            if reply.status == 404 {
-                let body = json!({ "kit": self.kit.id, "id": id, "reason": "demo" });
-                if let Some(r) = self
-                    .api
-                    .post(Who::Technician, "/api/v1/plates", &body)
-                    .await
-                    && r.status != 201
-                    && r.status != 409
-                {
-                    return Err(refused(&format!("creating {id}"), &r));
-                }
-                continue;
-            }
-            if reply.status != 200 {
-                return Err(refused(&path, &reply));
-            }
-            let plate = reply.body;
-            if plate["state"] == "sealed" {
-                let mut plated = lock(&self.plated);
-                for well in plate["wells"].as_array().into_iter().flatten() {
-                    if let Some(barcode) = well["barcode"].as_str() {
-                        plated.insert(barcode.to_string());
+            let (step, body, done) = match reply.status {
+                404 => (
+                    "/api/v1/plates".to_string(),
+                    json!({ "kit": self.kit.id, "id": id, "reason": "demo" }),
+                    201,
+                ),
+                200 if reply.body["state"] == "sealed" => {
+                    let mut plated = lock(&self.plated);
+                    for well in reply.body["wells"].as_array().into_iter().flatten() {
+                        if let Some(barcode) = well["barcode"].as_str() {
+                            plated.insert(barcode.to_string());
+                        }
                     }
+                    return Ok(());
                 }
-                return Ok(());
-            }
-            if plate["samples"].as_u64() == Some(0) {
-                if started.elapsed() > Duration::from_secs(30) {
-                    return Err(RobotError::Stuck(format!("{id}: no tube to fill it with")));
+                200 if reply.body["samples"].as_u64() == Some(0) => {
+                    if started.elapsed() > Duration::from_secs(30) {
+                        return Err(RobotError::Stuck(format!("{id}: no tube to fill it with")));
+                    }
+                    (format!("{path}/fill"), json!({}), 200)
                 }
-                let r = self
-                    .api
-                    .post(Who::Technician, &format!("{path}/fill"), &json!({}))
-                    .await;
-                if let Some(r) = r
-                    && r.status != 200
-                    && r.status != 409
-                {
-                    return Err(refused(&format!("filling {id}"), &r));
-                }
-                tokio::time::sleep(self.poll).await;
-                continue;
+                200 => (format!("{path}/seal"), json!({}), 200),
+                _ => return Err(refused(&path, &reply)),
+            };
+            match self.api.post(Who::Technician, &step, &body).await {
+                Some(r) if r.status == done => {}
+                // Done already (an answer lost to a restart), or in the way: look again.
+                Some(r) if r.status == 409 || r.status >= 500 => self.api.wait(started).await?,
+                Some(r) => return Err(refused(&format!("{step} for {id}"), &r)),
+                None => self.api.wait(started).await?,
             }
-            let r = self
-                .api
-                .post(Who::Technician, &format!("{path}/seal"), &json!({}))
-                .await;
-            if let Some(r) = r
-                && r.status != 200
-                && r.status != 409
-            {
-                return Err(refused(&format!("sealing {id}"), &r));
-            }
-            self.api.wait(started).await?;
         }
     }
 
@@ -636,13 +613,12 @@ impl Robot {
             }
             let body = json!({ "id": to, "reason": "demo: extracted RNA to the PCR plate" });
             let path = format!("/api/v1/plates/{from}/transfer");
-            if let Some(r) = self.api.post(Who::Technician, &path, &body).await
-                && r.status != 201
-                && r.status != 409
-            {
-                return Err(refused(&format!("transferring {from}"), &r));
+            match self.api.post(Who::Technician, &path, &body).await {
+                Some(r) if r.status == 201 => {}
+                Some(r) if r.status == 409 || r.status >= 500 => self.api.wait(started).await?,
+                Some(r) => return Err(refused(&format!("transferring {from}"), &r)),
+                None => self.api.wait(started).await?,
             }
-            self.api.wait(started).await?;
         }
     }
 
@@ -808,37 +784,60 @@ impl Robot {
                 tokio::time::sleep(self.poll.max(Duration::from_millis(250))).await;
                 continue;
             }
+            // Decisions go out sixteen at a time: each is its own durable transaction,
+            // and the store makes concurrent ones durable with one barrier.
+            let mut decisions = tokio::task::JoinSet::new();
             for result in results {
-                let id = result["result_id"].as_str().unwrap_or_default();
-                let interpretation = result["interpretation"].as_str().unwrap_or_default();
-                let (action, body) = match interpretation {
-                    "positive" | "negative" if result["plate_valid"] == true => (
-                        "release",
-                        json!({ "reason": "demo reviewer: curves and Ct checked" }),
-                    ),
-                    _ => {
-                        self.progress
-                            .reruns_requested
-                            .fetch_add(1, Ordering::Relaxed);
-                        (
-                            "rerun",
-                            json!({ "reason": format!("demo reviewer: {interpretation}, the kit says retest") }),
-                        )
+                while decisions.len() >= 16 {
+                    if let Some(Ok(Err(e))) = decisions.join_next().await {
+                        return Err(e);
                     }
-                };
-                let path = format!("/api/v1/results/{id}/{action}");
-                match self.api.post(Who::Reviewer, &path, &body).await {
-                    // 409: decided already (an answer lost to a restart).
-                    Some(r) if r.status == 200 || r.status == 409 => {
-                        self.progress.reviewed.fetch_add(1, Ordering::Relaxed);
-                    }
-                    Some(r) if r.status >= 500 => {}
-                    Some(r) => return Err(refused(&path, &r)),
-                    None => {}
+                }
+                let this = Arc::clone(&self);
+                decisions.spawn(async move { this.decide(&result).await });
+            }
+            while let Some(joined) = decisions.join_next().await {
+                if let Ok(Err(e)) = joined {
+                    return Err(e);
                 }
             }
         }
         Ok(())
+    }
+
+    /// One reviewer decision; a lost answer or a 409 (decided already) leaves the
+    /// result to the next look at the list.
+    async fn decide(&self, result: &Value) -> Result<(), RobotError> {
+        let id = result["result_id"].as_str().unwrap_or_default();
+        let interpretation = result["interpretation"].as_str().unwrap_or_default();
+        let release = matches!(interpretation, "positive" | "negative")
+            && result["plate_valid"] == true;
+        let (action, body) = if release {
+            (
+                "release",
+                json!({ "reason": "demo reviewer: curves and Ct checked" }),
+            )
+        } else {
+            (
+                "rerun",
+                json!({ "reason": format!("demo reviewer: {interpretation}, the kit says retest") }),
+            )
+        };
+        let path = format!("/api/v1/results/{id}/{action}");
+        match self.api.post(Who::Reviewer, &path, &body).await {
+            Some(r) if r.status == 200 => {
+                self.progress.reviewed.fetch_add(1, Ordering::Relaxed);
+                if !release {
+                    self.progress
+                        .reruns_requested
+                        .fetch_add(1, Ordering::Relaxed);
+                }
+                Ok(())
+            }
+            Some(r) if r.status == 409 || r.status >= 500 => Ok(()),
+            Some(r) => Err(refused(&path, &r)),
+            None => Ok(()),
+        }
     }
 
     async fn watch_sink(self: Arc<Self>, done: Arc<AtomicBool>) {
