@@ -153,6 +153,16 @@ async fn serve(config: Config, lab: Arc<Lab>) -> ExitCode {
         eprintln!("pcrd: {e}");
         return ExitCode::from(exit::USAGE);
     }
+    // Stores written before the review indexes existed are indexed once, before any
+    // request reads them.
+    match crate::review::index::ensure(&lab).await {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(candidates = n, "Result candidates indexed."),
+        Err(e) => {
+            eprintln!("pcrd: indexing the result candidates: {e}");
+            return ExitCode::from(exit::STORE);
+        }
+    }
     // Review policy before the folders start staging results; the due-time watcher
     // counts tubes at risk for /metrics and warns when one becomes at risk (issue 7).
     lab.review().set_policy(config.review.clone());

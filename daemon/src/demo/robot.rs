@@ -810,8 +810,8 @@ impl Robot {
     async fn decide(&self, result: &Value) -> Result<(), RobotError> {
         let id = result["result_id"].as_str().unwrap_or_default();
         let interpretation = result["interpretation"].as_str().unwrap_or_default();
-        let release = matches!(interpretation, "positive" | "negative")
-            && result["plate_valid"] == true;
+        let release =
+            matches!(interpretation, "positive" | "negative") && result["plate_valid"] == true;
         let (action, body) = if release {
             (
                 "release",

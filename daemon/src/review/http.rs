@@ -145,12 +145,30 @@ pub(super) async fn list_results(
     };
     let lab = Arc::clone(&state.lab);
     blocking(move || {
-        let all = crate::review::candidates(&lab, None)?;
-        let reviews = due::by_tube(&all);
+        let (rows, reviews) = match filter {
+            // One state: its candidates from the index, and the other candidates of
+            // their tubes only (for each tube's due status).
+            Some(wanted) => {
+                let rows = crate::review::candidates(&lab, Some(wanted))?;
+                let mut tubes: Vec<&str> = rows.iter().map(|c| c.tube.as_str()).collect();
+                tubes.sort_unstable();
+                tubes.dedup();
+                let mut related = Vec::new();
+                for tube in tubes {
+                    related.extend(crate::review::candidates_of_tube(&lab, tube)?);
+                }
+                let reviews = due::by_tube(&related);
+                (rows, reviews)
+            }
+            None => {
+                let all = crate::review::candidates(&lab, None)?;
+                let reviews = due::by_tube(&all);
+                (all, reviews)
+            }
+        };
         let now = crate::outbox::now_ms();
-        let mut rows: Vec<_> = all
+        let mut rows: Vec<_> = rows
             .into_iter()
-            .filter(|c| filter.is_none_or(|s| s == c.state))
             .map(|c| {
                 let staged = c.staged_at_ms;
                 let (key, v) = view(&lab, c, &reviews, now);

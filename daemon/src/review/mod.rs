@@ -28,6 +28,7 @@
 //! docs/review.md is the operator's version of this text.
 
 pub mod due;
+pub mod index;
 #[cfg(test)]
 mod tests;
 
@@ -711,7 +712,7 @@ pub async fn stage_from_judgement(
                 c.decision_reason = Some(
                     "called early (preliminary version released), but the run's final analysis gave this well no call: review before release".into(),
                 );
-                tx.put_review(candidate_key(&c.result_id), encode(&c));
+                index::put(tx, &c);
                 tx.audit(
                     "result.early_call_unconfirmed",
                     PlateId::new(c.plate.clone()).ok().as_ref(),
@@ -811,7 +812,7 @@ pub async fn release_early(
                     interpretation: c.interpretation.clone(),
                     correction_reason: None,
                 });
-                tx.put_review(candidate_key(&c.result_id), encode(&*c));
+                index::put(tx, &c);
             }
             let plate = fresh.first().and_then(|c| PlateId::new(c.plate.clone()).ok());
             tx.audit(
@@ -1038,7 +1039,7 @@ fn plan_stage(
                 .unwrap_or(at);
             times.items.push((received, at, at));
         }
-        tx.put_review(candidate_key(&c.result_id), encode(&*c));
+        index::put(tx, &c);
     }
     outcome.staged = staged.len();
     if !staged.is_empty() {
@@ -1387,7 +1388,7 @@ pub async fn decide(
             }
             c.decided_by = Some(user.clone());
             c.decided_at_ms = Some(at);
-            tx.put_review(candidate_key(&c.result_id), encode(&c));
+            index::put(tx, &c);
             tx.audit(
                 match decision {
                     Decision::Release => "review.released",
@@ -1432,6 +1433,9 @@ pub fn load_candidate(lab: &Lab, result_id: &str) -> Result<Option<Candidate>, S
 
 /// Every candidate (optionally of one state), unordered.
 pub fn candidates(lab: &Lab, state: Option<CandidateState>) -> Result<Vec<Candidate>, StoreError> {
+    if let Some(state) = state {
+        return index::in_state(lab, state);
+    }
     let mut out = Vec::new();
     for item in lab.store().trees().review.scan_prefix(b"c") {
         let (key, raw) = item?;
@@ -1470,8 +1474,5 @@ pub fn reruns(lab: &Lab) -> Result<Vec<RerunEntry>, StoreError> {
 
 /// Candidates of one tube.
 pub fn candidates_of_tube(lab: &Lab, tube: &str) -> Result<Vec<Candidate>, StoreError> {
-    Ok(candidates(lab, None)?
-        .into_iter()
-        .filter(|c| c.tube == tube)
-        .collect())
+    index::of_tube(lab, tube)
 }

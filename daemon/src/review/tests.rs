@@ -775,3 +775,126 @@ async fn an_invalid_plate_after_an_early_call_releases_nothing_more_and_says_so(
     );
     assert_eq!(released_versions(&lab, "LAB-R10-A1-E2-POS"), Some(1));
 }
+
+/// The state and tube indexes give what a scan of every candidate gives, after
+/// staging and after decisions that move candidates between states; and a store
+/// written before the indexes (index keys missing) is indexed by `index::ensure`.
+#[tokio::test]
+async fn the_indexes_agree_with_a_full_scan_and_an_old_store_is_indexed_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let lab = open_lab(dir.path());
+    let (plate, judged) = judged_plate(
+        &lab,
+        "PL-IX",
+        &[
+            ("A1", "IX-POS", 1),
+            ("B1", "IX-NEG", 1),
+            ("C1", "IX-POS-2", 1),
+        ],
+        &[
+            ("A1", cts(Some(22.0), Some(23.0), Some(27.0))),
+            ("B1", cts(None, None, Some(26.0))),
+            ("C1", cts(Some(25.0), Some(26.0), Some(27.0))),
+        ],
+        true,
+    )
+    .await;
+    stage_from_judgement(&lab, user("cycler"), &plate, &judged, provenance("RX"))
+        .await
+        .unwrap();
+    let agree = |lab: &Lab| {
+        let all = candidates(lab, None).unwrap();
+        for state in [
+            CandidateState::AwaitingReview,
+            CandidateState::Released,
+            CandidateState::RerunRequested,
+            CandidateState::Rejected,
+            CandidateState::Preliminary,
+        ] {
+            let mut by_index: Vec<String> = candidates(lab, Some(state))
+                .unwrap()
+                .into_iter()
+                .map(|c| c.result_id)
+                .collect();
+            let mut by_scan: Vec<String> = all
+                .iter()
+                .filter(|c| c.state == state)
+                .map(|c| c.result_id.clone())
+                .collect();
+            by_index.sort();
+            by_scan.sort();
+            assert_eq!(by_index, by_scan, "{state:?}");
+        }
+        for tube in ["IX-POS", "IX-NEG", "IX-POS-2"] {
+            let of_tube = candidates_of_tube(lab, tube).unwrap();
+            assert_eq!(of_tube.len(), 1, "{tube}");
+            assert_eq!(of_tube[0].tube, tube);
+        }
+        all.len()
+    };
+    assert_eq!(agree(&lab), 3);
+    assert_eq!(
+        candidates(&lab, Some(CandidateState::AwaitingReview))
+            .unwrap()
+            .len(),
+        3
+    );
+    decide(
+        &lab,
+        user("rob"),
+        "LAB-RX-A1-IX-POS".into(),
+        Decision::Release,
+    )
+    .await
+    .unwrap();
+    decide(
+        &lab,
+        user("rob"),
+        "LAB-RX-C1-IX-POS-2".into(),
+        Decision::Rerun {
+            reason: "late curve".into(),
+        },
+    )
+    .await
+    .unwrap();
+    agree(&lab);
+    assert_eq!(
+        candidates(&lab, Some(CandidateState::AwaitingReview))
+            .unwrap()
+            .len(),
+        1
+    );
+    assert_eq!(
+        candidates(&lab, Some(CandidateState::Released))
+            .unwrap()
+            .len(),
+        1
+    );
+
+    // An index built before these keys existed: remove them, then index again.
+    // This store never ran `ensure` (pcrd serve runs it at start): it indexes the
+    // candidates again, which changes nothing, and marks the store indexed.
+    assert_eq!(index::ensure(&lab).await.unwrap(), 3);
+    agree(&lab);
+    assert_eq!(index::ensure(&lab).await.unwrap(), 0, "once");
+    let tree = &lab.store().trees().review;
+    tree.remove(index::BUILT).unwrap();
+    let stale: Vec<_> = tree
+        .iter()
+        .keys()
+        .map(Result::unwrap)
+        .filter(|k| matches!(k.first(), Some(b's' | b't' | b'x')))
+        .collect();
+    assert!(!stale.is_empty());
+    for k in stale {
+        tree.remove(k).unwrap();
+    }
+    assert!(
+        candidates(&lab, Some(CandidateState::Released))
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(index::ensure(&lab).await.unwrap(), 3);
+    agree(&lab);
+    assert_eq!(index::ensure(&lab).await.unwrap(), 0, "once");
+}
