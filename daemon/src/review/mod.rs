@@ -812,7 +812,7 @@ pub async fn release_early(
                     interpretation: c.interpretation.clone(),
                     correction_reason: None,
                 });
-                index::put(tx, &c);
+                index::put(tx, c);
             }
             let plate = fresh.first().and_then(|c| PlateId::new(c.plate.clone()).ok());
             tx.audit(
@@ -1039,7 +1039,7 @@ fn plan_stage(
                 .unwrap_or(at);
             times.items.push((received, at, at));
         }
-        index::put(tx, &c);
+        index::put(tx, c);
     }
     outcome.staged = staged.len();
     if !staged.is_empty() {
