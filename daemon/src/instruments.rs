@@ -359,6 +359,9 @@ pub struct Instrument {
     /// The id of the extraction run pcrd started on it and that has not
     /// ended, so following it reads one record, not the whole `runs` tree.
     active_run: Mutex<Option<u64>>,
+    /// Told by the supervisor whenever an event changed what it tracks, so the
+    /// run's record follows the device within a poll, not a follow period.
+    changed: tokio::sync::Notify,
 }
 
 /// A copy of an instrument's state for the API.
@@ -456,6 +459,7 @@ impl Instruments {
                 command: tokio::sync::Mutex::new(()),
                 abort_reason: Mutex::new(None),
                 active_run: Mutex::new(None),
+                changed: tokio::sync::Notify::new(),
             });
             // Subscribe before the monitor starts so no event is missed.
             let events = handle.subscribe();
@@ -575,6 +579,11 @@ async fn supervise(instrument: Arc<Instrument>, mut events: broadcast::Receiver<
                 instrument
                     .tracked()
                     .apply(&event.kind, latest.as_ref(), SystemTime::now());
+                // Progress is carried over at the follow period; anything else (a
+                // run starting or ending, an error, the link) at once.
+                if !matches!(event.kind, EventKind::Progress { .. }) {
+                    instrument.changed.notify_one();
+                }
             }
             Err(broadcast::error::RecvError::Lagged(missed)) => {
                 warn!(
@@ -919,7 +928,9 @@ fn set_active(instrument: &Instrument, id: Option<u64>) {
 /// Carries what the supervisor follows into the extractor's stored run.
 async fn follow_extraction_runs(instrument: Arc<Instrument>, runs: Arc<RunStore>) {
     loop {
-        tokio::time::sleep(FOLLOW_EVERY).await;
+        // At the next event (a notification is kept if none is waiting), or after
+        // FOLLOW_EVERY at the latest: start grace and offline checks need no event.
+        let _ = tokio::time::timeout(FOLLOW_EVERY, instrument.changed.notified()).await;
         // Not while the API is starting or aborting: it writes the record then.
         let Ok(guard) = instrument.command.try_lock() else {
             continue;

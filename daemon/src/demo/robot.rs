@@ -292,10 +292,15 @@ impl Delivered {
 #[derive(Debug, Default)]
 pub struct Progress {
     pub plates_started: AtomicUsize,
+    /// Plates being created, filled and sealed.
+    pub building: AtomicUsize,
     pub plates_analysed: AtomicUsize,
     pub reviewed: AtomicUsize,
     pub reruns_requested: AtomicUsize,
 }
+
+/// Plates built at the same time.
+const BENCHES: usize = 4;
 
 /// The staff.
 #[derive(Debug)]
@@ -438,11 +443,19 @@ impl Robot {
             // A plate is made when a full one can be, or for the last new tubes; tubes
             // back for a rerun wait for the plates still in the instruments (whose
             // reruns join them) rather than going out a few at a time.
-            let in_flight = self.progress.plates_started.load(Ordering::Relaxed)
-                - self.progress.plates_analysed.load(Ordering::Relaxed);
+            // Plates being built have not taken their tubes yet: each may take a
+            // plate's worth.
+            let building = self.progress.building.load(Ordering::SeqCst);
+            if building >= BENCHES {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+                continue;
+            }
+            let unclaimed = waiting.saturating_sub((building * SAMPLES_PER_PLATE) as u64);
+            let in_flight = self.progress.plates_started.load(Ordering::SeqCst)
+                - self.progress.plates_analysed.load(Ordering::SeqCst);
             let new_left = self.scenario.tubes.len() > lock(&self.plated).len();
-            let worth_a_plate = waiting >= SAMPLES_PER_PLATE as u64 || new_left || in_flight == 0;
-            if waiting == 0 || !worth_a_plate {
+            let worth_a_plate = unclaimed >= SAMPLES_PER_PLATE as u64 || new_left || in_flight == 0;
+            if unclaimed == 0 || !worth_a_plate {
                 tokio::time::sleep(self.poll).await;
                 continue;
             }
@@ -454,13 +467,13 @@ impl Robot {
             let Some(extractor) = extractor else {
                 break Err(RobotError::Stuck("no extractor left".into()));
             };
-            // Plates are built one at a time, as at a bench: each fill takes the
-            // waiting tubes in plating order (reruns, urgent, then due time).
+            // Up to BENCHES plates are built at once, as at a lab's benches; each
+            // fill takes the waiting tubes in plating order (reruns, urgent, then
+            // due time).
             let id = next_plate;
             next_plate += 1;
-            let t = Instant::now();
-            self.build_plate(&format!("EXT-{id:05}")).await?;
-            let plating = t.elapsed().as_secs_f64();
+            self.progress.plates_started.fetch_add(1, Ordering::SeqCst);
+            self.progress.building.fetch_add(1, Ordering::SeqCst);
             let this = Arc::clone(&self);
             let (ext_tx, cyc_tx, cyc) = (
                 free_ext_tx.clone(),
@@ -468,6 +481,11 @@ impl Robot {
                 Arc::clone(&free_cyc),
             );
             tasks.spawn(async move {
+                let t = Instant::now();
+                let built = this.build_plate(&format!("EXT-{id:05}")).await;
+                this.progress.building.fetch_sub(1, Ordering::SeqCst);
+                built?;
+                let plating = t.elapsed().as_secs_f64();
                 this.plate(id, plating, extractor, ext_tx, cyc, cyc_tx)
                     .await
             });
@@ -516,7 +534,6 @@ impl Robot {
             plating,
             ..PlateLog::default()
         };
-        self.progress.plates_started.fetch_add(1, Ordering::Relaxed);
 
         let t = Instant::now();
         let (run, restarts) = self.run_to_end(&ext_id, &extractor, None).await?;
@@ -568,34 +585,64 @@ impl Robot {
     async fn build_plate(&self, id: &str) -> Result<(), RobotError> {
         let path = format!("/api/v1/plates/{id}");
         let started = Instant::now();
+        // What the daemon holds, as last seen: `None` until looked at or after an
+        // answer that leaves it unknown; a 2xx answer to a step says what it holds
+        // next without another look.
+        let mut known: Option<(u16, Value)> = None;
         loop {
-            let reply = self.api.get(&path).await?;
-            let (step, body, done) = match reply.status {
+            let (status, plate) = match known.take() {
+                Some(seen) => seen,
+                None => {
+                    let reply = self.api.get(&path).await?;
+                    (reply.status, reply.body)
+                }
+            };
+            let (step, body, done) = match status {
                 404 => (
                     "/api/v1/plates".to_string(),
                     json!({ "kit": self.kit.id, "id": id, "reason": "demo" }),
                     201,
                 ),
-                200 if reply.body["state"] == "sealed" => {
+                200 if plate["state"] == "sealed" => {
                     let mut plated = lock(&self.plated);
-                    for well in reply.body["wells"].as_array().into_iter().flatten() {
+                    for well in plate["wells"].as_array().into_iter().flatten() {
                         if let Some(barcode) = well["barcode"].as_str() {
                             plated.insert(barcode.to_string());
                         }
                     }
                     return Ok(());
                 }
-                200 if reply.body["samples"].as_u64() == Some(0) => {
+                200 if plate["samples"].as_u64() == Some(0) => {
                     if started.elapsed() > Duration::from_secs(30) {
                         return Err(RobotError::Stuck(format!("{id}: no tube to fill it with")));
                     }
                     (format!("{path}/fill"), json!({}), 200)
                 }
                 200 => (format!("{path}/seal"), json!({}), 200),
-                _ => return Err(refused(&path, &reply)),
+                _ => {
+                    return Err(refused(
+                        &path,
+                        &Reply {
+                            status,
+                            body: plate,
+                        },
+                    ));
+                }
             };
             match self.api.post(Who::Technician, &step, &body).await {
-                Some(r) if r.status == done => {}
+                // Created (empty) or sealed: the answer is the plate.
+                Some(r) if r.status == done && !step.ends_with("/fill") => {
+                    known = Some((200, r.body));
+                }
+                // Filled: the answer lists the wells placed.
+                Some(r) if r.status == done => {
+                    let placed = r.body["wells"].as_array().map_or(0, Vec::len);
+                    if placed > 0 {
+                        known = Some((200, json!({ "state": "open", "samples": placed })));
+                    } else {
+                        self.api.wait(started).await?;
+                    }
+                }
                 // Done already (an answer lost to a restart), or in the way: look again.
                 Some(r) if r.status == 409 || r.status >= 500 => self.api.wait(started).await?,
                 Some(r) => return Err(refused(&format!("{step} for {id}"), &r)),
