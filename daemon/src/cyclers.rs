@@ -33,7 +33,7 @@
 //! this module does not release results. Runs started on the instrument's own
 //! panel are logged, not stored.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -253,6 +253,11 @@ pub struct RunStore {
     store: Store,
     next_id: AtomicU64,
     pub metrics: CyclerMetrics,
+    /// Run ids by plate and by instrument, built from the tree at open and kept
+    /// as runs are created (neither changes afterwards), so a start's checks read
+    /// a plate's or an instrument's few runs, not every run of the store's history.
+    by_plate: Mutex<HashMap<String, Vec<u64>>>,
+    by_instrument: Mutex<HashMap<String, Vec<u64>>>,
 }
 
 /// What /metrics shows of cyclers beside the per-instrument gauges.
@@ -301,11 +306,53 @@ impl RunStore {
                 })?,
             None => 0,
         };
-        Ok(RunStore {
+        let out = RunStore {
             store,
             next_id: AtomicU64::new(last + 1),
             metrics: CyclerMetrics::default(),
-        })
+            by_plate: Mutex::default(),
+            by_instrument: Mutex::default(),
+        };
+        for run in out.all()? {
+            out.index(&run);
+        }
+        Ok(out)
+    }
+
+    fn index(&self, run: &RunRecord) {
+        lock(&self.by_plate)
+            .entry(run.plate.clone())
+            .or_default()
+            .push(run.id);
+        lock(&self.by_instrument)
+            .entry(run.instrument.clone())
+            .or_default()
+            .push(run.id);
+    }
+
+    fn load(&self, ids: Vec<u64>) -> Result<Vec<RunRecord>, StoreError> {
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids {
+            if let Some(run) = self.get(id)? {
+                out.push(run);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Every run of a plate (extraction and PCR), oldest first.
+    pub fn of_plate(&self, plate: &str) -> Result<Vec<RunRecord>, StoreError> {
+        let ids = lock(&self.by_plate).get(plate).cloned().unwrap_or_default();
+        self.load(ids)
+    }
+
+    /// Every run on an instrument, oldest first.
+    pub fn on_instrument(&self, instrument: &str) -> Result<Vec<RunRecord>, StoreError> {
+        let ids = lock(&self.by_instrument)
+            .get(instrument)
+            .cloned()
+            .unwrap_or_default();
+        self.load(ids)
     }
 
     pub fn store(&self) -> &Store {
@@ -381,6 +428,9 @@ impl RunStore {
             ended_at: None,
             updated_at: at,
         };
+        // Indexed before it is written, so a concurrent start's check sees it as
+        // soon as the record can be read (an id whose write failed is skipped).
+        self.index(&run);
         self.put(&run).await?;
         Ok(run)
     }
@@ -415,6 +465,9 @@ impl RunStore {
             ended_at: None,
             updated_at: at,
         };
+        // Indexed before it is written, so a concurrent start's check sees it as
+        // soon as the record can be read (an id whose write failed is skipped).
+        self.index(&run);
         self.put(&run).await?;
         Ok(run)
     }
@@ -901,7 +954,7 @@ impl Cyclers {
             )));
         }
         // A plate runs once to a finish; a failed or aborted run may be repeated.
-        if let Some(run) = self.runs.all()?.into_iter().find(|r| {
+        if let Some(run) = self.runs.of_plate(plate_id)?.into_iter().find(|r| {
             !r.is_extraction()
                 && r.plate == plate_id
                 && (r.state == RunState::Finished || !r.state.is_terminal())

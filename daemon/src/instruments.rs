@@ -683,9 +683,9 @@ impl Instruments {
     /// The unfinished extraction run of `instrument`, if any (the newest).
     fn active_extraction(runs: &RunStore, instrument: &str) -> Result<Option<RunRecord>, RunError> {
         Ok(runs
-            .all()?
+            .on_instrument(instrument)?
             .into_iter()
-            .filter(|r| r.is_extraction() && r.instrument == instrument && !r.state.is_terminal())
+            .filter(|r| r.is_extraction() && !r.state.is_terminal())
             .max_by_key(|r| r.id))
     }
 
@@ -736,10 +736,8 @@ impl Instruments {
         }
         let _guard = instrument.command_lock().await?;
         // A plate is extracted once; a failed or aborted extraction may be repeated.
-        if let Some(run) = runs.all()?.into_iter().find(|r| {
-            r.is_extraction()
-                && r.plate == plate_id
-                && (r.state == RunState::Finished || !r.state.is_terminal())
+        if let Some(run) = runs.of_plate(plate_id)?.into_iter().find(|r| {
+            r.is_extraction() && (r.state == RunState::Finished || !r.state.is_terminal())
         }) {
             return Err(RunError::Conflict(format!(
                 "plate {plate_id} already has extraction run {} ({})",

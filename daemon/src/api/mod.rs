@@ -1237,9 +1237,13 @@ async fn list_runs(
         ));
     }
     let cyclers = cyclers_of(&state)?;
-    let mut runs: Vec<RunView> = cyclers
-        .runs()
-        .all()
+    let store = cyclers.runs();
+    let found = match (&q.plate, &q.instrument) {
+        (Some(plate), _) => store.of_plate(plate),
+        (None, Some(instrument)) => store.on_instrument(instrument),
+        (None, None) => store.all(),
+    };
+    let mut runs: Vec<RunView> = found
         .map_err(LabError::Store)?
         .iter()
         .filter(|r| q.plate.as_ref().is_none_or(|p| &r.plate == p))
