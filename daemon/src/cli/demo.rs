@@ -42,6 +42,9 @@ pub struct DemoArgs {
     /// Give up when not every tube has a final result after this long.
     #[arg(long, default_value = "30m", value_parser = humantime::parse_duration)]
     pub deadline: std::time::Duration,
+    /// Report strong positives as preliminary results mid-run (docs/runs.md).
+    #[arg(long, default_value = "on", value_parser = ["on", "off"])]
+    pub early_calls: String,
     /// Print the summary as JSON.
     #[arg(long)]
     pub json: bool,
@@ -67,6 +70,7 @@ pub(super) fn run(args: DemoArgs) -> ExitCode {
         extractors: args.extractors as usize,
         cyclers: args.cyclers as usize,
         deadline: args.deadline,
+        early_calls: args.early_calls == "on",
         json: args.json,
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()

@@ -48,6 +48,8 @@ pub struct DemoOptions {
     pub cyclers: usize,
     /// Give up after this long.
     pub deadline: Duration,
+    /// Preliminary results for strong positives mid-run (`[review] early_calls`).
+    pub early_calls: bool,
     /// Print the summary as JSON on stdout.
     pub json: bool,
 }
@@ -313,7 +315,7 @@ token = "{REVIEWER_TOKEN}"
 
 [review]
 auto_release_negatives = true
-early_calls = true
+early_calls = {early_calls}
 
 [[sinks]]
 name = "demo-files"
@@ -322,6 +324,7 @@ dir = {results:?}
 ndjson = true
 "#,
         store = data_dir.join("store").display().to_string(),
+        early_calls = options.early_calls,
         results = results.display().to_string(),
     );
     text.push_str(&instruments.config_toml());

@@ -358,11 +358,9 @@ impl Robot {
 
     /// Every tube of the scenario has a final result at the sink.
     pub fn all_final(&self) -> bool {
-        let delivered = lock(&self.delivered);
-        self.scenario
-            .tubes
-            .iter()
-            .all(|t| delivered.finals.contains_key(&t.barcode))
+        // Finals only come for received tubes, which are the scenario's: the count
+        // says it (the summary checks tube by tube).
+        lock(&self.delivered).finals.len() >= self.scenario.tubes.len()
     }
 
     /// Receives every tube (10,000 per request; a repeat is answered as
@@ -437,19 +435,20 @@ impl Robot {
                     }
                 }
             }
+            // Plates being built may not have taken their tubes yet: each may take a
+            // plate's worth. Read before the waiting count, so a fill in between is
+            // counted twice (too few tubes seen free), never not at all.
+            let building = self.progress.building.load(Ordering::SeqCst);
+            if building >= BENCHES {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                continue;
+            }
             let waiting = self.api.get_ok("/api/v1/tubes?limit=1").await?["total_waiting"]
                 .as_u64()
                 .unwrap_or(0);
             // A plate is made when a full one can be, or for the last new tubes; tubes
             // back for a rerun wait for the plates still in the instruments (whose
             // reruns join them) rather than going out a few at a time.
-            // Plates being built have not taken their tubes yet: each may take a
-            // plate's worth.
-            let building = self.progress.building.load(Ordering::SeqCst);
-            if building >= BENCHES {
-                tokio::time::sleep(Duration::from_millis(2)).await;
-                continue;
-            }
             let unclaimed = waiting.saturating_sub((building * SAMPLES_PER_PLATE) as u64);
             let in_flight = self.progress.plates_started.load(Ordering::SeqCst)
                 - self.progress.plates_analysed.load(Ordering::SeqCst);
