@@ -8,7 +8,9 @@
 //! - `labday.one_plate_s`: wall time of the first plate of `pcrd demo` (defaults:
 //!   one extractor, one cycler, speed 1000), from its creation to its analysis.
 //! - `labday.wall_s`: the day's wall time, from start-up to every tube having its
-//!   final result in the batch files; `labday.results_per_s` over it.
+//!   final result in the batch files; `labday.results_per_s` over it. Run with the
+//!   daemon's default review policy (no early calls), then again with early calls
+//!   on (`labday_early_calls.*`), as the README's demo runs.
 //! - `labday.daemon_peak_rss_mib`: the daemon's VmHWM at the end.
 //! - `labday.lost` / `labday.duplicated`: tubes without a final result at the sink,
 //!   and tubes with more than one (both must be 0).
@@ -69,49 +71,68 @@ fn main() -> Result<()> {
     );
     println!("{}", goal("labday.one_plate_s", one_plate, "<", 10.0));
 
-    let day = demo(&[
-        "--tubes".into(),
-        tubes.to_string(),
-        "--plates".into(),
-        plates.to_string(),
-        "--extractors".into(),
-        extractors.to_string(),
-        "--cyclers".into(),
-        cyclers.to_string(),
-        "--speed".into(),
-        speed.to_string(),
-        "--deadline".into(),
-        "30m".into(),
-    ])?;
-    let wall = day["wall_seconds"].as_f64().context("wall")?;
-    let rate = day["results_per_second"].as_f64().context("rate")?;
-    let rss = day["daemon_peak_rss_mib"].as_f64().unwrap_or(f64::NAN);
-    let lost = day["tubes_without_final"].as_u64().context("lost")? as f64;
-    let duplicated = day["tubes_with_several_finals"]
-        .as_array()
-        .map_or(f64::NAN, |a| a.len() as f64);
-    let plates_run = day["plates"].as_array().map_or(0, Vec::len);
-    println!(
-        "labday: {} tubes on {plates_run} plates, {extractors} extractors, {cyclers} cyclers, speed {speed}; stages (median per plate, s): {}",
-        day["tubes"], day["stage_medians"]
-    );
-    println!("{}", bench("labday.wall_s", wall, "s", &[wall]));
-    println!(
-        "{}",
-        bench("labday.results_per_s", rate, "results/s", &[rate])
-    );
-    println!(
-        "{}",
-        bench("labday.daemon_peak_rss_mib", rss, "MiB", &[rss])
-    );
-    println!("{}", bench("labday.lost", lost, "tubes", &[lost]));
-    println!(
-        "{}",
-        bench("labday.duplicated", duplicated, "tubes", &[duplicated])
-    );
-    println!("{}", goal("labday.wall_s", wall, "<", 60.0));
-    if lost != 0.0 || duplicated != 0.0 || day["ok"] != true {
-        bail!("the day lost or duplicated results: {:#}", day["problems"]);
+    // The day with the daemon's default review policy (no early calls), then with
+    // early calls on as the README's demo runs it.
+    for (label, early) in [("labday", "off"), ("labday_early_calls", "on")] {
+        let day = demo(&[
+            "--tubes".into(),
+            tubes.to_string(),
+            "--plates".into(),
+            plates.to_string(),
+            "--extractors".into(),
+            extractors.to_string(),
+            "--cyclers".into(),
+            cyclers.to_string(),
+            "--speed".into(),
+            speed.to_string(),
+            "--early-calls".into(),
+            early.into(),
+            "--deadline".into(),
+            "30m".into(),
+        ])?;
+        let wall = day["wall_seconds"].as_f64().context("wall")?;
+        let rate = day["results_per_second"].as_f64().context("rate")?;
+        let rss = day["daemon_peak_rss_mib"].as_f64().unwrap_or(f64::NAN);
+        let lost = day["tubes_without_final"].as_u64().context("lost")? as f64;
+        let duplicated = day["tubes_with_several_finals"]
+            .as_array()
+            .map_or(f64::NAN, |a| a.len() as f64);
+        let plates_run = day["plates"].as_array().map_or(0, Vec::len);
+        println!(
+            "{label}: {} tubes on {plates_run} plates, {extractors} extractors, {cyclers} cyclers, speed {speed}, early calls {early} ({} preliminary); stages (median per plate, s): {}",
+            day["tubes"], day["preliminary_results"], day["stage_medians"]
+        );
+        println!("{}", bench(&format!("{label}.wall_s"), wall, "s", &[wall]));
+        println!(
+            "{}",
+            bench(
+                &format!("{label}.results_per_s"),
+                rate,
+                "results/s",
+                &[rate]
+            )
+        );
+        println!(
+            "{}",
+            bench(&format!("{label}.daemon_peak_rss_mib"), rss, "MiB", &[rss])
+        );
+        println!(
+            "{}",
+            bench(&format!("{label}.lost"), lost, "tubes", &[lost])
+        );
+        println!(
+            "{}",
+            bench(
+                &format!("{label}.duplicated"),
+                duplicated,
+                "tubes",
+                &[duplicated]
+            )
+        );
+        println!("{}", goal(&format!("{label}.wall_s"), wall, "<", 60.0));
+        if lost != 0.0 || duplicated != 0.0 || day["ok"] != true {
+            bail!("{label} lost or duplicated results: {:#}", day["problems"]);
+        }
     }
     Ok(())
 }
