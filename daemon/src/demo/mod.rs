@@ -82,6 +82,8 @@ pub struct Summary {
     pub plates_valid: usize,
     pub plates_invalid: usize,
     pub calls: BTreeMap<String, usize>,
+    /// Decisions the reviewer made (releases and reruns).
+    pub reviewer_decisions: usize,
     pub reruns_requested: usize,
     pub positives: Vec<PositiveSummary>,
     pub agree_with_scenario: usize,
@@ -584,6 +586,10 @@ fn summarise(
         plates_invalid: plates.iter().filter(|p| p.valid == Some(false)).count(),
         plates: plate_summaries,
         calls,
+        reviewer_decisions: robot
+            .progress
+            .reviewed
+            .load(std::sync::atomic::Ordering::Relaxed),
         reruns_requested: robot
             .progress
             .reruns_requested
@@ -656,8 +662,9 @@ impl Summary {
         let calls: Vec<String> = self.calls.iter().map(|(k, v)| format!("{v} {k}")).collect();
         let _ = writeln!(
             out,
-            "  final calls at the sink: {}; reruns requested by review: {}",
+            "  final calls at the sink: {}; reviewer decisions: {} (reruns requested: {})",
             calls.join(", "),
+            self.reviewer_decisions,
             self.reruns_requested
         );
         if !self.positives.is_empty() {
