@@ -362,6 +362,9 @@ pub struct Instrument {
     /// Told by the supervisor whenever an event changed what it tracks, so the
     /// run's record follows the device within a poll, not a follow period.
     changed: tokio::sync::Notify,
+    /// When this daemon began supervising it: a run created before was adopted
+    /// from the store at start-up and may have ended while no daemon watched.
+    supervised_since_ms: i64,
 }
 
 /// A copy of an instrument's state for the API.
@@ -460,6 +463,7 @@ impl Instruments {
                 abort_reason: Mutex::new(None),
                 active_run: Mutex::new(None),
                 changed: tokio::sync::Notify::new(),
+                supervised_since_ms: now_ms(),
             });
             // Subscribe before the monitor starts so no event is missed.
             let events = handle.subscribe();
@@ -1066,15 +1070,18 @@ fn follow_once(
     } else if let Some(status) = snapshot
         .status
         .as_ref()
+        .filter(|_| run.created_at < instrument.supervised_since_ms)
         .filter(|s| s.barcode == run.plate && !s.state.in_run())
         .filter(|s| s.state == ExtractorState::Completed || run.started_at.is_some())
     {
-        // The run ended while pcrd was not watching (the daemon was down, or the
-        // link was): the supervisor never saw it end, but the device still shows
-        // how it ended, for this plate. A completed state for the plate can only be
-        // this run's (a plate that completed once is not run again); an error or an
-        // abort only counts once this run was seen running, so that the state left
-        // by an earlier failed run of the plate does not end a new one.
+        // A run adopted at start-up that ended while the daemon was down: the
+        // supervisor never saw it end, but the device still shows how it ended,
+        // for this plate (every status read here was polled after the start-up,
+        // so after the run began). A completed state for the plate can only be
+        // this run's (a plate that completed once is not run again); an error or
+        // an abort only counts once this run was started, so that the state left
+        // by an earlier failed run of the plate does not end a new one. Runs this
+        // daemon started are ended by the events it sees.
         next.ended_at = Some(now_ms());
         match status.state {
             ExtractorState::Completed => {
