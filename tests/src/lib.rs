@@ -550,3 +550,52 @@ pub fn plate_document(
         }],
     }
 }
+
+/// One complete batch in a files sink's folder (its manifest is written last): the
+/// manifest and the records of the batch's NDJSON file, in order.
+#[derive(Debug)]
+pub struct SinkBatch {
+    pub manifest: serde_json::Value,
+    pub records: Vec<serde_json::Value>,
+}
+
+/// The complete batches in a files sink's folder, oldest first (none when the
+/// folder does not exist yet).
+pub fn files_sink_batches(dir: &Path) -> Vec<SinkBatch> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut manifests: Vec<PathBuf> = entries
+        .map(|e| e.expect("read the sink folder").path())
+        .filter(|p| p.to_string_lossy().ends_with(".manifest.json"))
+        .collect();
+    manifests.sort();
+    let mut out = Vec::new();
+    for path in manifests {
+        let manifest: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&path).expect("read a manifest"))
+                .expect("a manifest is JSON");
+        let mut records = Vec::new();
+        for file in manifest["files"].as_array().expect("manifest files") {
+            let name = file["name"].as_str().expect("file name");
+            if name.ends_with(".ndjson") {
+                let text = std::fs::read_to_string(dir.join(name)).expect("read the NDJSON file");
+                records.extend(
+                    text.lines()
+                        .filter(|l| !l.trim().is_empty())
+                        .map(|l| serde_json::from_str(l).expect("a record is JSON")),
+                );
+            }
+        }
+        out.push(SinkBatch { manifest, records });
+    }
+    out
+}
+
+/// Every record in a files sink's complete batches, in delivery order.
+pub fn files_sink_records(dir: &Path) -> Vec<serde_json::Value> {
+    files_sink_batches(dir)
+        .into_iter()
+        .flat_map(|b| b.records)
+        .collect()
+}

@@ -21,33 +21,20 @@ use std::time::{Duration, Instant};
 use pcrd_tests::pcrd_bin;
 use serde_json::Value;
 
-/// Every result record in the batch files under `dir`, as read line by line.
+/// Every result record in the batch files under `dir`, checking each batch holds
+/// what its manifest lists.
 fn delivered(dir: &Path) -> Vec<Value> {
+    let batches = pcrd_tests::files_sink_batches(dir);
+    assert!(!batches.is_empty(), "no batch in {}", dir.display());
     let mut out = Vec::new();
-    let mut names: Vec<_> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.to_string_lossy().ends_with(".manifest.json"))
-        .collect();
-    names.sort();
-    assert!(!names.is_empty(), "no batch in {}", dir.display());
-    for manifest in names {
-        let ndjson = manifest
-            .to_string_lossy()
-            .replace(".manifest.json", ".ndjson");
-        let listed: Value = serde_json::from_slice(&std::fs::read(&manifest).unwrap()).unwrap();
-        let text = std::fs::read_to_string(&ndjson).unwrap();
-        let records: Vec<Value> = text
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect();
+    for batch in batches {
         assert_eq!(
-            listed["count"].as_u64(),
-            Some(records.len() as u64),
-            "{} does not hold what its manifest lists",
-            ndjson
+            batch.manifest["count"].as_u64(),
+            Some(batch.records.len() as u64),
+            "a batch does not hold what its manifest lists: {:#}",
+            batch.manifest
         );
-        out.extend(records);
+        out.extend(batch.records);
     }
     out
 }

@@ -17,7 +17,7 @@
 //! - /metrics counts the early calls.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use pcrd_drivers::sim::cycler::{CyclerSim, CyclerSimConfig, PlateScenario, WellRole};
@@ -87,40 +87,11 @@ fn scenario() -> PlateScenario {
     s
 }
 
-/// Every record in the export folder's complete batches (a manifest is
-/// written last).
-fn sink_records(dir: &Path) -> Vec<Value> {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return Vec::new();
-    };
-    let mut manifests: Vec<PathBuf> = entries
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.to_string_lossy().ends_with(".manifest.json"))
-        .collect();
-    manifests.sort();
-    let mut out = Vec::new();
-    for manifest in manifests {
-        let manifest: Value = serde_json::from_slice(&std::fs::read(&manifest).unwrap()).unwrap();
-        for file in manifest["files"].as_array().unwrap() {
-            let name = file["name"].as_str().unwrap();
-            if name.ends_with(".ndjson") {
-                let text = std::fs::read_to_string(dir.join(name)).unwrap();
-                out.extend(
-                    text.lines()
-                        .filter(|l| !l.trim().is_empty())
-                        .map(|l| serde_json::from_str::<Value>(l).unwrap()),
-                );
-            }
-        }
-    }
-    out
-}
-
 /// Waits (polling, 50 ms) until `ok` holds for the sink's records.
 async fn wait_for_sink(dir: &Path, what: &str, ok: impl Fn(&[Value]) -> bool) -> Vec<Value> {
     let until = Instant::now() + DEADLINE;
     loop {
-        let records = sink_records(dir);
+        let records = pcrd_tests::files_sink_records(dir);
         if ok(&records) {
             return records;
         }
@@ -228,7 +199,7 @@ async fn strong_positives_are_reported_early_once_and_the_final_follows_as_versi
 
     // SIGKILL mid-run, then start again: the run resumes.
     daemon.kill9();
-    let before_restart = sink_records(&sink);
+    let before_restart = pcrd_tests::files_sink_records(&sink);
     daemon.restart();
     let api = daemon.client();
     let reviewer = daemon.client_as(REVIEWER_TOKEN);

@@ -7,7 +7,7 @@
 #![allow(clippy::unwrap_used)]
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use pcrd_tests::{ADMIN_TOKEN, Api, Daemon, REVIEWER_TOKEN, TEST_CONFIG, metric_value, pcrd_bin};
@@ -179,7 +179,7 @@ impl Lab {
     async fn wait_delivered(&self, keys: &[String]) -> Vec<Value> {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            let records = sink_records(&self.sink_dir());
+            let records = pcrd_tests::files_sink_records(&self.sink_dir());
             if keys.iter().all(|k| records.iter().any(|r| &key_of(r) == k)) {
                 return records;
             }
@@ -199,34 +199,6 @@ fn key_of(record: &Value) -> String {
         record["result_id"].as_str().unwrap(),
         record["version"]
     )
-}
-
-/// Every record in the export folder's complete batches (a manifest is written last).
-fn sink_records(dir: &Path) -> Vec<Value> {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return Vec::new();
-    };
-    let mut manifests: Vec<PathBuf> = entries
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.to_string_lossy().ends_with(".manifest.json"))
-        .collect();
-    manifests.sort();
-    let mut out = Vec::new();
-    for manifest in manifests {
-        let manifest: Value = serde_json::from_slice(&std::fs::read(&manifest).unwrap()).unwrap();
-        for file in manifest["files"].as_array().unwrap() {
-            let name = file["name"].as_str().unwrap();
-            if name.ends_with(".ndjson") {
-                let text = std::fs::read_to_string(dir.join(name)).unwrap();
-                out.extend(
-                    text.lines()
-                        .filter(|l| !l.trim().is_empty())
-                        .map(|l| serde_json::from_str::<Value>(l).unwrap()),
-                );
-            }
-        }
-    }
-    out
 }
 
 /// A QuantStudio results file for `plate`: one (well, tube, [ORF1ab, N, IC]) per
@@ -344,7 +316,7 @@ async fn a_valid_plate_releases_negatives_by_policy_and_positives_after_review()
     assert_eq!(orf["ct"], 22.31);
     assert_eq!(orf["call"], "detected");
     assert!(
-        !sink_records(&lab.sink_dir())
+        !pcrd_tests::files_sink_records(&lab.sink_dir())
             .iter()
             .any(|r| r["tube"] == "REV-POS-1"),
         "a positive reached the sink before review"
@@ -582,7 +554,7 @@ async fn an_invalid_plate_sends_every_tube_to_rerun_and_releases_nothing() {
         .post(&format!("/api/v1/results/{id}/release"), json!({}))
         .await;
     assert_eq!(reply.status, 409, "{}", reply.body);
-    assert!(sink_records(&lab.sink_dir()).is_empty());
+    assert!(pcrd_tests::files_sink_records(&lab.sink_dir()).is_empty());
     lab.tech.audit_intact().await;
 }
 

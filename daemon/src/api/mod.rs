@@ -1219,21 +1219,17 @@ async fn list_runs(
     Query(q): Query<RunListQuery>,
 ) -> ApiResult<Json<Vec<RunView>>> {
     let limit = in_range("limit", q.limit.map(u64::from), 1, 100_000)?.unwrap_or(1000) as usize;
-    const STATES: [&str; 6] = [
-        "starting",
-        "running",
-        "instrument_offline",
-        "finished",
-        "failed",
-        "aborted",
-    ];
+    let states: Vec<&str> = crate::cyclers::RunState::ALL
+        .iter()
+        .map(|s| s.as_str())
+        .collect();
     if let Some(wanted) = &q.state
-        && !STATES.contains(&wanted.as_str())
+        && !states.contains(&wanted.as_str())
     {
         return Err(ApiError::new(
             StatusCode::UNPROCESSABLE_ENTITY,
             "invalid",
-            format!("state {wanted:?} is not one of {}", STATES.join(", ")),
+            format!("state {wanted:?} is not one of {}", states.join(", ")),
         ));
     }
     let cyclers = cyclers_of(&state)?;

@@ -71,7 +71,6 @@ pub(super) fn run(args: DemoArgs) -> ExitCode {
         cyclers: args.cyclers as usize,
         deadline: args.deadline,
         early_calls: args.early_calls == "on",
-        json: args.json,
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -84,7 +83,7 @@ pub(super) fn run(args: DemoArgs) -> ExitCode {
         }
     };
     let out = options.out.clone();
-    let json = options.json;
+    let json = args.json;
     match runtime.block_on(crate::demo::run(options)) {
         Ok(summary) => {
             let text = serde_json::to_string_pretty(&summary).unwrap_or_default();

@@ -50,8 +50,6 @@ pub struct DemoOptions {
     pub deadline: Duration,
     /// Preliminary results for strong positives mid-run (`[review] early_calls`).
     pub early_calls: bool,
-    /// Print the summary as JSON on stdout.
-    pub json: bool,
 }
 
 /// Why the demo did not finish.
@@ -273,7 +271,7 @@ fn spawn_progress(robot: Arc<Robot>) -> tokio::task::JoinHandle<()> {
             let finals = robot
                 .delivered
                 .lock()
-                .map(|d| d.finals.len())
+                .map(|d| d.tubes_with_final.len())
                 .unwrap_or_default();
             bar.set_position(finals as u64);
             bar.set_message(format!(
@@ -514,17 +512,12 @@ fn summarise(
     let mut instrument_summaries = Vec::new();
     for (name, starts) in instruments.starts() {
         let runs = started_runs.get(&name).copied().unwrap_or(0);
-        if starts.len() > runs {
+        if starts > runs {
             problems.push(format!(
-                "{name} received {} start commands for {runs} runs",
-                starts.len()
+                "{name} received {starts} start commands for {runs} runs"
             ));
         }
-        instrument_summaries.push(InstrumentSummary {
-            name,
-            starts: starts.len(),
-            runs,
-        });
+        instrument_summaries.push(InstrumentSummary { name, starts, runs });
     }
 
     let mut stage_medians = BTreeMap::new();

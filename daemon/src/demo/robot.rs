@@ -234,9 +234,10 @@ pub struct Delivered {
     pub by_key: HashMap<String, ResultRecord>,
     /// Records read, counting repeats.
     pub records_read: usize,
-    /// Finals per tube: the distinct result versions whose status is final.
-    pub finals: HashMap<String, HashSet<String>>,
-    /// When each plate's first and last final arrived.
+    /// Tubes with a final result (the summary counts their versions from
+    /// `by_key`).
+    pub tubes_with_final: HashSet<String>,
+    /// When each plate's last final arrived.
     pub plate_delivered: HashMap<String, Instant>,
     files_read: HashSet<PathBuf>,
 }
@@ -272,10 +273,7 @@ impl Delivered {
                 })?;
                 self.records_read += 1;
                 if record.status == ResultStatus::Final {
-                    self.finals
-                        .entry(record.tube.clone())
-                        .or_default()
-                        .insert(record.idempotency_key());
+                    self.tubes_with_final.insert(record.tube.clone());
                     self.plate_delivered
                         .insert(record.plate.clone(), Instant::now());
                 }
@@ -360,7 +358,7 @@ impl Robot {
     pub fn all_final(&self) -> bool {
         // Finals only come for received tubes, which are the scenario's: the count
         // says it (the summary checks tube by tube).
-        lock(&self.delivered).finals.len() >= self.scenario.tubes.len()
+        lock(&self.delivered).tubes_with_final.len() >= self.scenario.tubes.len()
     }
 
     /// Receives every tube (10,000 per request; a repeat is answered as

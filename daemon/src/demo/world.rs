@@ -168,33 +168,27 @@ impl Instruments {
         }
     }
 
-    /// Start commands each instrument received, for the no-double-start check:
-    /// `(instrument, starts)`; an extractor's are per plate barcode.
-    pub fn starts(&self) -> Vec<(String, Vec<String>)> {
-        let mut out = Vec::new();
-        for e in &self.extractors {
-            let plates = e
+    /// Start commands each instrument received, for the no-double-start check.
+    pub fn starts(&self) -> Vec<(String, usize)> {
+        let extractors = self.extractors.iter().map(|e| {
+            let starts = e
                 .sim
                 .commands(1)
-                .into_iter()
-                .filter_map(|c| match c {
-                    ExtractorCommand::Start { barcode } => Some(barcode),
-                    _ => None,
-                })
-                .collect();
-            out.push((e.name.clone(), plates));
-        }
-        for c in &self.cyclers {
+                .iter()
+                .filter(|c| matches!(c, ExtractorCommand::Start { .. }))
+                .count();
+            (e.name.clone(), starts)
+        });
+        let cyclers = self.cyclers.iter().map(|c| {
             let starts = c
                 .sim
                 .commands()
-                .into_iter()
+                .iter()
                 .filter(|c| matches!(c, Command::Start))
-                .map(|_| String::new())
-                .collect();
-            out.push((c.name.clone(), starts));
-        }
-        out
+                .count();
+            (c.name.clone(), starts)
+        });
+        extractors.chain(cyclers).collect()
     }
 }
 

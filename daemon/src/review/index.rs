@@ -19,14 +19,6 @@ use super::{Candidate, CandidateState, candidate_key};
 /// Present once every candidate of the store is indexed.
 pub const BUILT: &[u8] = b"xindex-v1";
 
-const STATES: [CandidateState; 5] = [
-    CandidateState::AwaitingReview,
-    CandidateState::Released,
-    CandidateState::RerunRequested,
-    CandidateState::Rejected,
-    CandidateState::Preliminary,
-];
-
 fn state_byte(state: CandidateState) -> u8 {
     match state {
         CandidateState::AwaitingReview => b'a',
@@ -54,7 +46,7 @@ fn tube_prefix(tube: &str) -> Vec<u8> {
 fn keys(c: &Candidate) -> (Vec<Vec<u8>>, Vec<Vec<u8>>) {
     let mut tube = tube_prefix(&c.tube);
     tube.extend_from_slice(c.result_id.as_bytes());
-    let stale = STATES
+    let stale = CandidateState::ALL
         .into_iter()
         .filter(|s| *s != c.state)
         .map(|s| state_key(s, &c.result_id))

@@ -340,6 +340,15 @@ pub enum CandidateState {
 }
 
 impl CandidateState {
+    /// Every state, in declaration order.
+    pub const ALL: [CandidateState; 5] = [
+        CandidateState::AwaitingReview,
+        CandidateState::Released,
+        CandidateState::RerunRequested,
+        CandidateState::Rejected,
+        CandidateState::Preliminary,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             CandidateState::AwaitingReview => "awaiting_review",
@@ -351,15 +360,7 @@ impl CandidateState {
     }
 
     pub fn parse(text: &str) -> Option<CandidateState> {
-        [
-            CandidateState::AwaitingReview,
-            CandidateState::Released,
-            CandidateState::RerunRequested,
-            CandidateState::Rejected,
-            CandidateState::Preliminary,
-        ]
-        .into_iter()
-        .find(|s| s.as_str() == text)
+        Self::ALL.into_iter().find(|s| s.as_str() == text)
     }
 }
 

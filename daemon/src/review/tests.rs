@@ -804,13 +804,7 @@ async fn the_indexes_agree_with_a_full_scan_and_an_old_store_is_indexed_once() {
         .unwrap();
     let agree = |lab: &Lab| {
         let all = candidates(lab, None).unwrap();
-        for state in [
-            CandidateState::AwaitingReview,
-            CandidateState::Released,
-            CandidateState::RerunRequested,
-            CandidateState::Rejected,
-            CandidateState::Preliminary,
-        ] {
+        for state in CandidateState::ALL {
             let mut by_index: Vec<String> = candidates(lab, Some(state))
                 .unwrap()
                 .into_iter()
