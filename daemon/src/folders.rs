@@ -1255,9 +1255,16 @@ fn move_into(
     if let Some(text) = sidecar {
         let mut side_name = target.as_os_str().to_owned();
         side_name.push(Sidecar::SUFFIX);
-        let mut f = std::fs::File::create(&side_name)?;
+        // Written under a temporary name and renamed, so whoever reads failed/ or
+        // done/ never sees a sidecar that is still empty or half-written.
+        let mut tmp_name = std::ffi::OsString::from(".");
+        tmp_name.push(Path::new(&side_name).file_name().unwrap_or_default());
+        tmp_name.push(".tmp");
+        let tmp = dest.join(tmp_name);
+        let mut f = std::fs::File::create(&tmp)?;
         f.write_all(text.as_bytes())?;
         f.sync_all()?;
+        std::fs::rename(&tmp, &side_name)?;
     }
     std::fs::rename(dir.join(name), &target)?;
     std::fs::File::open(dest)?.sync_all()?;
